@@ -1,0 +1,6 @@
+"""colabswarm: scattered GPUs as one Stable Diffusion swarm, driven from notebooks."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["__version__"]

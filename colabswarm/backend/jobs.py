@@ -1,0 +1,268 @@
+"""The worker's job queue: one thread feeds the engine; HTTP handlers wait on versions.
+
+Jobs are kept until the client acknowledges them (DELETE) or their time-to-live runs out, so a
+client whose connection dropped mid-download can fetch again, and a long-running worker's memory
+stays flat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from PIL import Image
+
+from ..errors import InvalidRequest
+from ..protocol import JobRequest, JobStatus, Limits
+
+__all__ = ["Job", "JobManager", "Runner"]
+
+log = logging.getLogger("colabswarm.jobs")
+
+
+class Runner(Protocol):
+    """What the job thread needs from an engine (the real one or the bench simulator)."""
+
+    def run(self, req: JobRequest, init_image: Any, on_step: Any, should_stop: Any) -> list: ...
+
+
+@dataclass
+class Job:
+    id: str
+    req: JobRequest
+    init_image: Image.Image | None
+    created: float = field(default_factory=time.monotonic)
+    state: str = "queued"
+    step: int = 0
+    total_steps: int = 0
+    error: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    pngs: list[bytes] = field(default_factory=list)
+    version: int = 0
+    stop: bool = False
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    out_size: tuple[int, int] = (0, 0)
+
+    def __post_init__(self) -> None:
+        if self.req.kind == "upscale" and self.init_image is not None:
+            scale = self.req.scale
+            self.out_size = (self.init_image.width * scale, self.init_image.height * scale)
+        else:
+            self.out_size = (self.req.width, self.req.height)
+
+    def status(self, position: int = 0) -> JobStatus:
+        now = time.monotonic()
+        started = self.started or now
+        return JobStatus(
+            id=self.id,
+            state=self.state,  # type: ignore[arg-type]
+            kind=self.req.kind,
+            step=self.step,
+            total_steps=self.total_steps,
+            seeds=list(self.req.seeds),
+            images_ready=len(self.pngs),
+            queue_position=position,
+            error=self.error,
+            queued_s=round(started - self.created, 4),
+            run_s=round((self.finished or now) - started, 4) if self.started else 0.0,
+            version=self.version,
+            width=self.out_size[0],
+            height=self.out_size[1],
+        )
+
+
+def _encode_png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+class JobManager:
+    """Owns the queue, the engine thread and the finished results."""
+
+    def __init__(self, runner: Runner, limits: Limits) -> None:
+        self.runner = runner
+        self.limits = limits
+        self._jobs: dict[str, Job] = {}
+        self._queue: deque[Job] = deque()
+        self._lock = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self.jobs_served = 0
+        self.running: Job | None = None
+        self.ready = threading.Event()
+
+    # ----- lifecycle -----------------------------------------------------------------------
+    def start(self, loop: asyncio.AbstractEventLoop, warmup: Any = None) -> None:
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=self._work, args=(warmup,), name="colabswarm-engine", daemon=True
+        )
+        self._thread.start()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            for job in self._jobs.values():
+                job.stop = True
+            self._lock.notify_all()
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    # ----- what handlers call --------------------------------------------------------------
+    def submit(self, req: JobRequest, init_image: Image.Image | None) -> JobStatus:
+        with self._lock:
+            self._sweep()
+            waiting = len(self._queue) + (1 if self.running else 0)
+            if waiting >= self.limits.max_queue:
+                raise InvalidRequest(
+                    f"This worker's queue is full ({waiting} jobs); retry later or use another."
+                )
+            job = Job(secrets.token_hex(8), req, init_image)
+            self._jobs[job.id] = job
+            self._queue.append(job)
+            self._lock.notify_all()
+            return job.status(len(self._queue))
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def status(self, job: Job) -> JobStatus:
+        with self._lock:
+            return job.status(self._position(job))
+
+    def _position(self, job: Job) -> int:
+        if job.state != "queued":
+            return 0
+        try:
+            return self._queue.index(job) + 1
+        except ValueError:
+            return 0
+
+    async def wait(self, job: Job, since: int, timeout: float) -> JobStatus:
+        """Long-poll: return once the job's version passes `since`, or at the timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if job.version > since or job.state in ("done", "failed", "interrupted"):
+                    return job.status(self._position(job))
+                event = job.event
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return self.status(job)
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return self.status(job)
+
+    def delete(self, job_id: str) -> bool:
+        with self._lock:
+            job = self._jobs.pop(job_id, None)
+            if job is None:
+                return False
+            job.stop = True
+            if job.state == "queued":
+                self._queue.remove(job)
+            job.pngs = []
+            return True
+
+    def interrupt(self, job: Job | None = None) -> int:
+        """Stop one job, or every queued and running job; returns how many were stopped."""
+        with self._lock:
+            targets = [job] if job else list(self._jobs.values())
+            count = 0
+            for j in targets:
+                if j.state == "queued":
+                    self._queue.remove(j)
+                    j.state = "interrupted"
+                    j.error = "interrupted before it started"
+                    j.finished = time.monotonic()
+                    self._changed(j)
+                    count += 1
+                elif j.state == "running":
+                    j.stop = True
+                    count += 1
+            return count
+
+    def counts(self) -> tuple[int, int, int]:
+        """(queued, running, finished-but-uncollected) jobs."""
+        with self._lock:
+            held = sum(1 for j in self._jobs.values() if j.finished is not None)
+            return len(self._queue), (1 if self.running else 0), held
+
+    # ----- internals -----------------------------------------------------------------------
+    def _changed(self, job: Job) -> None:
+        """Call with the lock held: bump the version and wake long-pollers."""
+        job.version += 1
+        old, job.event = job.event, asyncio.Event()
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(old.set)
+
+    def _sweep(self) -> None:
+        """Drop finished jobs nobody collected within the time-to-live."""
+        now = time.monotonic()
+        ttl = self.limits.result_ttl_s
+        for jid in [
+            j.id for j in self._jobs.values() if j.finished is not None and now - j.finished > ttl
+        ]:
+            del self._jobs[jid]
+
+    def _work(self, warmup: Any) -> None:
+        if warmup is not None:
+            try:
+                warmup()
+            except Exception:  # the server reports the load error through /v1/info
+                log.exception("model load failed")
+        self.ready.set()
+        while True:
+            with self._lock:
+                while not self._queue and not self._closing:
+                    self._lock.wait(timeout=5.0)
+                    self._sweep()
+                if self._closing:
+                    return
+                job = self._queue.popleft()
+                job.state = "running"
+                job.started = time.monotonic()
+                self.running = job
+                self._changed(job)
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        def on_step(step: int, total: int) -> None:
+            with self._lock:
+                job.step, job.total_steps = step, total
+                self._changed(job)
+
+        try:
+            images = self.runner.run(job.req, job.init_image, on_step, lambda: job.stop)
+            pngs = [_encode_png(im) for im in images]
+            if len(pngs) != len(job.req.seeds):
+                raise RuntimeError(f"engine returned {len(pngs)} images for {len(job.req.seeds)}")
+            state, error = "done", None
+        except Exception as exc:  # Interrupted, a bad request, or a crash of the pipeline
+            pngs = []
+            if job.stop or type(exc).__name__ == "Interrupted":
+                state, error = "interrupted", f"interrupted at step {job.step} of {job.total_steps}"
+            else:
+                log.exception("job %s failed", job.id)
+                state, error = "failed", f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            job.pngs = pngs if job.id in self._jobs else []
+            job.state, job.error = state, error
+            job.finished = time.monotonic()
+            job.init_image = None
+            self.running = None
+            if state == "done":
+                self.jobs_served += 1
+            self._changed(job)

@@ -1,0 +1,210 @@
+"""Start and stop a worker server in a background thread of this process (a notebook kernel).
+
+The kernel stays free: uvicorn runs its own event loop on a daemon thread, the engine runs on
+another, and the handle returned here is all a notebook cell needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import ColabSwarmError, TunnelError
+from ..protocol import Limits, encode_share, mask_token, new_token
+from .server import WorkerApp, create_app
+
+__all__ = ["WorkerHandle", "make_engine", "start_worker"]
+
+log = logging.getLogger("colabswarm.serve")
+
+
+def make_engine(
+    model: str | list[str] = "tiny",
+    *,
+    device: str | None = None,
+    allow_downloads: bool = False,
+    device_map: str | None = None,
+    upscalers_dir: str | None = None,
+    simulate_speed: float | None = None,
+) -> Any:
+    """The real diffusers engine, or the bench-only simulator when simulate_speed is set."""
+    models = [model] if isinstance(model, str) else list(model)
+    if simulate_speed is not None:
+        from .simulated import SimulatedEngine
+
+        return SimulatedEngine(speed=simulate_speed, models=tuple(models))
+    from .engine import Engine
+
+    return Engine(
+        models=models, device=device, allow_downloads=allow_downloads,
+        device_map=device_map, upscalers_dir=upscalers_dir,
+    )
+
+
+@dataclass
+class WorkerHandle:
+    """A running worker: its addresses, token, share string, tunnel, and stop()."""
+
+    worker: WorkerApp
+    host: str
+    port: int
+    token: str
+    _server: Any = field(repr=False)
+    _thread: threading.Thread = field(repr=False)
+    tunnel: Any = None
+    tunnel_provider: str = "none"
+    tunnel_deadline_s: float = 60.0
+    tunnel_authtoken: str | None = field(default=None, repr=False)
+
+    @property
+    def local_url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The address peers should use: the tunnel's public URL, else the local one."""
+        return self.tunnel.public_url if self.tunnel is not None else self.local_url
+
+    @property
+    def share(self) -> str:
+        return encode_share(self.url, self.token)
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._server.should_exit
+
+    @property
+    def tunnel_alive(self) -> bool:
+        return self.tunnel is None or self.tunnel.alive()
+
+    def info(self) -> Any:
+        return self.worker.info()
+
+    def open_tunnel(self, provider: str | None = None) -> str:
+        """Open (or re-open) the tunnel and check the worker through it; returns the share."""
+        from .._sync import run_sync
+        from ..tunnel import open_tunnel, wait_until_reachable
+
+        provider = provider or self.tunnel_provider
+        self.close_tunnel()
+        self.tunnel_provider = provider
+        if provider == "none":
+            return self.share
+        tunnel = open_tunnel(
+            provider, self.port, host="127.0.0.1", deadline_s=self.tunnel_deadline_s,
+            authtoken=self.tunnel_authtoken,
+        )
+        try:
+            run_sync(wait_until_reachable(tunnel.public_url, self.token, self.tunnel_deadline_s))
+        except BaseException:
+            tunnel.close()
+            raise
+        self.tunnel = tunnel
+        log.info("worker published at %s (token %s)", tunnel.public_url, mask_token(self.token))
+        return self.share
+
+    def reopen(self) -> str:
+        """A new tunnel (new public URL, same token) after the old one died."""
+        if self.tunnel_provider == "none":
+            raise TunnelError("This worker has no tunnel to reopen (it was started with 'none').")
+        return self.open_tunnel(self.tunnel_provider)
+
+    def close_tunnel(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.close()
+            self.tunnel = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the tunnel, stop the server and the engine thread; idempotent."""
+        self.close_tunnel()
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> WorkerHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def start_worker(
+    model: str | list[str] = "tiny",
+    tunnel: str | None = None,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    *,
+    name: str | None = None,
+    limits: Limits | None = None,
+    device: str | None = None,
+    allow_downloads: bool = False,
+    device_map: str | None = None,
+    upscalers_dir: str | None = None,
+    simulate_speed: float | None = None,
+    tunnel_deadline_s: float = 60.0,
+    ngrok_authtoken: str | None = None,
+    wait_ready: bool = True,
+    engine: Any = None,
+) -> WorkerHandle:
+    """Serve a model from this process on a background thread; returns at once with a handle.
+
+    The model loads in the background (the worker reports 'loading' until then); with
+    wait_ready it returns once the model is loaded or failed.
+    """
+    import uvicorn
+
+    token = token or new_token()
+    eng = engine or make_engine(
+        model, device=device, allow_downloads=allow_downloads, device_map=device_map,
+        upscalers_dir=upscalers_dir, simulate_speed=simulate_speed,
+    )
+    worker = WorkerApp(
+        eng, token, limits, name=name or socket.gethostname(),
+        simulated=simulate_speed is not None,
+    )
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ColabSwarmError(
+            f"Cannot listen on {host}:{port} ({exc.strerror}); pick another port or port=0."
+        ) from None
+    config = uvicorn.Config(
+        create_app(worker), log_level="warning", access_log=False, lifespan="on",
+        timeout_keep_alive=30,
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="colabswarm-server", daemon=True
+    )
+    thread.start()
+    handle = WorkerHandle(
+        worker, host, sock.getsockname()[1], token, server, thread,
+        tunnel_provider=tunnel or "none", tunnel_deadline_s=tunnel_deadline_s,
+        tunnel_authtoken=ngrok_authtoken,
+    )
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if not server.started:
+        handle.stop()
+        raise ColabSwarmError("The worker server did not start; see the log above for why.")
+    if wait_ready:
+        worker.jobs.ready.wait()
+        if worker.state == "error":
+            handle.stop()
+            raise ColabSwarmError(f"The model failed to load: {worker.state_detail}")
+    if tunnel and tunnel != "none":
+        try:
+            handle.open_tunnel(tunnel)
+        except BaseException:
+            handle.stop()
+            raise
+    return handle

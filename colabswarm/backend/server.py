@@ -1,0 +1,364 @@
+"""The worker's HTTP API under /v1: bearer-token auth, limits, async jobs, binary PNG results.
+
+Every route but ``/healthz`` needs ``Authorization: Bearer <token>``, checked in constant time
+by an ASGI gate that runs before any body is parsed, so a stranger learns nothing but 401.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import io
+import json
+import logging
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
+from PIL import Image
+
+from .. import __version__
+from ..errors import InvalidRequest
+from ..protocol import API_PREFIX, Info, JobRequest, JobStatus, Limits, UploadResult
+from .jobs import JobManager
+
+__all__ = ["WorkerApp", "create_app"]
+
+log = logging.getLogger("colabswarm.server")
+
+_ID = Path(pattern=r"^[0-9a-f]{16}$", description="job id")
+_ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+
+
+class _Gate:
+    """ASGI middleware: token check and body-size cap before the app sees a request."""
+
+    def __init__(self, app: Any, token: str, max_body: int) -> None:
+        self.app, self._token, self.max_body = app, token.encode(), max_body
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        auth = headers.get(b"authorization", b"")
+        scheme, _, given = auth.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            return await _send_json(
+                send, 401, {"detail": "Missing or wrong token. Send 'Authorization: Bearer "
+                            "<token>' with the token from the worker's share string."},
+                extra=[(b"www-authenticate", b"Bearer")],
+            )
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                too_big = int(length) > self.max_body
+            except ValueError:
+                return await _send_json(send, 400, {"detail": "Bad Content-Length header."})
+            if too_big:
+                return await _send_json(send, 413, {"detail": self._too_big()})
+        seen = 0
+
+        async def counted_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise HTTPException(413, self._too_big())
+            return message
+
+        return await self.app(scope, counted_receive, send)
+
+    def _too_big(self) -> str:
+        return f"Request body too large: at most {self.max_body} bytes are accepted."
+
+
+async def _send_json(send: Callable, status: int, body: dict, extra: list | None = None) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    await send({"type": "http.response.body", "body": data})
+
+
+class WorkerApp:
+    """State shared by the routes: engine, job queue, uploads, limits."""
+
+    def __init__(
+        self,
+        engine: Any,
+        token: str,
+        limits: Limits | None = None,
+        name: str = "worker",
+        simulated: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.token = token
+        self.limits = limits or Limits()
+        self.name = name
+        self.simulated = simulated
+        self.jobs = JobManager(engine, self.limits)
+        self.uploads: OrderedDict[str, tuple[float, Image.Image]] = OrderedDict()
+        self._uploads_lock = threading.Lock()
+        self.state = "loading"
+        self.state_detail: str | None = None
+
+    def _warmup(self) -> None:
+        try:
+            if hasattr(self.engine, "load"):
+                self.engine.load()
+            self.state, self.state_detail = "ready", None
+        except Exception as exc:
+            self.state, self.state_detail = "error", f"{type(exc).__name__}: {exc}"
+            raise
+
+    def info(self) -> Info:
+        queued, running, held = self.jobs.counts()
+        dev = self.engine.device_info()
+        return Info(
+            name=self.name,
+            state=self.state,  # type: ignore[arg-type]
+            state_detail=self.state_detail,
+            version=__version__,
+            device=dev.get("device", "cpu"),
+            gpu_name=dev.get("gpu_name"),
+            gpu_memory_total=dev.get("gpu_memory_total"),
+            gpu_memory_free=dev.get("gpu_memory_free"),
+            models=self.engine.model_names,
+            model_loaded=self.engine.loaded_model,
+            capabilities=["txt2img", "img2img", "upscale"],
+            upscalers=self.engine.upscaler_names(),
+            limits=self.limits,
+            queue_depth=queued,
+            running=running,
+            jobs_served=self.jobs.jobs_served,
+            results_held=held,
+            step_seconds_per_mpix=self.engine.step_seconds_per_mpix,
+            simulated=self.simulated,
+        )
+
+    # ----- checks ----------------------------------------------------------------------------
+    def check(self, req: JobRequest) -> Image.Image | None:
+        """Refuse what this worker will not run, with the limit in the message."""
+        lim = self.limits
+        if req.kind != "upscale":
+            for side, value in (("width", req.width), ("height", req.height)):
+                if value % 8:
+                    lo = value // 8 * 8
+                    raise InvalidRequest(
+                        f"{side} must be a multiple of 8 (got {value}); try {max(lo, 8)} "
+                        f"or {lo + 8}."
+                    )
+                if value > lim.max_side:
+                    raise InvalidRequest(f"{side} {value} is over this worker's {lim.max_side}.")
+            if req.width * req.height > lim.max_pixels:
+                raise InvalidRequest(
+                    f"{req.width}x{req.height} is {req.width * req.height} pixels; this worker "
+                    f"accepts at most {lim.max_pixels} (e.g. {int(lim.max_pixels ** 0.5) // 8 * 8}"
+                    " square). Use the upscaler for larger images."
+                )
+        if req.kind != "upscale" and req.steps > lim.max_steps:
+            raise InvalidRequest(f"steps {req.steps} is over this worker's limit of {lim.max_steps}.")
+        if len(req.seeds) > lim.max_images:
+            raise InvalidRequest(
+                f"{len(req.seeds)} images in one job is over this worker's limit of "
+                f"{lim.max_images}; split them into several jobs."
+            )
+        if any(not 0 <= s <= 2**63 - 1 for s in req.seeds):
+            raise InvalidRequest("Seeds must be between 0 and 2**63-1.")
+        if len(req.prompt) > lim.max_prompt_chars or len(req.negative_prompt) > lim.max_prompt_chars:
+            raise InvalidRequest(f"Prompts are limited to {lim.max_prompt_chars} characters.")
+        if req.model is not None and req.model not in self.engine.model_names:
+            if not getattr(self.engine, "allow_downloads", False) or req.model.count("/") != 1:
+                raise InvalidRequest(
+                    f"This worker does not serve model {req.model!r}; it serves "
+                    f"{self.engine.model_names}."
+                )
+        if req.kind == "txt2img":
+            if req.init_image:
+                raise InvalidRequest("txt2img takes no init_image; use kind 'img2img'.")
+            return None
+        if not req.init_image:
+            raise InvalidRequest(f"{req.kind} needs an init_image id from POST /v1/uploads.")
+        with self._uploads_lock:
+            entry = self.uploads.get(req.init_image)
+        if entry is None:
+            raise InvalidRequest(
+                f"Unknown or expired upload {req.init_image!r}; upload the image again."
+            )
+        image = entry[1]
+        if req.kind == "img2img":
+            if 0 < req.strength and int(req.steps * req.strength) < 1:
+                raise InvalidRequest(
+                    f"steps*strength must be at least 1 (got {req.steps}*{req.strength}); "
+                    "raise steps or strength, or use strength 0 to return the image unchanged."
+                )
+        else:
+            if req.scale > lim.max_upscale:
+                raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
+            if req.upscaler and req.upscaler not in self.engine.upscaler_names():
+                raise InvalidRequest(
+                    f"Unknown upscaler {req.upscaler!r}; this worker has "
+                    f"{self.engine.upscaler_names()}."
+                )
+            out_px = image.width * image.height * req.scale * req.scale
+            if out_px > lim.max_init_pixels:
+                raise InvalidRequest(
+                    f"Upscaling {image.width}x{image.height} by {req.scale} gives {out_px} "
+                    f"pixels; this worker's limit is {lim.max_init_pixels}."
+                )
+        return image
+
+    def add_upload(self, data: bytes) -> UploadResult:
+        if not data:
+            raise InvalidRequest("Empty upload: send the image bytes (PNG, JPEG or WebP) as body.")
+        try:
+            with Image.open(io.BytesIO(data)) as probe:
+                fmt, (w, h) = probe.format, probe.size
+                if fmt not in _ALLOWED_FORMATS:
+                    raise InvalidRequest(f"Image format {fmt} refused; send PNG, JPEG or WebP.")
+                if w * h > self.limits.max_init_pixels:
+                    raise InvalidRequest(
+                        f"Image {w}x{h} is over this worker's {self.limits.max_init_pixels} pixels."
+                    )
+                image = probe.convert("RGB")
+        except InvalidRequest:
+            raise
+        except Exception as exc:
+            raise InvalidRequest(f"Cannot read the uploaded image ({exc}); send a PNG.") from None
+        uid = secrets.token_hex(8)
+        with self._uploads_lock:
+            now = time.monotonic()
+            for key in [k for k, (t, _) in self.uploads.items()
+                        if now - t > self.limits.result_ttl_s]:
+                del self.uploads[key]
+            while len(self.uploads) >= self.limits.max_uploads:
+                self.uploads.popitem(last=False)
+            self.uploads[uid] = (now, image)
+        return UploadResult(id=uid, width=w, height=h)
+
+
+def create_app(worker: WorkerApp) -> Any:
+    """The ASGI app for one worker (FastAPI wrapped in the auth/size gate)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # noqa: ANN202
+        worker.jobs.start(asyncio.get_running_loop(), warmup=worker._warmup)
+        yield
+        worker.jobs.close()
+
+    app = FastAPI(
+        title="colabswarm worker",
+        version=__version__,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=f"{API_PREFIX}/openapi.json",
+        lifespan=lifespan,
+        dependencies=[Security(HTTPBearer(auto_error=False))],
+    )
+
+    @app.exception_handler(InvalidRequest)
+    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in exc.errors():
+            where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
+            parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get(f"{API_PREFIX}/info", response_model=Info)
+    async def info() -> Info:
+        return await asyncio.to_thread(worker.info)
+
+    @app.post(
+        f"{API_PREFIX}/uploads",
+        response_model=UploadResult,
+        status_code=201,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+            }
+        },
+    )
+    async def upload(request: Request) -> UploadResult:
+        data = await request.body()
+        return await asyncio.to_thread(worker.add_upload, data)
+
+    @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202)
+    async def submit(req: JobRequest) -> JobStatus:
+        if worker.state == "error":
+            raise HTTPException(503, f"The worker's model failed to load: {worker.state_detail}")
+        image = worker.check(req)
+        return worker.jobs.submit(req, image)
+
+    def _job(job_id: str) -> Any:
+        job = worker.jobs.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"No job {job_id}: it finished and was collected, expired, "
+                                     "or never existed on this worker.")
+        return job
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobStatus)
+    async def job_status(
+        job_id: str = _ID,
+        wait: float = Query(0.0, ge=0.0, le=30.0, description="long-poll seconds"),
+        since: int = Query(-1, ge=-1, description="return once the version passes this"),
+    ) -> JobStatus:
+        job = _job(job_id)
+        if wait <= 0:
+            return worker.jobs.status(job)
+        return await worker.jobs.wait(job, since, wait)
+
+    @app.get(
+        f"{API_PREFIX}/jobs/{{job_id}}/images/{{index}}",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    async def job_image(job_id: str = _ID, index: int = Path(ge=0, le=1023)) -> Response:
+        job = _job(job_id)
+        if job.state != "done":
+            raise HTTPException(409, f"Job {job_id} is {job.state}; images come when it is done.")
+        if index >= len(job.pngs):
+            raise HTTPException(404, f"Job {job_id} has {len(job.pngs)} images; no index {index}.")
+        return Response(
+            job.pngs[index], media_type="image/png",
+            headers={"x-seed": str(job.req.seeds[index])},
+        )
+
+    @app.delete(f"{API_PREFIX}/jobs/{{job_id}}")
+    async def job_delete(job_id: str = _ID) -> dict:
+        if not worker.jobs.delete(job_id):
+            raise HTTPException(404, f"No job {job_id}.")
+        return {"deleted": job_id}
+
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/interrupt", response_model=JobStatus)
+    async def job_interrupt(job_id: str = _ID) -> JobStatus:
+        job = _job(job_id)
+        worker.jobs.interrupt(job)
+        return worker.jobs.status(job)
+
+    @app.post(f"{API_PREFIX}/interrupt")
+    async def interrupt_all() -> dict:
+        return {"interrupted": worker.jobs.interrupt()}
+
+    @app.post(f"{API_PREFIX}/free")
+    async def free() -> dict:
+        await asyncio.to_thread(worker.engine.free)
+        return {"freed": True}
+
+    return _Gate(app, worker.token, worker.limits.max_body_bytes)

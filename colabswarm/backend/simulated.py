@@ -1,0 +1,82 @@
+"""A bench-only engine that sleeps instead of denoising, at a chosen relative speed.
+
+It lets scheduling benchmarks put backends of known, different speeds side by side on one CPU
+machine. It is never a default: a worker runs it only with ``--simulate-speed`` and says so in
+its info (``simulated: true``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from ..protocol import JobRequest
+
+__all__ = ["SimulatedEngine"]
+
+
+@dataclass
+class SimulatedEngine:
+    """Time per job = steps * mpix * step_s * (1 + batch_cost * (n - 1)) / speed."""
+
+    speed: float = 1.0
+    step_s: float = 0.01
+    batch_cost: float = 0.35
+    models: tuple[str, ...] = ("tiny",)
+
+    def __post_init__(self) -> None:
+        if self.speed <= 0:
+            raise ValueError("simulated speed must be > 0")
+        self.device = "sim"
+        self.allow_downloads = False
+        self.step_seconds_per_mpix: float | None = None
+
+    @property
+    def model_names(self) -> list[str]:
+        return list(self.models)
+
+    @property
+    def loaded_model(self) -> str | None:
+        return self.models[0]
+
+    def upscaler_names(self) -> list[str]:
+        return ["lanczos"]
+
+    def device_info(self) -> dict[str, Any]:
+        return {"device": "sim", "gpu_name": f"simulated x{self.speed:g}"}
+
+    def load(self, name: str | None = None) -> str:
+        return self.models[0]
+
+    def free(self) -> None:
+        return None
+
+    def run(
+        self,
+        req: JobRequest,
+        init_image: Any = None,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[Image.Image]:
+        n = len(req.seeds)
+        mpix = req.width * req.height / 1e6
+        per_step = mpix * self.step_s * (1 + self.batch_cost * (n - 1)) / self.speed
+        t0 = time.perf_counter()
+        for step in range(req.steps):
+            if should_stop and should_stop():
+                from .engine import Interrupted
+
+                raise Interrupted()
+            time.sleep(per_step)
+            if on_step:
+                on_step(step + 1, req.steps)
+        elapsed = time.perf_counter() - t0
+        sample = elapsed / max(req.steps * n * mpix, 1e-9)
+        prev = self.step_seconds_per_mpix
+        self.step_seconds_per_mpix = sample if prev is None else 0.7 * prev + 0.3 * sample
+        size = (req.width, req.height)
+        return [Image.new("RGB", size, (s % 256, (s >> 8) % 256, 77)) for s in req.seeds]

@@ -1,0 +1,114 @@
+"""`python -m colabswarm worker|demo`: the terminal face for Runpod, servers and CI."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+__all__ = ["main"]
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from .backend.serve import start_worker
+    from .errors import ColabSwarmError
+    from .protocol import Limits
+
+    if args.gpus:
+        from .swarm.local import serve_local_gpus
+
+        return serve_local_gpus(args)
+    limits = Limits()
+    if args.max_pixels:
+        limits.max_pixels = args.max_pixels
+    if args.max_steps:
+        limits.max_steps = args.max_steps
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"colabswarm worker: loading {', '.join(args.model)} ...", flush=True)
+    try:
+        handle = start_worker(
+            model=args.model, tunnel=args.tunnel, host=args.host, port=args.port,
+            token=args.token, name=args.name, limits=limits, device=args.device,
+            allow_downloads=args.allow_downloads, device_map=args.device_map,
+            upscalers_dir=args.upscalers_dir, simulate_speed=args.simulate_speed,
+            tunnel_deadline_s=args.tunnel_deadline,
+        )
+    except ColabSwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    info = handle.info()
+    print(f"colabswarm worker {info.name} on {info.device} ({info.gpu_name or 'no GPU'}), "
+          f"models {info.models}, listening on {handle.local_url}", flush=True)
+    if args.simulate_speed is not None:
+        print(f"BENCH MODE: simulated engine at speed x{args.simulate_speed:g}", flush=True)
+    print("Share string (paste it into the controller; it holds the secret token):", flush=True)
+    print(handle.share, flush=True)
+    try:
+        while not stop.wait(1.0):
+            if handle.tunnel is not None and not handle.tunnel_alive:
+                print("tunnel died; reopening ...", flush=True)
+                try:
+                    print(handle.reopen(), flush=True)
+                except ColabSwarmError as exc:
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
+            if not handle.running:
+                print("error: the server stopped", file=sys.stderr, flush=True)
+                return 1
+    finally:
+        handle.stop()
+        print("colabswarm worker stopped", flush=True)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(workers=args.workers, images=args.images, out=args.out)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m colabswarm", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("worker", help="serve a model to the swarm")
+    w.add_argument("--model", action="append", default=None,
+                   help="'tiny', a hub id, a diffusers folder or a .safetensors file; repeatable")
+    w.add_argument("--tunnel", choices=["none", "cloudflare", "ngrok"], default="none")
+    w.add_argument("--host", default="127.0.0.1")
+    w.add_argument("--port", type=int, default=7801)
+    w.add_argument("--token", default=None, help="secret token (default: a new random one)")
+    w.add_argument("--name", default=None)
+    w.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: best found)")
+    w.add_argument("--gpus", default=None, help="'all' or '0,1': one worker process per GPU")
+    w.add_argument("--device-map", default=None,
+                   help="'balanced' to split one pipeline over all visible GPUs")
+    w.add_argument("--allow-downloads", action="store_true",
+                   help="let token holders ask for hub models this worker does not have")
+    w.add_argument("--upscalers-dir", default=None, help="folder of ESRGAN-family upscalers")
+    w.add_argument("--max-pixels", type=int, default=None)
+    w.add_argument("--max-steps", type=int, default=None)
+    w.add_argument("--tunnel-deadline", type=float, default=60.0)
+    w.add_argument("--simulate-speed", type=float, default=None,
+                   help="BENCH ONLY: sleep instead of denoising, at this relative speed")
+    w.set_defaults(func=_worker)
+    d = sub.add_parser("demo", help="a local swarm of tiny-model workers, end to end")
+    d.add_argument("--workers", type=int, default=3)
+    d.add_argument("--images", type=int, default=12)
+    d.add_argument("--out", default="outputs/demo")
+    d.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if getattr(args, "model", "x") is None:
+        args.model = ["tiny"]
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    return int(args.func(args) or 0)

@@ -1,0 +1,223 @@
+"""The wire contract between controller and worker: models, limits, share strings.
+
+Nothing here imports torch, so a controller on a laptop can use it.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import BadShareString
+
+__all__ = [
+    "API_PREFIX",
+    "API_VERSION",
+    "Info",
+    "JobRequest",
+    "JobState",
+    "JobStatus",
+    "Limits",
+    "SKIP_NGROK_WARNING",
+    "UploadResult",
+    "decode_share",
+    "encode_share",
+    "mask_token",
+    "new_token",
+    "normalize_url",
+]
+
+API_VERSION = "1"
+API_PREFIX = "/v1"
+SKIP_NGROK_WARNING = {"ngrok-skip-browser-warning": "1"}
+MAX_SEED = 2**63 - 1
+
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,256}$")
+_SHARE_EXAMPLE = "https://example.trycloudflare.com#token=Qx3...long-secret...9a"
+
+JobState = Literal["queued", "running", "done", "failed", "interrupted"]
+JobKind = Literal["txt2img", "img2img", "upscale"]
+
+
+class Limits(BaseModel):
+    """What one worker accepts; each is checked server-side with a message that names it."""
+
+    max_pixels: int = 1536 * 1536
+    max_side: int = 4096
+    max_steps: int = 150
+    max_images: int = 16
+    max_body_bytes: int = 32 * 1024 * 1024
+    max_init_pixels: int = 4096 * 4096
+    max_prompt_chars: int = 4000
+    max_queue: int = 256
+    max_uploads: int = 64
+    max_upscale: int = 8
+    result_ttl_s: float = 600.0
+
+
+class JobRequest(BaseModel):
+    """One pipeline call: all images share every parameter but their seed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: JobKind = "txt2img"
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = Field(512, ge=8, le=16384)
+    height: int = Field(512, ge=8, le=16384)
+    steps: int = Field(20, ge=1, le=10000)
+    cfg: float = Field(7.0, ge=0.0, le=50.0)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=1024)
+    model: str | None = Field(None, max_length=200)
+    strength: float = Field(0.3, ge=0.0, le=1.0)
+    init_image: str | None = Field(None, max_length=64, description="id from POST /v1/uploads")
+    upscaler: str | None = Field(None, max_length=200)
+    scale: int = Field(1, ge=1, le=64)
+
+    def param_key(self) -> tuple:
+        """Jobs with equal keys can share one pipeline call (everything but the seeds)."""
+        d = self.model_dump(exclude={"seeds"})
+        return tuple(sorted(d.items()))
+
+
+class JobStatus(BaseModel):
+    id: str
+    state: JobState
+    kind: JobKind = "txt2img"
+    step: int = 0
+    total_steps: int = 0
+    seeds: list[int] = Field(default_factory=list)
+    images_ready: int = 0
+    queue_position: int = 0
+    error: str | None = None
+    queued_s: float = 0.0
+    run_s: float = 0.0
+    version: int = 0
+    width: int = 0
+    height: int = 0
+
+
+class UploadResult(BaseModel):
+    id: str
+    width: int
+    height: int
+
+
+WorkerState = Literal["loading", "ready", "error"]
+
+
+class Info(BaseModel):
+    name: str
+    state: WorkerState = "ready"
+    state_detail: str | None = None
+    api_version: str = API_VERSION
+    version: str
+    device: str
+    gpu_name: str | None = None
+    gpu_memory_total: int | None = None
+    gpu_memory_free: int | None = None
+    models: list[str]
+    model_loaded: str | None = None
+    capabilities: list[str]
+    upscalers: list[str]
+    limits: Limits
+    queue_depth: int
+    running: int
+    jobs_served: int
+    results_held: int = Field(0, description="finished jobs whose results await collection")
+    step_seconds_per_mpix: float | None = Field(
+        None, description="measured seconds for one denoising step of one 1-megapixel image"
+    )
+    simulated: bool = False
+
+
+def new_token() -> str:
+    """A fresh secret: 192 random bits, URL-safe."""
+    return secrets.token_urlsafe(24)
+
+
+def mask_token(token: str | None) -> str:
+    """Enough of a token to tell two apart in a log, never enough to use it."""
+    if not token:
+        return "<none>"
+    return token[:4] + "…"
+
+
+def normalize_url(url: str) -> str:
+    """Check a worker base URL and return it without a trailing slash."""
+    url = "".join(url.split())
+    if not url:
+        raise BadShareString(f"Empty address. Paste a share string such as {_SHARE_EXAMPLE}")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise BadShareString(f"Cannot read the address {url!r}: {exc}.") from None
+    if parts.scheme not in ("http", "https"):
+        raise BadShareString(
+            f"The address {url!r} must start with http:// or https:// (got {parts.scheme!r})."
+        )
+    if not parts.hostname:
+        raise BadShareString(f"The address {url!r} has no host name.")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise BadShareString(
+            f"The address {url!r} should be a plain base URL; put the token after '#token='."
+        )
+    netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
+    if ":" in parts.hostname:
+        netloc = f"[{parts.hostname}]" + ("" if port is None else f":{port}")
+    path = parts.path.rstrip("/")
+    return f"{parts.scheme}://{netloc}{path}"
+
+
+def encode_share(url: str, token: str) -> str:
+    """One line a person can copy: the public URL, then the token after '#token='.
+
+    The token sits in the fragment, which browsers never send, so pasting a share string into
+    a browser does not leak it to the tunnel provider's logs.
+    """
+    if not _TOKEN_RE.match(token):
+        raise BadShareString("A token must be 16-256 characters of letters, digits, '-' or '_'.")
+    return f"{normalize_url(url)}#token={token}"
+
+
+def decode_share(text: str, token: str | None = None) -> tuple[str, str]:
+    """Read a share string (or a URL plus a separate token) into (base_url, token).
+
+    Whitespace and line breaks anywhere are ignored, so a string wrapped by a chat app or a
+    notebook output still pastes.
+    """
+    if not isinstance(text, str):
+        raise BadShareString(f"A share string is text, not {type(text).__name__}.")
+    compact = "".join(text.split()).strip("'\"`<>")
+    if "#" in compact:
+        url, _, frag = compact.partition("#")
+        if not frag.startswith("token="):
+            raise BadShareString(
+                f"Cannot read the share string: after '#' it should say 'token=...'. "
+                f"A good one looks like {_SHARE_EXAMPLE}"
+            )
+        found = frag[len("token="):]
+        if token is not None and token != found:
+            raise BadShareString("The share string holds a different token from the one given.")
+        token = found
+    else:
+        url = compact
+    if token is None:
+        raise BadShareString(
+            "This address has no token. Paste the whole share string the worker printed, "
+            f"which looks like {_SHARE_EXAMPLE}, or pass token=..."
+        )
+    token = "".join(token.split())
+    if not _TOKEN_RE.match(token):
+        raise BadShareString(
+            "The token in the share string is malformed (it should be 16-256 letters, digits, "
+            f"'-' or '_'). Copy the whole line again; a good one looks like {_SHARE_EXAMPLE}"
+        )
+    return normalize_url(url), token

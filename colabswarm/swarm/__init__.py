@@ -1,0 +1,1 @@
+"""The controller: many workers as one swarm."""
