@@ -74,7 +74,10 @@ class JobRequest(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, max_length=1024)
     model: str | None = Field(None, max_length=200)
     strength: float = Field(0.3, ge=0.0, le=1.0)
-    init_image: str | None = Field(None, max_length=64, description="id from POST /v1/uploads")
+    init_images: list[str] = Field(
+        default_factory=list, max_length=1024,
+        description="ids from POST /v1/uploads: one shared by all seeds, or one per seed",
+    )
     upscaler: str | None = Field(None, max_length=200)
     scale: int = Field(1, ge=1, le=64)
 

@@ -130,8 +130,8 @@ def strict_worker():
         ({"prompt": "x" * 51}, ["50 characters"]),
         ({"cfg": 99}, ["cfg"]),
         ({"seeds": [-1]}, ["Seeds"]),
-        ({"kind": "img2img"}, ["init_image"]),
-        ({"kind": "img2img", "init_image": "00000000deadbeef"}, ["upload"]),
+        ({"kind": "img2img"}, ["init_images", "POST /v1/uploads"]),
+        ({"kind": "img2img", "init_images": ["00000000deadbeef"]}, ["upload"]),
         ({"strength": 1.5}, ["strength"]),
         ({"sampler": "dpm"}, ["sampler", "Extra inputs"]),
     ],
@@ -160,13 +160,13 @@ def test_upload_and_img2img_limits(strict_worker):
     up = http.post("/v1/uploads", content=_png())
     assert up.status_code == 201
     uid = up.json()["id"]
-    r = http.post("/v1/jobs", json={"kind": "img2img", "init_image": uid, "width": 64,
+    r = http.post("/v1/jobs", json={"kind": "img2img", "init_images": [uid], "width": 64,
                                     "height": 64, "steps": 4, "strength": 0.1, "seeds": [1]})
     assert r.status_code == 422 and "steps*strength" in r.json()["detail"]
-    r = http.post("/v1/jobs", json={"kind": "upscale", "init_image": uid, "scale": 2,
+    r = http.post("/v1/jobs", json={"kind": "upscale", "init_images": [uid], "scale": 2,
                                     "upscaler": "esrgan-9000", "seeds": [1]})
     assert r.status_code == 422 and "lanczos" in r.json()["detail"]
-    r = http.post("/v1/jobs", json={"kind": "img2img", "init_image": uid, "width": 64,
+    r = http.post("/v1/jobs", json={"kind": "img2img", "init_images": [uid], "width": 64,
                                     "height": 64, "steps": 4, "strength": 0.5, "seeds": [3]})
     assert r.status_code == 202
     assert _wait_done(http, r.json()["id"])["state"] == "done"
@@ -192,7 +192,7 @@ def test_img2img_with_zero_strength_returns_the_image(worker):
 
 async def _run(share: str, req: JobRequest, png: bytes | None = None):
     async with WorkerClient(share) as c:
-        return await c.run(req, png)
+        return await c.run(req, [png] if png else None)
 
 
 async def test_twenty_concurrent_submits_all_complete(worker):

@@ -189,17 +189,17 @@ class WorkerClient:
     async def run(
         self,
         req: JobRequest,
-        init_png: bytes | None = None,
+        init_pngs: list[bytes] | None = None,
         on_progress: ProgressFn | None = None,
         timeout: float | None = None,
     ) -> list[Image.Image]:
         """Submit, follow by long-poll, fetch every image, then acknowledge (delete) the job."""
         expected = (req.width, req.height)
-        if init_png is not None:
-            up = await self.upload(init_png)
-            req = req.model_copy(update={"init_image": up.id})
+        if init_pngs:
+            ups = [await self.upload(png) for png in init_pngs]
+            req = req.model_copy(update={"init_images": [u.id for u in ups]})
             if req.kind == "upscale":
-                expected = (up.width * req.scale, up.height * req.scale)
+                expected = (ups[0].width * req.scale, ups[0].height * req.scale)
         status = await self.submit(req)
         job_id = status.id
         try:
@@ -222,7 +222,7 @@ class WorkerClient:
                     f"{self.name} said it made {status.images_ready} images for "
                     f"{len(req.seeds)} seeds."
                 )
-            if req.kind == "upscale" and init_png is None:
+            if req.kind == "upscale" and not init_pngs:
                 expected = (status.width, status.height)
             images = [await self.image(job_id, i, expected) for i in range(len(req.seeds))]
             if on_progress:

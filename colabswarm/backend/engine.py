@@ -253,20 +253,23 @@ class Engine:
     def run(
         self,
         req: JobRequest,
-        init_image: Image.Image | None = None,
+        init_images: list[Image.Image] | None = None,
         on_step: ProgressFn | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
         """Run one job; raises Interrupted if should_stop() turns true between steps."""
+        n = len(req.seeds)
+        inits = list(init_images or [])
+        if req.kind != "txt2img":
+            if len(inits) not in (1, n):
+                raise InvalidRequest(f"{req.kind} needs 1 or {n} init images, got {len(inits)}.")
+            inits = inits * n if len(inits) == 1 else inits
         if req.kind == "upscale":
-            if init_image is None:
-                raise InvalidRequest("An upscale job needs an init_image.")
-            return [self.upscale(init_image, req.upscaler or "lanczos", req.scale)]
+            return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
         import torch
 
         self.load(req.model)
         assert self._loaded is not None
-        n = len(req.seeds)
         gens = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
         common: dict[str, Any] = dict(
             prompt=req.prompt,
@@ -277,17 +280,16 @@ class Engine:
             generator=gens,
         )
         if req.kind == "img2img":
-            if init_image is None:
-                raise InvalidRequest("An img2img job needs an init_image (upload it first).")
-            if init_image.size != (req.width, req.height):
-                init_image = init_image.resize((req.width, req.height), Image.Resampling.LANCZOS)
+            size = (req.width, req.height)
+            inits = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
+                     for im in inits]
             if req.strength == 0:
                 if on_step:
                     on_step(0, 0)
-                return [init_image.copy() for _ in range(n)]
+                return [im.copy() for im in inits]
             pipe = self._loaded.img2img
             total = int(req.steps * req.strength)
-            common.update(image=init_image, strength=req.strength)
+            common.update(image=inits, strength=req.strength)
         else:
             pipe = self._loaded.txt2img
             total = req.steps

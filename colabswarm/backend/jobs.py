@@ -30,14 +30,14 @@ log = logging.getLogger("colabswarm.jobs")
 class Runner(Protocol):
     """What the job thread needs from an engine (the real one or the bench simulator)."""
 
-    def run(self, req: JobRequest, init_image: Any, on_step: Any, should_stop: Any) -> list: ...
+    def run(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any) -> list: ...
 
 
 @dataclass
 class Job:
     id: str
     req: JobRequest
-    init_image: Image.Image | None
+    init_images: list[Image.Image]
     created: float = field(default_factory=time.monotonic)
     state: str = "queued"
     step: int = 0
@@ -52,9 +52,9 @@ class Job:
     out_size: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        if self.req.kind == "upscale" and self.init_image is not None:
-            scale = self.req.scale
-            self.out_size = (self.init_image.width * scale, self.init_image.height * scale)
+        if self.req.kind == "upscale" and self.init_images:
+            first, scale = self.init_images[0], self.req.scale
+            self.out_size = (first.width * scale, first.height * scale)
         else:
             self.out_size = (self.req.width, self.req.height)
 
@@ -119,7 +119,7 @@ class JobManager:
             self._thread.join(timeout=30)
 
     # ----- what handlers call --------------------------------------------------------------
-    def submit(self, req: JobRequest, init_image: Image.Image | None) -> JobStatus:
+    def submit(self, req: JobRequest, init_images: list[Image.Image]) -> JobStatus:
         with self._lock:
             self._sweep()
             waiting = len(self._queue) + (1 if self.running else 0)
@@ -127,7 +127,7 @@ class JobManager:
                 raise InvalidRequest(
                     f"This worker's queue is full ({waiting} jobs); retry later or use another."
                 )
-            job = Job(secrets.token_hex(8), req, init_image)
+            job = Job(secrets.token_hex(8), req, init_images)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._lock.notify_all()
@@ -245,7 +245,7 @@ class JobManager:
                 self._changed(job)
 
         try:
-            images = self.runner.run(job.req, job.init_image, on_step, lambda: job.stop)
+            images = self.runner.run(job.req, job.init_images, on_step, lambda: job.stop)
             pngs = [_encode_png(im) for im in images]
             if len(pngs) != len(job.req.seeds):
                 raise RuntimeError(f"engine returned {len(pngs)} images for {len(job.req.seeds)}")
@@ -261,7 +261,7 @@ class JobManager:
             job.pngs = pngs if job.id in self._jobs else []
             job.state, job.error = state, error
             job.finished = time.monotonic()
-            job.init_image = None
+            job.init_images = []
             self.running = None
             if state == "done":
                 self.jobs_served += 1

@@ -145,7 +145,7 @@ class WorkerApp:
         )
 
     # ----- checks ----------------------------------------------------------------------------
-    def check(self, req: JobRequest) -> Image.Image | None:
+    def check(self, req: JobRequest) -> list[Image.Image]:
         """Refuse what this worker will not run, with the limit in the message."""
         lim = self.limits
         if req.kind != "upscale":
@@ -182,18 +182,24 @@ class WorkerApp:
                     f"{self.engine.model_names}."
                 )
         if req.kind == "txt2img":
-            if req.init_image:
-                raise InvalidRequest("txt2img takes no init_image; use kind 'img2img'.")
-            return None
-        if not req.init_image:
-            raise InvalidRequest(f"{req.kind} needs an init_image id from POST /v1/uploads.")
-        with self._uploads_lock:
-            entry = self.uploads.get(req.init_image)
-        if entry is None:
+            if req.init_images:
+                raise InvalidRequest("txt2img takes no init_images; use kind 'img2img'.")
+            return []
+        if len(req.init_images) not in (1, len(req.seeds)):
             raise InvalidRequest(
-                f"Unknown or expired upload {req.init_image!r}; upload the image again."
+                f"{req.kind} needs init_images: 1 upload id shared by all seeds, or one per seed "
+                f"({len(req.seeds)}); got {len(req.init_images)}. Upload with POST /v1/uploads."
             )
-        image = entry[1]
+        images = []
+        with self._uploads_lock:
+            for uid in req.init_images:
+                entry = self.uploads.get(uid)
+                if entry is None:
+                    raise InvalidRequest(
+                        f"Unknown or expired upload {uid!r}; upload the image again."
+                    )
+                images.append(entry[1])
+        image = max(images, key=lambda im: im.width * im.height)
         if req.kind == "img2img":
             if 0 < req.strength and int(req.steps * req.strength) < 1:
                 raise InvalidRequest(
@@ -214,7 +220,7 @@ class WorkerApp:
                     f"Upscaling {image.width}x{image.height} by {req.scale} gives {out_px} "
                     f"pixels; this worker's limit is {lim.max_init_pixels}."
                 )
-        return image
+        return images
 
     def add_upload(self, data: bytes) -> UploadResult:
         if not data:
@@ -303,8 +309,8 @@ def create_app(worker: WorkerApp) -> Any:
     async def submit(req: JobRequest) -> JobStatus:
         if worker.state == "error":
             raise HTTPException(503, f"The worker's model failed to load: {worker.state_detail}")
-        image = worker.check(req)
-        return worker.jobs.submit(req, image)
+        images = worker.check(req)
+        return worker.jobs.submit(req, images)
 
     def _job(job_id: str) -> Any:
         job = worker.jobs.get(job_id)

@@ -58,7 +58,7 @@ class SimulatedEngine:
     def run(
         self,
         req: JobRequest,
-        init_image: Any = None,
+        init_images: Any = None,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
