@@ -1,6 +1,59 @@
-"""colabswarm: scattered GPUs as one Stable Diffusion swarm, driven from notebooks."""
+"""colabswarm: scattered GPUs (Colab, Runpod, a friend's PC) as one Stable Diffusion swarm.
+
+Controller side (no torch needed): ``Swarm``, ``start_local_workers``.
+Worker side (the ``worker`` extra): ``start_worker``.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from .errors import (
+    AuthError,
+    BackendUnavailable,
+    BadShareString,
+    ColabSwarmError,
+    InvalidRequest,
+    JobFailed,
+    JobInterrupted,
+    ModelNotAvailable,
+    TunnelError,
+)
+from .protocol import decode_share, encode_share
+
 __version__ = "0.1.0"
-__all__ = ["__version__"]
+__all__ = [
+    "AuthError",
+    "BackendUnavailable",
+    "BadShareString",
+    "ColabSwarmError",
+    "InvalidRequest",
+    "JobFailed",
+    "JobInterrupted",
+    "ModelNotAvailable",
+    "Swarm",
+    "TunnelError",
+    "WorkerHandle",
+    "__version__",
+    "decode_share",
+    "encode_share",
+    "start_local_workers",
+    "start_worker",
+]
+
+_LAZY = {
+    "Swarm": ("colabswarm.swarm.controller", "Swarm"),
+    "start_local_workers": ("colabswarm.swarm.local", "start_local_workers"),
+    "start_worker": ("colabswarm.backend.serve", "start_worker"),
+    "WorkerHandle": ("colabswarm.backend.serve", "WorkerHandle"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import parts on first use: the controller never pulls in torch or fastapi."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'colabswarm' has no attribute {name!r}")

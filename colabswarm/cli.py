@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,9 +18,7 @@ def _worker(args: argparse.Namespace) -> int:
     from .protocol import Limits
 
     if args.gpus:
-        from .swarm.local import serve_local_gpus
-
-        return serve_local_gpus(args)
+        return _serve_gpus(args)
     limits = Limits()
     if args.max_pixels:
         limits.max_pixels = args.max_pixels
@@ -55,6 +54,9 @@ def _worker(args: argparse.Namespace) -> int:
                     print(handle.reopen(), flush=True)
                 except ColabSwarmError as exc:
                     print(f"error: {exc}", file=sys.stderr, flush=True)
+            if args.parent_pid and not _alive(args.parent_pid):
+                print("controller went away; stopping", flush=True)
+                return 0
             if not handle.running:
                 print("error: the server stopped", file=sys.stderr, flush=True)
                 return 1
@@ -62,6 +64,41 @@ def _worker(args: argparse.Namespace) -> int:
         handle.stop()
         print("colabswarm worker stopped", flush=True)
     return 0
+
+
+def _serve_gpus(args: argparse.Namespace) -> int:
+    """`worker --gpus all`: one process per GPU, each printing its own share string."""
+    from .swarm.local import start_local_workers
+
+    gpus = "all" if args.gpus == "all" else [int(g) for g in args.gpus.split(",")]
+    extra: list[str] = ["--tunnel", args.tunnel, "--host", args.host]
+    if args.simulate_speed is not None:
+        extra += ["--simulate-speed", str(args.simulate_speed)]
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    group = start_local_workers(gpus, args.model, extra_args=extra)
+    try:
+        for w in group:
+            print(f"{w.name} (pid {w.pid}):", flush=True)
+            print(w.share, flush=True)
+        while not stop.wait(1.0):
+            for w in group.crashed():
+                print(f"{w.name} exited with code {w.returncode}; restarting", flush=True)
+                print(w.restart(), flush=True)
+    finally:
+        group.stop()
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return os.getppid() == pid
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -92,6 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--max-pixels", type=int, default=None)
     w.add_argument("--max-steps", type=int, default=None)
     w.add_argument("--tunnel-deadline", type=float, default=60.0)
+    w.add_argument("--parent-pid", type=int, default=None,
+                   help="exit when this process goes away (set by start_local_workers)")
     w.add_argument("--simulate-speed", type=float, default=None,
                    help="BENCH ONLY: sleep instead of denoising, at this relative speed")
     w.set_defaults(func=_worker)

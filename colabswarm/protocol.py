@@ -82,8 +82,8 @@ class JobRequest(BaseModel):
     scale: int = Field(1, ge=1, le=64)
 
     def param_key(self) -> tuple:
-        """Jobs with equal keys can share one pipeline call (everything but the seeds)."""
-        d = self.model_dump(exclude={"seeds"})
+        """Jobs with equal keys can share one pipeline call: all but seeds and init images."""
+        d = self.model_dump(exclude={"seeds", "init_images"})
         return tuple(sorted(d.items()))
 
 

@@ -31,7 +31,8 @@ def _wait_done(http: httpx.Client, job_id: str, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     status = {"version": -1}
     while time.monotonic() < deadline:
-        status = http.get(f"/v1/jobs/{job_id}", params={"wait": 5, "since": status["version"]}).json()
+        params = {"wait": 5, "since": status["version"]}
+        status = http.get(f"/v1/jobs/{job_id}", params=params).json()
         if status["state"] not in ("queued", "running"):
             return status
     raise AssertionError(f"job {job_id} did not finish: {status}")
@@ -98,7 +99,8 @@ def test_interrupt_stops_a_running_job_between_steps(http):
     status = {"version": -1, "step": 0, "state": "queued"}
     deadline = time.monotonic() + 30
     while status["step"] < 1 and time.monotonic() < deadline:
-        status = http.get(f"/v1/jobs/{job_id}", params={"wait": 5, "since": status["version"]}).json()
+        params = {"wait": 5, "since": status["version"]}
+        status = http.get(f"/v1/jobs/{job_id}", params=params).json()
     assert status["state"] == "running"
     r = http.post(f"/v1/jobs/{job_id}/interrupt")
     assert r.status_code == 200

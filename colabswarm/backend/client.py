@@ -159,7 +159,9 @@ class WorkerClient:
             async for chunk in resp.aiter_bytes():
                 total += len(chunk)
                 if total > _MAX_IMAGE_BYTES:
-                    raise BackendUnavailable(f"{self.name} sent an image over {_MAX_IMAGE_BYTES} B.")
+                    raise BackendUnavailable(
+                        f"{self.name} sent an image over {_MAX_IMAGE_BYTES} bytes."
+                    )
                 chunks.append(chunk)
         data = b"".join(chunks)
         try:

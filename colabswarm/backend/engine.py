@@ -203,7 +203,6 @@ class Engine:
             StableDiffusionPipeline,
             StableDiffusionXLPipeline,
         )
-
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
 
@@ -322,4 +321,6 @@ class Engine:
     def upscale(self, image: Image.Image, upscaler: str, scale: int) -> Image.Image:
         from .upscalers import run_upscaler
 
-        return run_upscaler(image, upscaler, scale, self.device, self.upscalers_dir, self._upscalers)
+        return run_upscaler(
+            image, upscaler, scale, self.device, self.upscalers_dir, self._upscalers
+        )

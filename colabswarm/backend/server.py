@@ -84,7 +84,8 @@ class _Gate:
 async def _send_json(send: Callable, status: int, body: dict, extra: list | None = None) -> None:
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
-    await send({"type": "http.response.start", "status": status, "headers": headers + (extra or [])})
+    headers += extra or []
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": data})
 
 
@@ -165,7 +166,9 @@ class WorkerApp:
                     " square). Use the upscaler for larger images."
                 )
         if req.kind != "upscale" and req.steps > lim.max_steps:
-            raise InvalidRequest(f"steps {req.steps} is over this worker's limit of {lim.max_steps}.")
+            raise InvalidRequest(
+                f"steps {req.steps} is over this worker's limit of {lim.max_steps}."
+            )
         if len(req.seeds) > lim.max_images:
             raise InvalidRequest(
                 f"{len(req.seeds)} images in one job is over this worker's limit of "
@@ -173,7 +176,7 @@ class WorkerApp:
             )
         if any(not 0 <= s <= 2**63 - 1 for s in req.seeds):
             raise InvalidRequest("Seeds must be between 0 and 2**63-1.")
-        if len(req.prompt) > lim.max_prompt_chars or len(req.negative_prompt) > lim.max_prompt_chars:
+        if max(len(req.prompt), len(req.negative_prompt)) > lim.max_prompt_chars:
             raise InvalidRequest(f"Prompts are limited to {lim.max_prompt_chars} characters.")
         if req.model is not None and req.model not in self.engine.model_names:
             if not getattr(self.engine, "allow_downloads", False) or req.model.count("/") != 1:
