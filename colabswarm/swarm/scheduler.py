@@ -110,6 +110,24 @@ def _can_take(b: Backend, item: Item, fallback: bool) -> str | None:
     return why
 
 
+def _others_finish(batches: list[float], others: Sequence[Backend], rate: dict[str, float],
+                   backlog: dict[str, float]) -> float:
+    """When the other backends would be done if they ran all these batches without b.
+
+    Greedy list scheduling (each batch to whichever finishes it first) respects that a batch is
+    indivisible; a long queue is close to the fluid bound, which is used there to stay cheap.
+    """
+    names = [s.name for s in others]
+    if len(batches) > 64:
+        total = sum(rate[n] for n in names)
+        return (sum(backlog.get(n, 0.0) * rate[n] for n in names) + sum(batches)) / total
+    finish = {n: backlog.get(n, 0.0) for n in names}
+    for units in batches:
+        best = min(names, key=lambda n: finish[n] + units / rate[n])
+        finish[best] += units / rate[best]
+    return max(finish.values())
+
+
 def plan_dispatch(
     queue: Sequence[Item],
     backends: Sequence[Backend],
@@ -166,11 +184,8 @@ def plan_dispatch(
             finish_b = backlog.get(b.name, 0.0) + units / rate[b.name]
             others = [s for s in servers if s is not b]
             if straggler_guard and others:
-                rest_units = sum(it.units for it in same)
-                other_rate = sum(rate[s.name] for s in others)
-                finish_rest = (sum(backlog.get(s.name, 0.0) * rate[s.name] for s in others)
-                               + rest_units) / other_rate
-                if finish_b > finish_rest:
+                batches = [sum(it.units for it in same[i:i + n]) for i in range(0, len(same), n)]
+                if finish_b > _others_finish(batches, others, rate, backlog):
                     skips.append((b, head, "others would finish sooner (straggler guard)"))
                     refused_keys.add(head.key)
                     continue
@@ -210,7 +225,8 @@ def pick_copies(
             if b.why_not(f.items[0].template) is not None:
                 continue
             mine = f.units / rate[b.name]
-            theirs = f.started + f.estimate - now
+            # past its estimate, a flight's end is unknown: assume a quarter of it is left
+            theirs = max(f.started + f.estimate - now, 0.25 * f.estimate)
             overdue = now - f.started > 2.0 * f.estimate + 5.0
             if overdue or mine < margin * theirs:
                 picks.append((b, f))
