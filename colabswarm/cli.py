@@ -34,6 +34,7 @@ def _worker(args: argparse.Namespace) -> int:
             token=args.token, name=args.name, limits=limits, device=args.device,
             allow_downloads=args.allow_downloads, device_map=args.device_map,
             upscalers_dir=args.upscalers_dir, simulate_speed=args.simulate_speed,
+            simulate_step_seconds=args.simulate_step_seconds,
             tunnel_deadline_s=args.tunnel_deadline,
         )
     except ColabSwarmError as exc:
@@ -133,6 +134,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="exit when this process goes away (set by start_local_workers)")
     w.add_argument("--simulate-speed", type=float, default=None,
                    help="BENCH ONLY: sleep instead of denoising, at this relative speed")
+    w.add_argument("--simulate-step-seconds", type=float, default=0.1,
+                   help="BENCH ONLY: seconds per step per megapixel at speed 1, batch 1")
     w.set_defaults(func=_worker)
     d = sub.add_parser("demo", help="a local swarm of tiny-model workers, end to end")
     d.add_argument("--workers", type=int, default=3)

@@ -17,6 +17,7 @@ from .errors import BadShareString
 __all__ = [
     "API_PREFIX",
     "API_VERSION",
+    "ErrorDetail",
     "Info",
     "JobRequest",
     "JobState",
@@ -87,8 +88,11 @@ class JobRequest(BaseModel):
         return tuple(sorted(d.items()))
 
 
+_ID_PATTERN = r"^[0-9A-Za-z_\-]{1,64}$"  # ids go into URL paths: never a '/' or '..'
+
+
 class JobStatus(BaseModel):
-    id: str
+    id: str = Field(pattern=_ID_PATTERN)
     state: JobState
     kind: JobKind = "txt2img"
     step: int = 0
@@ -104,8 +108,14 @@ class JobStatus(BaseModel):
     height: int = 0
 
 
+class ErrorDetail(BaseModel):
+    """Every 4xx/5xx the worker sends on purpose: one sentence a person can act on."""
+
+    detail: str
+
+
 class UploadResult(BaseModel):
-    id: str
+    id: str = Field(pattern=_ID_PATTERN)
     width: int
     height: int
 
@@ -176,7 +186,14 @@ def normalize_url(url: str) -> str:
     if ":" in parts.hostname:
         netloc = f"[{parts.hostname}]" + ("" if port is None else f":{port}")
     path = parts.path.rstrip("/")
-    return f"{parts.scheme}://{netloc}{path}"
+    result = f"{parts.scheme}://{netloc}{path}"
+    import httpx  # the client's own URL rules are the last word (IDNA, IPv4 literals)
+
+    try:
+        httpx.URL(result + API_PREFIX)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise BadShareString(f"Cannot read the address {url!r}: {exc}.") from None
+    return result
 
 
 def encode_share(url: str, token: str) -> str:

@@ -22,11 +22,13 @@ def _backend(name: str, unit_s: float | None = None, slots: int = 2, models=("ti
                 limits=Limits(max_pixels=max_pixels, max_images=max_images), queue_depth=0,
                 running=0, jobs_served=0)
     return Backend(name=name, url=f"http://{name}", token="t" * 16, slots=slots,
-                   status=BackendStatus.RUNNING, info=info, unit_seconds=unit_s)
+                   status=BackendStatus.RUNNING, info=info, unit_seconds_hint=unit_s,
+                   overhead_s=0.0)
 
 
-def _items(n: int, **kw) -> list[Item]:
-    tpl = JobRequest(prompt="p", width=64, height=64, steps=10, **kw)
+def _items(n: int, size: int = 512, **kw) -> list[Item]:
+    """Images of 512x512, 10 steps: 2.6 units each."""
+    tpl = JobRequest(prompt="p", width=size, height=size, steps=10, **kw)
     return [Item(1, i, 100 + i, tpl) for i in range(n)]
 
 
@@ -60,6 +62,15 @@ def test_busy_slots_are_respected():
     assert [x.name for x, _ in plan] == ["b", "b"]
 
 
+def test_a_backend_not_yet_timed_runs_one_job_at_a_time():
+    timed, new = _backend("timed", unit_s=0.01), _backend("new", unit_s=0.01)
+    timed.speed.observe(1, 0.05, 1.0)
+    plan, _ = plan_dispatch(_items(20), [new, timed], [], 0.0, batching=False,
+                            straggler_guard=False)
+    assert [b.name for b, _ in plan].count("new") == 1
+    assert [b.name for b, _ in plan].count("timed") == 2
+
+
 def test_batches_follow_measured_speed():
     fast, slow = _backend("fast", unit_s=0.01), _backend("slow", unit_s=0.04)
     plan, _ = plan_dispatch(_items(40), [fast, slow], [], 0.0, max_batch=8)
@@ -78,6 +89,9 @@ def test_batch_respects_the_backend_image_limit():
 
 def test_straggler_guard_keeps_the_last_images_off_a_slow_backend():
     fast, slow = _backend("fast", unit_s=0.01), _backend("slow", unit_s=1.0)
+    unit = _items(1)[0].units
+    fast.speed.observe(1, 0.01 * unit, unit)
+    slow.speed.observe(1, 1.0 * unit, unit)
     plan, skips = plan_dispatch(_items(2), [slow, fast], [], 0.0, batching=False)
     assert {b.name for b, _ in plan} == {"fast"}
     assert any("straggler" in why for _, _, why in skips)
@@ -89,7 +103,7 @@ def test_straggler_guard_keeps_the_last_images_off_a_slow_backend():
 def test_model_and_size_filters_with_reasons():
     a = _backend("a", models=("tiny",), max_pixels=64 * 64)
     b = _backend("b", models=("tiny", "xl"))
-    plan, skips = plan_dispatch(_items(2, model="xl"), [a, b], [], 0.0)
+    plan, skips = plan_dispatch(_items(2, size=64, model="xl"), [a, b], [], 0.0)
     assert {x.name for x, _ in plan} == {"b"}
     assert any(x.name == "a" and "model 'xl'" in why for x, _, why in skips)
     big = [Item(1, 0, 1, JobRequest(width=128, height=128))]
@@ -136,10 +150,24 @@ def test_no_copy_when_the_idle_backend_would_not_win():
 
 def test_eta_uses_measured_speeds():
     a, b = _backend("a", unit_s=1.0), _backend("b", unit_s=1.0)
-    items = _items(8)  # 8 * 10 steps * 0.004096 Mpx
+    items = _items(8)
     eta = estimate_eta(items, [a, b], [], 0.0)
-    assert abs(eta - 8 * job_units(items[0].template) / 2) < 1e-9
+    assert abs(eta - 8 * job_units(items[0].template) * a.unit_seconds / 2) < 1e-9
+    a.speed.observe(4, 40.0, items[0].units)  # a turns out slower: the estimate grows
+    assert estimate_eta(items, [a, b], [], 0.0) > eta
     assert estimate_eta([], [a, b], [], 0.0) == 0.0
+
+
+def test_speed_model_learns_the_batch_line():
+    from colabswarm.swarm.speed import SpeedModel
+
+    m = SpeedModel()
+    assert m.job_seconds(4, 1.0) is None
+    for n, t in [(1, 0.49), (4, 0.63), (2, 0.54), (4, 0.63)]:  # an H200's shape
+        m.observe(n, t, 1.0)
+    assert abs(m.job_seconds(1, 1.0) - 0.49) < 0.02
+    assert abs(m.job_seconds(4, 1.0) - 0.63) < 0.02
+    assert m.unit_seconds(4) < m.unit_seconds(1) / 2, "batches are cheaper per image"
 
 
 def test_status_line_reads_like_swarmui():

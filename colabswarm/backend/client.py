@@ -30,6 +30,8 @@ from ..protocol import (
 __all__ = ["WorkerClient"]
 
 _MAX_IMAGE_BYTES = 96 * 1024 * 1024
+_MAX_RESULT_PIXELS = 2**26  # 8192x8192: no worker result is bigger (upscales included)
+_STATE_ORDER = {"queued": 0, "running": 1, "done": 2, "failed": 2, "interrupted": 2}
 _POLL_WAIT_S = 20.0  # well under Cloudflare's ~100 s request limit
 ProgressFn = Callable[[JobStatus], Awaitable[None] | None]
 
@@ -54,11 +56,13 @@ class WorkerClient:
         name: str | None = None,
         timeout: float = 30.0,
         connect_retries: int = 2,
+        progress_every: float = 0.5,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url, self.token = decode_share(url, token)
         self.name = name or self.url
         self.connect_retries = connect_retries
+        self.progress_every = progress_every
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=self.url + API_PREFIX,
@@ -142,25 +146,43 @@ class WorkerClient:
                                    headers={"content-type": "application/json"})
         return self._model(JobStatus, resp)
 
-    async def status(self, job_id: str, wait: float = 0.0, since: int = -1) -> JobStatus:
+    async def status(self, job_id: str, wait: float = 0.0, since: int = -1,
+                     progress_every: float = 0.0) -> JobStatus:
         resp = await self._request(
-            "GET", f"/jobs/{job_id}", params={"wait": wait, "since": since},
+            "GET", f"/jobs/{job_id}",
+            params={"wait": wait, "since": since, "progress_every": progress_every},
             timeout=httpx.Timeout(self._timeout + wait, connect=10.0),
         )
         return self._model(JobStatus, resp)
 
-    async def image(self, job_id: str, index: int, size: tuple[int, int]) -> Image.Image:
-        """Fetch one result and check it is a PNG of the expected size."""
+    async def image(self, job_id: str, index: int, size: tuple[int, int],
+                    seed: int | None = None) -> Image.Image:
+        """Fetch one result and check it is a whole PNG of the expected size (and seed)."""
+        if not 0 < size[0] * size[1] <= _MAX_RESULT_PIXELS:
+            raise BackendUnavailable(f"{self.name} announced an image of {size[0]}x{size[1]}.")
+        # a PNG of w x h is at most ~8 bytes a pixel (16-bit RGBA, stored) plus its chunks
+        cap = min(_MAX_IMAGE_BYTES, size[0] * size[1] * 8 + (1 << 20))
         async with self._http.stream("GET", f"/jobs/{job_id}/images/{index}") as resp:
             if resp.status_code != 200:
                 await resp.aread()
                 await self._raise_for(resp)
+            announced = resp.headers.get("content-length", "0")
+            if not announced.isdigit() or int(announced) > cap:
+                raise BackendUnavailable(
+                    f"{self.name} announced an image of {announced[:20]} bytes "
+                    f"(at most {cap} for {size[0]}x{size[1]})."
+                )
+            given_seed = resp.headers.get("x-seed")
+            if seed is not None and given_seed is not None and given_seed != str(seed):
+                raise BackendUnavailable(
+                    f"{self.name} sent the image of seed {given_seed[:30]!r} for seed {seed}."
+                )
             chunks, total = [], 0
             async for chunk in resp.aiter_bytes():
                 total += len(chunk)
-                if total > _MAX_IMAGE_BYTES:
+                if total > cap:
                     raise BackendUnavailable(
-                        f"{self.name} sent an image over {_MAX_IMAGE_BYTES} bytes."
+                        f"{self.name} sent an image over {cap} bytes for {size[0]}x{size[1]}."
                     )
                 chunks.append(chunk)
         data = b"".join(chunks)
@@ -170,9 +192,35 @@ class WorkerClient:
                     raise ValueError(f"format {img.format}")
                 if img.size != size:
                     raise ValueError(f"size {img.size}, expected {size}")
-                return img.convert("RGB")
+                img.verify()  # chunk CRCs: catches truncated or corrupted bodies cheaply
+            image = Image.open(io.BytesIO(data))
+            if image.mode not in ("RGB", "RGBA", "L"):
+                raise ValueError(f"mode {image.mode}")
+            # decode now: valid CRCs around a broken zlib stream pass verify() and would
+            # otherwise fail later, in a gallery or a save, after the image was accepted
+            image.load()
+            return image
         except Exception as exc:
             raise BackendUnavailable(f"{self.name} sent a bad image: {exc}.") from None
+
+    def _check_status(self, job_id: str, req: JobRequest, last: JobStatus | None,
+                      new: JobStatus) -> None:
+        """A worker's story about a job must hang together: same job, same seeds, and time
+        running forwards (version, state, step). Anything else is a worker not to trust."""
+        problem = None
+        if new.id != job_id:
+            problem = f"the status of job {new.id[:40]!r} for job {job_id!r}"
+        elif new.seeds and new.seeds != list(req.seeds):
+            problem = f"seeds {new.seeds[:8]} for seeds {list(req.seeds)[:8]}"
+        elif last is not None:
+            if new.version < last.version:
+                problem = f"version {new.version} after {last.version}"
+            elif _STATE_ORDER[new.state] < _STATE_ORDER[last.state]:
+                problem = f"state {new.state!r} after {last.state!r}"
+            elif new.state == last.state == "running" and new.step < last.step:
+                problem = f"step {new.step} after step {last.step}"
+        if problem:
+            raise BackendUnavailable(f"{self.name} sent an inconsistent job status: {problem}.")
 
     async def _raise_for(self, resp: httpx.Response) -> None:
         if resp.status_code == 401:
@@ -205,35 +253,53 @@ class WorkerClient:
         status = await self.submit(req)
         job_id = status.id
         try:
-            loop = asyncio.get_running_loop()
-            deadline = None if timeout is None else loop.time() + timeout
-            while status.state in ("queued", "running"):
-                if deadline is not None and loop.time() > deadline:
-                    raise BackendUnavailable(f"{self.name} took longer than {timeout:.0f}s.")
-                if on_progress:
-                    maybe = on_progress(status)
-                    if asyncio.iscoroutine(maybe):
-                        await maybe
-                status = await self.status(job_id, wait=_POLL_WAIT_S, since=status.version)
-            if status.state == "interrupted":
-                raise JobInterrupted(f"{self.name}: {status.error}")
-            if status.state == "failed":
-                raise JobFailed(f"{self.name}: {status.error}")
-            if status.images_ready != len(req.seeds):
-                raise BackendUnavailable(
-                    f"{self.name} said it made {status.images_ready} images for "
-                    f"{len(req.seeds)} seeds."
-                )
-            if req.kind == "upscale" and not init_pngs:
-                expected = (status.width, status.height)
-            images = [await self.image(job_id, i, expected) for i in range(len(req.seeds))]
-            if on_progress:
-                maybe = on_progress(status)
-                if asyncio.iscoroutine(maybe):
-                    await maybe
-            return images
+            # the whole job, downloads included, is bounded: a worker that trickles bytes or
+            # holds a long-poll open forever cannot hold the controller's slot forever
+            async with asyncio.timeout(timeout):
+                return await self._follow(req, status, init_pngs, expected, on_progress)
+        except TimeoutError:
+            if timeout is None:
+                raise
+            raise BackendUnavailable(f"{self.name} took longer than {timeout:.0f}s.") from None
         finally:
             try:
                 await self.delete(job_id)
             except Exception:  # best effort: the worker's time-to-live collects it anyway
                 pass
+
+    async def _follow(self, req: JobRequest, status: JobStatus, init_pngs: list[bytes] | None,
+                      expected: tuple[int, int], on_progress: ProgressFn | None,
+                      ) -> list[Image.Image]:
+        job_id = status.id
+        self._check_status(job_id, req, None, status)
+        while status.state in ("queued", "running"):
+            if on_progress:
+                maybe = on_progress(status)
+                if asyncio.iscoroutine(maybe):
+                    await maybe
+            last = status
+            status = await self.status(job_id, wait=_POLL_WAIT_S, since=status.version,
+                                       progress_every=self.progress_every)
+            self._check_status(job_id, req, last, status)
+            if status.version == last.version and status.state == last.state:
+                # nothing new: a worker answers so only when its long-poll ran out; one that
+                # does it at once must not make this loop spin
+                await asyncio.sleep(0.5)
+        if status.state == "interrupted":
+            raise JobInterrupted(f"{self.name}: {status.error}")
+        if status.state == "failed":
+            raise JobFailed(f"{self.name}: {status.error}")
+        if status.images_ready != len(req.seeds):
+            raise BackendUnavailable(
+                f"{self.name} said it made {status.images_ready} images for "
+                f"{len(req.seeds)} seeds."
+            )
+        if req.kind == "upscale" and not init_pngs:
+            expected = (status.width, status.height)
+        images = [await self.image(job_id, i, expected, seed)
+                  for i, seed in enumerate(req.seeds)]
+        if on_progress:
+            maybe = on_progress(status)
+            if asyncio.iscoroutine(maybe):
+                await maybe
+        return images

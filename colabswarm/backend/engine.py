@@ -117,6 +117,7 @@ class Engine:
     allow_downloads: bool = False
     device_map: str | None = None
     upscalers_dir: str | None = None
+    warmup: bool = True
 
     def __post_init__(self) -> None:
         self._sources: dict[str, ModelSource] = {}
@@ -192,6 +193,8 @@ class Engine:
                 p.set_progress_bar_config(disable=True)
             self._loaded = _Loaded(src.name, txt2img, img2img)
             self.step_seconds_per_mpix = None
+            if self.warmup:
+                self._warm_up(txt2img)
             log.info("loaded %s (%s) in %.1fs on %s", src.name, src.kind,
                      time.perf_counter() - t0, self.device)
             return src.name
@@ -234,6 +237,24 @@ class Engine:
         if not self.device_map:
             pipe = pipe.to(self.device)
         return pipe
+
+    def _warm_up(self, pipe: Any) -> None:
+        """Two short calls at the model's native size: the first pays one-off costs (kernel
+        selection, allocator), the second tells the controller this GPU's speed before its
+        first job, so the first batches are already sized right."""
+        import torch
+
+        side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+        side = max(64, min(side, 1024)) // 8 * 8
+        for steps in (2, 6):
+            gen = torch.Generator("cpu").manual_seed(0)
+            t0 = time.perf_counter()
+            with self._lock, torch.inference_mode():
+                pipe(prompt="", num_inference_steps=steps, width=side, height=side,
+                     generator=[gen], guidance_scale=7.0)
+            seconds = time.perf_counter() - t0
+        self._note_speed(seconds, steps * side * side / 1e6)
+        log.info("warm-up: %.3f s per step at %dx%d", seconds / steps, side, side)
 
     def free(self) -> None:
         """Give cached GPU memory back (after a model swap or on request)."""

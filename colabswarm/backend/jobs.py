@@ -149,17 +149,32 @@ class JobManager:
         except ValueError:
             return 0
 
-    async def wait(self, job: Job, since: int, timeout: float) -> JobStatus:
-        """Long-poll: return once the job's version passes `since`, or at the timeout."""
-        deadline = time.monotonic() + timeout
+    async def wait(self, job: Job, since: int, timeout: float,
+                   progress_every: float = 0.0) -> JobStatus:
+        """Long-poll: return once the job's version passes `since`, or at the timeout.
+
+        A change of state returns at once; step progress alone returns at most every
+        `progress_every` seconds, so a client is not woken (and billed a request) per step.
+        """
+        start = time.monotonic()
+        deadline = start + timeout
+        with self._lock:
+            first_state = job.state
         while True:
             with self._lock:
-                if job.version > since or job.state in ("done", "failed", "interrupted"):
+                changed = job.version > since
+                if job.state in ("done", "failed", "interrupted") or (
+                    changed and (job.state != first_state
+                                 or time.monotonic() - start >= progress_every)
+                ):
                     return job.status(self._position(job))
                 event = job.event
-            remaining = deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = deadline - now
             if remaining <= 0:
                 return self.status(job)
+            if changed:  # progress is waiting for the interval: sleep until it is due
+                remaining = min(remaining, max(start + progress_every - now, 0.0))
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:

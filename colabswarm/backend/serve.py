@@ -30,13 +30,15 @@ def make_engine(
     device_map: str | None = None,
     upscalers_dir: str | None = None,
     simulate_speed: float | None = None,
+    simulate_step_seconds: float = 0.1,
 ) -> Any:
     """The real diffusers engine, or the bench-only simulator when simulate_speed is set."""
     models = [model] if isinstance(model, str) else list(model)
     if simulate_speed is not None:
         from .simulated import SimulatedEngine
 
-        return SimulatedEngine(speed=simulate_speed, models=tuple(models))
+        return SimulatedEngine(speed=simulate_speed, step_s=simulate_step_seconds,
+                               models=tuple(models))
     from .engine import Engine
 
     return Engine(
@@ -146,6 +148,7 @@ def start_worker(
     device_map: str | None = None,
     upscalers_dir: str | None = None,
     simulate_speed: float | None = None,
+    simulate_step_seconds: float = 0.1,
     tunnel_deadline_s: float = 60.0,
     ngrok_authtoken: str | None = None,
     wait_ready: bool = True,
@@ -162,12 +165,16 @@ def start_worker(
     eng = engine or make_engine(
         model, device=device, allow_downloads=allow_downloads, device_map=device_map,
         upscalers_dir=upscalers_dir, simulate_speed=simulate_speed,
+        simulate_step_seconds=simulate_step_seconds,
     )
     worker = WorkerApp(
         eng, token, limits, name=name or socket.gethostname(),
         simulated=simulate_speed is not None,
     )
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are
+    # TCP, and without it every keep-alive response waits 40 ms for a delayed ACK (Nagle)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

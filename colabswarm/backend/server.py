@@ -11,6 +11,7 @@ import hmac
 import io
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -24,10 +25,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from PIL import Image
+from pydantic import BaseModel
 
 from .. import __version__
 from ..errors import InvalidRequest
-from ..protocol import API_PREFIX, Info, JobRequest, JobStatus, Limits, UploadResult
+from ..protocol import (
+    API_PREFIX,
+    ErrorDetail,
+    Info,
+    JobRequest,
+    JobStatus,
+    Limits,
+    UploadResult,
+)
 from .jobs import JobManager
 
 __all__ = ["WorkerApp", "create_app"]
@@ -36,6 +46,35 @@ log = logging.getLogger("colabswarm.server")
 
 _ID = Path(pattern=r"^[0-9a-f]{16}$", description="job id")
 _ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+# what a stranger's request may name for a download (only with the owner's --allow-downloads):
+# a hub id "owner/name", never a path ("../x", "/etc", "C:") or a URL
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
+_REASONS = {
+    400: "Malformed request (a bad Content-Length header, or a body that is not JSON)",
+    401: "Missing or wrong bearer token",
+    404: "No such job (finished and collected, expired, or never existed)",
+    409: "The job is not done yet",
+    413: "Request body over the worker's max_body_bytes",
+    422: "A parameter is invalid or over one of the worker's limits",
+    503: "The worker's model failed to load",
+}
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error answers: every one is {"detail": "<what to do>"}."""
+    return {c: {"model": ErrorDetail, "description": _REASONS[c]} for c in codes}
+
+
+class Deleted(BaseModel):
+    deleted: str
+
+
+class Interrupted(BaseModel):
+    interrupted: int
+
+
+class Freed(BaseModel):
+    freed: bool
 
 
 class _Gate:
@@ -178,8 +217,16 @@ class WorkerApp:
             raise InvalidRequest("Seeds must be between 0 and 2**63-1.")
         if max(len(req.prompt), len(req.negative_prompt)) > lim.max_prompt_chars:
             raise InvalidRequest(f"Prompts are limited to {lim.max_prompt_chars} characters.")
+        for text in (req.prompt, req.negative_prompt):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    "Prompts must be valid Unicode text (this one holds a lone surrogate)."
+                ) from None
         if req.model is not None and req.model not in self.engine.model_names:
-            if not getattr(self.engine, "allow_downloads", False) or req.model.count("/") != 1:
+            allowed = getattr(self.engine, "allow_downloads", False)
+            if not allowed or not _HUB_ID.match(req.model) or ".." in req.model:
                 raise InvalidRequest(
                     f"This worker does not serve model {req.model!r}; it serves "
                     f"{self.engine.model_names}."
@@ -271,6 +318,7 @@ def create_app(worker: WorkerApp) -> Any:
         openapi_url=f"{API_PREFIX}/openapi.json",
         lifespan=lifespan,
         dependencies=[Security(HTTPBearer(auto_error=False))],
+        responses=_errors(400, 401, 413),
     )
 
     @app.exception_handler(InvalidRequest)
@@ -297,10 +345,14 @@ def create_app(worker: WorkerApp) -> Any:
         f"{API_PREFIX}/uploads",
         response_model=UploadResult,
         status_code=201,
+        responses=_errors(422),
         openapi_extra={
             "requestBody": {
                 "required": True,
-                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "content": {
+                    f"image/{fmt}": {"schema": {"type": "string", "format": "binary"}}
+                    for fmt in ("png", "jpeg", "webp")
+                },
             }
         },
     )
@@ -308,7 +360,8 @@ def create_app(worker: WorkerApp) -> Any:
         data = await request.body()
         return await asyncio.to_thread(worker.add_upload, data)
 
-    @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202)
+    @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202,
+              responses=_errors(422, 503))
     async def submit(req: JobRequest) -> JobStatus:
         if worker.state == "error":
             raise HTTPException(503, f"The worker's model failed to load: {worker.state_detail}")
@@ -322,21 +375,32 @@ def create_app(worker: WorkerApp) -> Any:
                                      "or never existed on this worker.")
         return job
 
-    @app.get(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobStatus)
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobStatus,
+             responses=_errors(404, 422))
     async def job_status(
         job_id: str = _ID,
         wait: float = Query(0.0, ge=0.0, le=30.0, description="long-poll seconds"),
         since: int = Query(-1, ge=-1, description="return once the version passes this"),
+        progress_every: float = Query(
+            0.0, ge=0.0, le=30.0, description="report step progress at most this often"
+        ),
     ) -> JobStatus:
         job = _job(job_id)
         if wait <= 0:
             return worker.jobs.status(job)
-        return await worker.jobs.wait(job, since, wait)
+        return await worker.jobs.wait(job, since, wait, progress_every)
 
     @app.get(
         f"{API_PREFIX}/jobs/{{job_id}}/images/{{index}}",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}}},
+        responses={
+            200: {
+                "description": "The image, as PNG; the header x-seed holds its seed",
+                "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+                "headers": {"x-seed": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}},
+            },
+            **_errors(404, 409, 422),
+        },
     )
     async def job_image(job_id: str = _ID, index: int = Path(ge=0, le=1023)) -> Response:
         job = _job(job_id)
@@ -349,25 +413,27 @@ def create_app(worker: WorkerApp) -> Any:
             headers={"x-seed": str(job.req.seeds[index])},
         )
 
-    @app.delete(f"{API_PREFIX}/jobs/{{job_id}}")
-    async def job_delete(job_id: str = _ID) -> dict:
+    @app.delete(f"{API_PREFIX}/jobs/{{job_id}}", response_model=Deleted,
+                responses=_errors(404, 422))
+    async def job_delete(job_id: str = _ID) -> Deleted:
         if not worker.jobs.delete(job_id):
             raise HTTPException(404, f"No job {job_id}.")
-        return {"deleted": job_id}
+        return Deleted(deleted=job_id)
 
-    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/interrupt", response_model=JobStatus)
+    @app.post(f"{API_PREFIX}/jobs/{{job_id}}/interrupt", response_model=JobStatus,
+              responses=_errors(404, 422))
     async def job_interrupt(job_id: str = _ID) -> JobStatus:
         job = _job(job_id)
         worker.jobs.interrupt(job)
         return worker.jobs.status(job)
 
-    @app.post(f"{API_PREFIX}/interrupt")
-    async def interrupt_all() -> dict:
-        return {"interrupted": worker.jobs.interrupt()}
+    @app.post(f"{API_PREFIX}/interrupt", response_model=Interrupted)
+    async def interrupt_all() -> Interrupted:
+        return Interrupted(interrupted=worker.jobs.interrupt())
 
-    @app.post(f"{API_PREFIX}/free")
-    async def free() -> dict:
+    @app.post(f"{API_PREFIX}/free", response_model=Freed)
+    async def free() -> Freed:
         await asyncio.to_thread(worker.engine.free)
-        return {"freed": True}
+        return Freed(freed=True)
 
     return _Gate(app, worker.token, worker.limits.max_body_bytes)

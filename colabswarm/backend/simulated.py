@@ -33,7 +33,8 @@ class SimulatedEngine:
             raise ValueError("simulated speed must be > 0")
         self.device = "sim"
         self.allow_downloads = False
-        self.step_seconds_per_mpix: float | None = None
+        # it knows its own speed, as a real engine knows it after its warm-up
+        self.step_seconds_per_mpix: float | None = self.step_s / self.speed
 
     @property
     def model_names(self) -> list[str]:

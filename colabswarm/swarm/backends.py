@@ -12,6 +12,7 @@ from enum import StrEnum
 from typing import Any
 
 from ..protocol import Info, JobRequest, mask_token
+from .speed import SpeedModel
 
 __all__ = ["Backend", "BackendStatus", "STATUS_COLOURS", "next_check_delay"]
 
@@ -60,10 +61,34 @@ class Backend:
     running: int = 0
     failures: int = 0
     next_check: float = 0.0
-    unit_seconds: float | None = None  # measured seconds per step*megapixel*image, end to end
+    unit_seconds_hint: float | None = field(default=None, repr=False)
+    speed: SpeedModel = field(default_factory=SpeedModel, repr=False)
+    batch_hint: int = 4  # the batch size the scheduler aims for (for throughput figures)
+    overhead_s: float = 0.1  # per-job cost beyond the GPU's: round trips, tunnel, transfers
     images_done: int = 0
     last_seen: float | None = None
     refused: dict[tuple, str] = field(default_factory=dict)  # param key -> why it said no
+
+    def __post_init__(self) -> None:
+        if self.unit_seconds_hint:
+            self.speed.seed(self.unit_seconds_hint)
+
+    @property
+    def unit_seconds(self) -> float | None:
+        """Seconds per unit of work (step x megapixel x image) at the usual batch size."""
+        return self.speed.unit_seconds(min(self.batch_hint, self.max_batch()))
+
+    def job_seconds(self, n: int, units_per_image: float) -> float | None:
+        t = self.speed.job_seconds(n, units_per_image)
+        return None if t is None else t + self.overhead_s
+
+    def note_job(self, n: int, run_s: float, elapsed: float, units_per_image: float) -> None:
+        """Learn from a finished job: GPU time from the worker, the rest is overhead."""
+        self.speed.observe(n, run_s, units_per_image)
+        extra = max(elapsed - run_s, 0.0)
+        if 0 < run_s < elapsed:  # queueing behind our other slot is not overhead: cap it
+            extra = min(extra, 5.0)
+            self.overhead_s = 0.8 * self.overhead_s + 0.2 * extra
 
     def __repr__(self) -> str:
         return (f"Backend({self.name!r}, {self.url!r}, token={mask_token(self.token)}, "
@@ -77,15 +102,16 @@ class Backend:
     def free_slots(self) -> int:
         return max(0, self.slots - self.running) if self.usable else 0
 
-    def why_not(self, req: JobRequest, batch: int = 1) -> str | None:
+    def why_not(self, req: JobRequest, key: tuple | None = None) -> str | None:
         """None if this backend can serve the job, else the reason (shown in the logs)."""
         if not self.enabled:
             return "disabled"
         if self.status != BackendStatus.RUNNING:
             return f"status {self.status.value}"
-        key = req.param_key()
-        if key in self.refused:
-            return self.refused[key]
+        if self.refused:
+            reason = self.refused.get(key if key is not None else req.param_key())
+            if reason:
+                return reason
         info = self.info
         if info is None:
             return "no info yet"
@@ -106,12 +132,6 @@ class Backend:
     def max_batch(self) -> int:
         return self.info.limits.max_images if self.info else 1
 
-    def note_speed(self, seconds: float, units: float) -> None:
-        if units <= 0 or seconds <= 0:
-            return
-        sample = seconds / units
-        prev = self.unit_seconds
-        self.unit_seconds = sample if prev is None else 0.6 * prev + 0.4 * sample
 
     def snapshot(self) -> dict[str, Any]:
         """A plain dict for views (widgets, logs): no token."""

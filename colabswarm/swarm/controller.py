@@ -37,7 +37,15 @@ from ..errors import (
 from ..protocol import MAX_SEED, JobRequest, decode_share
 from .backends import Backend, BackendStatus, next_check_delay
 from .outputs import GeneratedImage, save_image
-from .scheduler import Flight, Item, estimate_eta, job_units, pick_copies, plan_dispatch
+from .scheduler import (
+    Flight,
+    Item,
+    batch_seconds,
+    estimate_eta,
+    pick_copies,
+    plan_dispatch,
+    rates,
+)
 
 __all__ = ["GenerationResult", "Swarm", "SwarmStatus", "format_duration"]
 
@@ -116,6 +124,7 @@ class Swarm:
         health_every: float = 2.0,
         flight_timeout_min: float = 60.0,
         log_lines: int = 500,
+        trace: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir) if output_dir else None
         self.max_batch = max_batch
@@ -126,6 +135,8 @@ class Swarm:
         self.health_every = health_every
         self.flight_timeout_min = flight_timeout_min
         self.logs: deque[tuple[float, str, str]] = deque(maxlen=log_lines)
+        # (backend, images, started, ended, outcome, copy) per finished job, for benchmarks
+        self.trace: list[tuple[str, int, float, float, str, bool]] | None = [] if trace else None
         self._backends: list[Backend] = []
         self._queue: deque[Item] = deque()
         self._flights: list[Flight] = []
@@ -330,8 +341,8 @@ class Swarm:
             b.status, b.reason = BackendStatus.LOADING, "loading its model"
         else:
             b.status, b.reason = BackendStatus.ERRORED, f"model failed: {info.state_detail}"
-        if b.unit_seconds is None and info.step_seconds_per_mpix:
-            b.unit_seconds = info.step_seconds_per_mpix
+        if info.step_seconds_per_mpix:
+            b.speed.seed(info.step_seconds_per_mpix)
 
     def _mark_down(self, b: Backend, reason: str) -> None:
         """A backend stopped answering: AllowIdle ones go quietly idle, others errored."""
@@ -455,8 +466,8 @@ class Swarm:
                     self._fail_item(it, err(f"No backend can run this job ({why})."))
 
     def _launch(self, b: Backend, items: list[Item], copy_of: Flight | None = None) -> None:
-        units = sum(it.units for it in items)
-        estimate = units * (b.unit_seconds or 1.0)
+        rate = rates([x for x in self._backends if x.usable] + [b])
+        estimate = batch_seconds(b, len(items), items[0].units, rate)
         f = Flight(b, items, time.monotonic(), estimate, copy_of=copy_of)
         for it in items:
             it.flights += 1
@@ -474,10 +485,14 @@ class Swarm:
             first = items[0].init_png
             shared = all(it.init_png is first for it in items)
             pngs = [first] if shared and first is not None else [it.init_png or b"" for it in items]
-        timeout = max(self.flight_timeout_min,
-                      8 * job_units(req, len(items)) * (b.unit_seconds or 5.0) + 30)
+        known = b.job_seconds(len(items), items[0].units)
+        timeout = max(self.flight_timeout_min, 8 * known + 30) if known else \
+            max(self.flight_timeout_min, 600.0)
+
+        last: list[Any] = [None]
 
         def progress(status: Any) -> None:
+            last[0] = status
             f.step, f.total_steps = status.step, status.total_steps
             self._emit(type="progress")
 
@@ -510,9 +525,16 @@ class Swarm:
                 self._flights.remove(f)
             for it in items:
                 it.flights -= 1
+        if self.trace is not None:
+            self.trace.append((b.name, len(items), f.started, time.monotonic(), outcome,
+                               f.copy_of is not None))
         if outcome == "ok":
             elapsed = time.monotonic() - f.started
-            b.note_speed(elapsed, job_units(req, len(items)))
+            # the worker's own run time: wall time would count waiting behind our other slot
+            st = last[0]
+            ran = st.run_s if st is not None and st.run_s > 0 else elapsed
+            waited = st.queued_s if st is not None else 0.0
+            b.note_job(len(items), ran, elapsed - waited, items[0].units)
             b.images_done += len(items)
             per = elapsed / len(items)
             for it, img in zip(items, images, strict=True):

@@ -7,8 +7,10 @@ The rules (DESIGN.md, "Scheduling rules"):
 - Backends are tried in their order; the first with a free slot that can serve the job gets it.
 - Queued images with identical parameters go to a backend as one batch, sized so that each
   backend's share of the queue matches its measured speed (capped by its batch limit).
-- A backend does not take a batch it would finish later than the other backends would finish
-  all the remaining work without it (a slow peer never becomes the tail).
+- A backend does not take a batch it would finish clearly later than the other backends would
+  finish all the remaining work without it (a slow peer never becomes the tail); "clearly" is
+  20% once the controller has timed it, 2x while only the worker's warm-up figure is known.
+  Until timed, a backend also runs one job at a time.
 - With nothing left to queue, an idle backend may run a copy of the running batch that would
   finish last, when it can finish it sooner; the first result wins.
 """
@@ -27,6 +29,7 @@ __all__ = [
     "Flight",
     "Item",
     "backlog_seconds",
+    "batch_seconds",
     "estimate_eta",
     "job_units",
     "pick_copies",
@@ -89,43 +92,83 @@ class Flight:
 
 
 def rates(backends: Iterable[Backend]) -> dict[str, float]:
-    """Units per second per backend; one not measured yet is assumed as fast as the median."""
-    known = sorted(1.0 / b.unit_seconds for b in backends if b.unit_seconds)
+    """Units per second per backend at its usual batch; unmeasured ones are taken as the median."""
+    known = sorted(1.0 / us for b in backends if (us := b.unit_seconds))
     default = known[len(known) // 2] if known else 1.0 / DEFAULT_UNIT_SECONDS
-    return {b.name: (1.0 / b.unit_seconds if b.unit_seconds else default) for b in backends}
+    return {b.name: (1.0 / us if (us := b.unit_seconds) else default) for b in backends}
+
+
+def batch_seconds(b: Backend, n: int, units_per_image: float, rate: dict[str, float]) -> float:
+    """Expected seconds for a batch of n on b: its fitted line, else the median rate."""
+    t = b.job_seconds(n, units_per_image)
+    return t if t is not None else n * units_per_image / rate[b.name]
 
 
 def backlog_seconds(flights: Iterable[Flight], now: float) -> dict[str, float]:
-    """Seconds of work each backend still has in flight (a worker runs its jobs one by one)."""
-    out: dict[str, float] = {}
+    """Seconds of work each backend still has in flight.
+
+    A worker runs its jobs one after another, so a second slot's job starts when the first
+    ends: the flights of one backend are laid end to end from the first one's start.
+    """
+    per: dict[str, list[Flight]] = {}
     for f in flights:
-        out[f.backend.name] = out.get(f.backend.name, 0.0) + f.remaining(now)
+        per.setdefault(f.backend.name, []).append(f)
+    out: dict[str, float] = {}
+    for name, fs in per.items():
+        t = 0.0
+        for f in sorted(fs, key=lambda f: f.started):
+            t = max(t, f.started) + f.estimate
+        out[name] = max(t - now, 0.0)
     return out
 
 
-def _can_take(b: Backend, item: Item, fallback: bool) -> str | None:
-    why = b.why_not(item.template)
-    if why is None and b.name in item.failed_on and not fallback:
-        return "already failed this image"
-    return why
+def _others_finish(count: int, upi: float, others: Sequence[Backend], rate: dict[str, float],
+                   backlog: dict[str, float], max_batch: int) -> float:
+    """When the other backends would be done if they ran `count` more images without b.
 
-
-def _others_finish(batches: list[float], others: Sequence[Backend], rate: dict[str, float],
-                   backlog: dict[str, float]) -> float:
-    """When the other backends would be done if they ran all these batches without b.
-
-    Greedy list scheduling (each batch to whichever finishes it first) respects that a batch is
-    indivisible; a long queue is close to the fluid bound, which is used there to stay cheap.
+    Greedy list scheduling, each backend taking its own full batches: this respects that a
+    batch is indivisible and that big batches are cheaper per image. A long queue is close to
+    the fluid bound, which is used there to stay cheap.
     """
-    names = [s.name for s in others]
-    if len(batches) > 64:
-        total = sum(rate[n] for n in names)
-        return (sum(backlog.get(n, 0.0) * rate[n] for n in names) + sum(batches)) / total
-    finish = {n: backlog.get(n, 0.0) for n in names}
-    for units in batches:
-        best = min(names, key=lambda n: finish[n] + units / rate[n])
-        finish[best] += units / rate[best]
+    if count <= 0:
+        return max((backlog.get(s.name, 0.0) for s in others), default=0.0)
+    caps = {s.name: max(1, min(max_batch, s.max_batch())) for s in others}
+    if count > 64 * max(caps.values()):
+        total = sum(rate[s.name] for s in others)
+        return (sum(backlog.get(s.name, 0.0) * rate[s.name] for s in others)
+                + count * upi) / total
+    finish = {s.name: backlog.get(s.name, 0.0) for s in others}
+    left = count
+    while left > 0:
+        ends = {s.name: finish[s.name] + batch_seconds(s, min(caps[s.name], left), upi, rate)
+                for s in others}
+        best = min(others, key=lambda s: ends[s.name])
+        finish[best.name] = ends[best.name]
+        left -= min(caps[best.name], left)
     return max(finish.values())
+
+
+def _choose_batch(b: Backend, n_max: int, pending: int, upi: float, others: Sequence[Backend],
+                  rate: dict[str, float], backlog: dict[str, float], max_batch: int,
+                  margin: float = 0.2, min_gain_s: float = 0.25) -> int:
+    """How many of `pending` images b should take now (0: leave them to faster backends).
+
+    Picks the size that minimises when everything is done, b's batch against the others
+    finishing the rest (ties go to the bigger batch). b steps aside only when the others
+    would finish clearly sooner (by `margin`, and by `min_gain_s` seconds), so among backends
+    of about the same speed, and for jobs too small for speed to matter, the order the user
+    gave still decides.
+    """
+    mine = backlog.get(b.name, 0.0)
+    best_n, best_t = 0, float("inf")
+    for n in range(1, n_max + 1):
+        t = max(mine + batch_seconds(b, n, upi, rate),
+                _others_finish(pending - n, upi, others, rate, backlog, max_batch))
+        if t <= best_t * (1 + 1e-6):
+            best_n, best_t = n, min(t, best_t)
+    skip_t = _others_finish(pending, upi, others, rate, backlog, max_batch)
+    clearly = skip_t * (1 + margin) < best_t and best_t - skip_t > min_gain_s
+    return 0 if clearly else best_n
 
 
 def plan_dispatch(
@@ -141,55 +184,77 @@ def plan_dispatch(
     """Assign queued items to free slots. Returns (assignments, skips with their reasons)."""
     assignments: list[tuple[Backend, list[Item]]] = []
     skips: list[tuple[Backend, Item, str]] = []
-    taken: set[int] = set()
     usable = [b for b in backends if b.usable]
+    if not usable:
+        return assignments, skips
     rate = rates(usable)
     backlog = backlog_seconds(flights, now)
-    free = {b.name: b.free_slots for b in usable}
-    pending = [it for it in queue if not it.done]
+    measured = any(b.speed.measured for b in usable)
+    # a backend we have not timed yet gets one job at a time until its first one is measured
+    free = {b.name: (b.free_slots if b.speed.measured or not measured else min(b.free_slots,
+                     max(0, 1 - b.running))) for b in usable}
+    groups: dict[tuple, list[Item]] = {}  # key -> pending items, queue order
+    for it in queue:
+        if not it.done:
+            groups.setdefault(it.key, []).append(it)
+    order = list(groups)  # keys in order of their first item
+    why_cache: dict[tuple[str, tuple], str | None] = {}
 
-    def servers_for(item: Item) -> list[Backend]:
-        fallback = all(_can_take(b, item, False) for b in usable)
-        return [b for b in usable if _can_take(b, item, fallback) is None]
+    def why(b: Backend, key: tuple) -> str | None:
+        k = (b.name, key)
+        if k not in why_cache:
+            why_cache[k] = b.why_not(groups[key][0].template, key)
+        return why_cache[k]
+
+    def servers(key: tuple, it: Item) -> list[Backend]:
+        able = [b for b in usable if why(b, key) is None]
+        fresh = [b for b in able if b.name not in it.failed_on]
+        return fresh or able  # a backend that failed an image may retry it if none other can
 
     for b in backends:
-        if not b.usable:
+        if b.name not in free:
             continue
-        refused_keys: set[tuple] = set()
+        blocked: set[tuple] = set()
         while free[b.name] > 0:
-            head = None
-            for it in pending:
-                if id(it) in taken or it.key in refused_keys:
+            pick = None
+            for key in order:
+                items = groups[key]
+                if not items or key in blocked:
                     continue
-                servers = servers_for(it)
-                if b not in servers:
-                    fallback = not servers
-                    skips.append((b, it, _can_take(b, it, fallback) or "busy"))
-                    refused_keys.add(it.key)
+                reason = why(b, key)
+                if reason is None and b not in servers(key, items[0]):
+                    reason = "already failed this image"
+                if reason is not None:
+                    skips.append((b, items[0], reason))
+                    blocked.add(key)
                     continue
-                head = it
+                pick = key
                 break
-            if head is None:
+            if pick is None:
                 break
-            servers = servers_for(head)
-            same = [it for it in pending
-                    if id(it) not in taken and it.key == head.key and b in servers_for(it)]
-            total_rate = sum(rate[s.name] for s in servers)
-            share = rate[b.name] / total_rate
+            same = [it for it in groups[pick] if b in servers(pick, it)]
+            srv = servers(pick, same[0])
+            upi = same[0].units
             limit = max(1, min(max_batch, b.max_batch()))
-            n = min(limit, max(1, math.ceil(len(same) * share / max(b.slots, 1)))) \
-                if batching else 1
-            batch = same[:n]
-            units = sum(it.units for it in batch)
-            finish_b = backlog.get(b.name, 0.0) + units / rate[b.name]
-            others = [s for s in servers if s is not b]
+            if batching:  # b's share of the queue by speed, as one batch (slots only pipeline)
+                share = rate[b.name] / sum(rate[s.name] for s in srv)
+                n = min(limit, len(same), max(1, math.ceil(len(same) * share)))
+            else:
+                n = 1
+            others = [s for s in srv if s is not b]
             if straggler_guard and others:
-                batches = [sum(it.units for it in same[i:i + n]) for i in range(0, len(same), n)]
-                if finish_b > _others_finish(batches, others, rate, backlog):
-                    skips.append((b, head, "others would finish sooner (straggler guard)"))
-                    refused_keys.add(head.key)
+                cap = max_batch if batching else 1
+                # a speed we only have from the worker's warm-up must be off by 2x to count
+                margin = 0.2 if b.speed.measured else 1.0
+                n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin)
+                if n == 0:
+                    skips.append((b, same[0], "others would finish sooner (straggler guard)"))
+                    blocked.add(pick)
                     continue
-            taken.update(id(it) for it in batch)
+            batch = same[:n]
+            finish_b = backlog.get(b.name, 0.0) + batch_seconds(b, n, upi, rate)
+            chosen = {id(it) for it in batch}
+            groups[pick] = [it for it in groups[pick] if id(it) not in chosen]
             backlog[b.name] = finish_b
             free[b.name] -= 1
             assignments.append((b, batch))
@@ -222,9 +287,9 @@ def pick_copies(
         for f in candidates:
             if f.backend is b or f.has_copy or any(p[1] is f for p in picks):
                 continue
-            if b.why_not(f.items[0].template) is not None:
+            if b.why_not(f.items[0].template, f.items[0].key) is not None:
                 continue
-            mine = f.units / rate[b.name]
+            mine = batch_seconds(b, len(f.items), f.items[0].units, rate)
             # past its estimate, a flight's end is unknown: assume a quarter of it is left
             theirs = max(f.started + f.estimate - now, 0.25 * f.estimate)
             overdue = now - f.started > 2.0 * f.estimate + 5.0
