@@ -58,7 +58,7 @@ def test_one_image_only_the_first_backend_works(swarm, three_workers):
         swarm.add(p.share)
     for _ in range(3):
         r = swarm.generate("one", images=1, seed=5, width=64, height=64, steps=2)
-        assert _by_backend(r) == Counter({"w0": 1}), list(swarm.logs)
+        assert _by_backend(r) == Counter({"w0": 1})
 
 
 def test_backends_fill_in_order_never_past_their_slots(tmp_path, three_workers):
@@ -148,10 +148,10 @@ def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path, spawn):
         assert seeds == list(range(1000, 1030))
         assert sorted(delivered) == seeds, "each image delivered exactly once"
         assert killed
-        assert killed[0] not in {g.backend for g in r.images[-5:]} or True
         snap = {b["name"]: b for b in s.backends}
         assert snap[killed[0]]["status"] == "errored"
-        assert "Cannot connect" in (snap[killed[0]]["reason"] or "") or snap[killed[0]]["reason"]
+        assert "Cannot connect" in snap[killed[0]]["reason"]
+        assert any("goes back to the front" in m for _, _, m in s.logs), "its images were requeued"
     finally:
         s.close()
 

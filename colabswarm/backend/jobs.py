@@ -8,12 +8,12 @@ stays flat.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import secrets
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,6 +21,7 @@ from PIL import Image
 
 from ..errors import InvalidRequest
 from ..protocol import JobRequest, JobStatus, Limits
+from .png import encode_png
 
 __all__ = ["Job", "JobManager", "Runner"]
 
@@ -45,6 +46,7 @@ class Job:
     error: str | None = None
     started: float | None = None
     finished: float | None = None
+    computed: float | None = None  # when the engine was done (PNG writing comes after)
     pngs: list[bytes] = field(default_factory=list)
     version: int = 0
     stop: bool = False
@@ -72,17 +74,13 @@ class Job:
             queue_position=position,
             error=self.error,
             queued_s=round(started - self.created, 4),
-            run_s=round((self.finished or now) - started, 4) if self.started else 0.0,
+            run_s=round((self.computed or now) - started, 4) if self.started else 0.0,
             version=self.version,
             width=self.out_size[0],
             height=self.out_size[1],
         )
 
 
-def _encode_png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
 
 
 class JobManager:
@@ -100,6 +98,7 @@ class JobManager:
         self.jobs_served = 0
         self.running: Job | None = None
         self.ready = threading.Event()
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="colabswarm-png")
 
     # ----- lifecycle -----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, warmup: Any = None) -> None:
@@ -117,6 +116,7 @@ class JobManager:
             self._lock.notify_all()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        self._encoder.shutdown(wait=True, cancel_futures=False)
 
     # ----- what handlers call --------------------------------------------------------------
     def submit(self, req: JobRequest, init_images: list[Image.Image]) -> JobStatus:
@@ -254,6 +254,9 @@ class JobManager:
             self._run(job)
 
     def _run(self, job: Job) -> None:
+        """Run one job on the engine; its PNGs are written on the encoder threads while the
+        engine already starts the next job (the GPU never waits for zlib)."""
+
         def on_step(step: int, total: int) -> None:
             with self._lock:
                 job.step, job.total_steps = step, total
@@ -261,23 +264,41 @@ class JobManager:
 
         try:
             images = self.runner.run(job.req, job.init_images, on_step, lambda: job.stop)
-            pngs = [_encode_png(im) for im in images]
-            if len(pngs) != len(job.req.seeds):
-                raise RuntimeError(f"engine returned {len(pngs)} images for {len(job.req.seeds)}")
-            state, error = "done", None
+            if len(images) != len(job.req.seeds):
+                raise RuntimeError(
+                    f"engine returned {len(images)} images for {len(job.req.seeds)} seeds"
+                )
         except Exception as exc:  # Interrupted, a bad request, or a crash of the pipeline
-            pngs = []
             if job.stop or type(exc).__name__ == "Interrupted":
-                state, error = "interrupted", f"interrupted at step {job.step} of {job.total_steps}"
+                error = f"interrupted at step {job.step} of {job.total_steps}"
+                self._finish(job, [], "interrupted", error)
             else:
                 log.exception("job %s failed", job.id)
-                state, error = "failed", f"{type(exc).__name__}: {exc}"
+                self._finish(job, [], "failed", f"{type(exc).__name__}: {exc}")
+            return
+        with self._lock:
+            job.computed = time.monotonic()
+            self.running = None
+        self._encoder.submit(self._encode, job, images)
+
+    def _encode(self, job: Job, images: list[Image.Image]) -> None:
+        try:
+            pngs = [encode_png(im.convert("RGB") if im.mode != "RGB" else im) for im in images]
+        except Exception as exc:
+            log.exception("job %s: PNG encoding failed", job.id)
+            self._finish(job, [], "failed", f"PNG encoding failed: {exc}")
+            return
+        self._finish(job, pngs, "done", None)
+
+    def _finish(self, job: Job, pngs: list[bytes], state: str, error: str | None) -> None:
         with self._lock:
             job.pngs = pngs if job.id in self._jobs else []
             job.state, job.error = state, error
             job.finished = time.monotonic()
+            job.computed = job.computed or job.finished
             job.init_images = []
-            self.running = None
+            if self.running is job:
+                self.running = None
             if state == "done":
                 self.jobs_served += 1
             self._changed(job)

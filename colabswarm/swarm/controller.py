@@ -46,6 +46,7 @@ from .scheduler import (
     plan_dispatch,
     rates,
 )
+from .upscale import UpscaleResult, run_upscale
 
 __all__ = ["GenerationResult", "Swarm", "SwarmStatus", "format_duration"]
 
@@ -746,6 +747,31 @@ class Swarm:
                            params: dict[str, Any], init_pngs: list[bytes | None],
                            on_image: Any) -> asyncio.Future:
         return self._new_run(kind, template, seeds, params, on_image, False, init_pngs).future
+
+    # ----- tiled upscaling -----------------------------------------------------------------
+    def upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos", tile: int = 512,
+                overlap: int = 64, denoise: float = 0.3, **kw: Any) -> UpscaleResult:
+        """Upscale, then refine tiles across the swarm and blend them; blocks until done."""
+        return self.submit_upscale(image, scale, upscaler, tile, overlap, denoise,
+                                   **kw).result()
+
+    async def aupscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos",
+                       tile: int = 512, overlap: int = 64, denoise: float = 0.3,
+                       **kw: Any) -> UpscaleResult:
+        return await asyncio.wrap_future(
+            self.submit_upscale(image, scale, upscaler, tile, overlap, denoise, **kw))
+
+    def submit_upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos",
+                       tile: int = 512, overlap: int = 64, denoise: float = 0.3,
+                       **kw: Any) -> concurrent.futures.Future:
+        """Start an upscale and return at once; kw: prompt, negative_prompt, seed, steps, cfg,
+        model, padding, on_tile(done, total), save."""
+        from .upscale import _check
+
+        _check(scale, denoise, kw.get("steps", 20))
+        return asyncio.run_coroutine_threadsafe(
+            run_upscale(self, image, scale=scale, upscaler=upscaler, tile=tile,
+                        overlap=overlap, denoise=denoise, **kw), self._loop)
 
     # ----- control and status --------------------------------------------------------------
     def interrupt(self) -> int:

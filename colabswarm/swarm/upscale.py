@@ -1,0 +1,150 @@
+"""Distributed tiled upscaling on top of the scheduler.
+
+Upscale the whole image first (Lanczos here on the controller, or an upscale model on a worker
+that has it), cut it into overlapping tiles, refine each tile by img2img at low denoise on
+whichever backend is free (ordered, slots, batching of equal-size tiles, requeue on failure, as
+any generation), then blend the tiles back with feathered weights (tiles.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image
+
+from ..errors import InvalidRequest
+from ..protocol import JobRequest
+from .outputs import GeneratedImage, save_image
+from .tiles import blend_tiles, cut_tiles, plan_summary, plan_tiles, tile_seed
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .controller import Swarm
+
+__all__ = ["UpscaleResult", "run_upscale"]
+
+
+@dataclass
+class UpscaleResult:
+    image: Image.Image
+    tiles: int
+    backends: list[str]
+    seconds: float
+    params: dict[str, Any]
+    path: Path | None = None
+    tile_backends: dict[int, str] = field(default_factory=dict)
+
+    def _repr_png_(self) -> bytes:
+        return _png(self.image)
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _as_image(image: Any) -> Image.Image:
+    if isinstance(image, GeneratedImage):
+        return image.image.convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    raise InvalidRequest(
+        f"upscale needs a PIL image, a GeneratedImage or a file path, not {type(image).__name__}."
+    )
+
+
+def _check(scale: int, denoise: float, steps: int) -> None:
+    if not isinstance(scale, int) or not 1 <= scale <= 8:
+        raise InvalidRequest(f"scale must be a whole number from 1 to 8 (got {scale!r}).")
+    if not 0.0 <= denoise <= 1.0:
+        raise InvalidRequest(f"denoise must be between 0 and 1 (got {denoise}).")
+    if denoise > 0 and int(steps * denoise) < 1:
+        raise InvalidRequest(
+            f"steps*denoise must be at least 1 (got {steps}*{denoise}); raise steps to "
+            f"{int(1 / denoise) + 1} or more, or use denoise 0 to only upscale."
+        )
+
+
+async def run_upscale(
+    swarm: Swarm,
+    image: Any,
+    *,
+    scale: int = 2,
+    upscaler: str = "lanczos",
+    tile: int = 512,
+    overlap: int = 64,
+    padding: int = 32,
+    denoise: float = 0.3,
+    prompt: str = "",
+    negative_prompt: str = "",
+    seed: int | None = None,
+    steps: int = 20,
+    cfg: float = 7.0,
+    model: str | None = None,
+    on_tile: Callable[[int, int], Any] | None = None,
+    save: bool = True,
+) -> UpscaleResult:
+    """The whole pipeline; runs on the swarm's loop (heavy pixel work goes to a thread)."""
+    t0 = time.monotonic()
+    source = _as_image(image)
+    _check(scale, denoise, steps)
+    seed = random.randrange(0, 2**32) if seed is None else seed
+    target = (source.width * scale, source.height * scale)
+    plan = await asyncio.to_thread(plan_tiles, target[0], target[1], tile, overlap, padding)
+    params: dict[str, Any] = dict(
+        kind="upscale", prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
+        model=model, strength=denoise, width=target[0], height=target[1],
+        upscale=f"{upscaler} x{scale}, {plan_summary(plan)}",
+    )
+    if upscaler == "lanczos":
+        big = await asyncio.to_thread(source.resize, target, Image.Resampling.LANCZOS)
+    else:  # a model on a worker that has it, as a job of its own
+        job = JobRequest(kind="upscale", upscaler=upscaler, scale=scale, seeds=[0])
+        done = await swarm._run_items("upscale-model", job, [seed], params,
+                                      [await asyncio.to_thread(_png, source)], None)
+        big = done.images[0].image.convert("RGB")
+    crops = await asyncio.to_thread(cut_tiles, big, plan)
+    pngs = await asyncio.to_thread(lambda: [_png(c) for c in crops])
+    total = len(crops)
+    finished = [0]
+
+    def tile_done(g: GeneratedImage) -> None:
+        finished[0] += 1
+        if on_tile is not None:
+            on_tile(finished[0], total)
+
+    # one run per crop size: equal-size tiles share a template, so they can batch
+    templates: dict[tuple[int, int], list[int]] = {}
+    for i, c in enumerate(crops):
+        templates.setdefault(c.size, []).append(i)
+    runs = []
+    for (w, h), idx in templates.items():
+        tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model,
+                              kind="img2img", strength=denoise)
+        runs.append((idx, swarm._run_items("upscale", tpl, [tile_seed(seed, i) for i in idx],
+                                           params, [pngs[i] for i in idx], tile_done)))
+    refined: list[Image.Image | None] = [None] * total
+    owners: dict[int, str] = {}
+    results = await asyncio.gather(*(r for _, r in runs))
+    for (idx, _), res in zip(runs, results, strict=True):
+        for i, g in zip(idx, res.images, strict=True):
+            refined[i] = g.image
+            owners[i] = g.backend
+    out = await asyncio.to_thread(blend_tiles, plan, refined)
+    result = UpscaleResult(out, total, sorted(set(owners.values())), time.monotonic() - t0,
+                           params, tile_backends=owners)
+    if save and swarm.output_dir is not None:
+        g = GeneratedImage(out, seed, ",".join(result.backends), 0, result.seconds, params)
+        result.path = await asyncio.to_thread(save_image, g, swarm.output_dir)
+    return result

@@ -1,0 +1,114 @@
+"""Distributed tiled upscaling with real tiny-model worker processes."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from colabswarm.errors import InvalidRequest
+from colabswarm.swarm import Swarm, read_parameters
+
+
+@pytest.fixture(scope="module")
+def workers():
+    from tests.conftest import WorkerProcess
+
+    procs = [WorkerProcess(name=f"u{i}", env={"OMP_NUM_THREADS": "1"}) for i in range(3)]
+    threads = [threading.Thread(target=p.start) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    yield procs
+    for p in procs:
+        p.kill()
+
+
+def _source(size: int = 128) -> Image.Image:
+    rng = np.random.default_rng(3)
+    return Image.fromarray(rng.integers(0, 255, (size, size, 3), np.uint8))
+
+
+def _diff(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max())
+
+
+def test_4x_with_denoise_0_equals_the_plain_upscale_and_uses_every_worker(tmp_path, workers):
+    s = Swarm(output_dir=tmp_path, trace=True)
+    try:
+        for p in workers:
+            s.add(p.share)
+        progress: list[tuple[int, int]] = []
+        src = _source()
+        r = s.upscale(src, scale=4, tile=128, overlap=32, denoise=0.0, steps=4, seed=11,
+                      on_tile=lambda d, t: progress.append((d, t)))
+        assert r.image.size == (512, 512)
+        assert _diff(r.image, src.resize((512, 512), Image.Resampling.LANCZOS)) <= 1
+        assert r.tiles == 25 and progress[-1] == (25, 25)
+        assert [d for d, _ in progress] == list(range(1, 26)), "progress counts tiles"
+        assert set(r.backends) == {"u0", "u1", "u2"}, "tiles ran on every worker"
+        assert max(n for _, n, *_ in s.trace) > 1, "equal-size tiles were batched"
+        assert "Upscale: lanczos x4" in read_parameters(r.path)
+    finally:
+        s.close()
+
+
+def test_refined_upscale_is_deterministic_and_changes_pixels(tmp_path, workers):
+    s = Swarm(output_dir=None)
+    try:
+        for p in workers:
+            s.add(p.share)
+        src = _source(64)
+        a = s.upscale(src, scale=2, tile=64, overlap=16, denoise=0.5, steps=4, seed=5)
+        b = s.upscale(src, scale=2, tile=64, overlap=16, denoise=0.5, steps=4, seed=5)
+        plain = src.resize((128, 128), Image.Resampling.LANCZOS)
+        assert _diff(a.image, plain) > 10, "denoise > 0 refines the tiles"
+        assert _diff(a.image, b.image) == 0, "per-tile seeds make it reproducible"
+        m = s.upscale(src, scale=2, upscaler="tiny-upscaler", tile=64, overlap=16,
+                      denoise=0.0, steps=4, seed=5)
+        assert m.image.size == (128, 128) and _diff(m.image, plain) > 0
+    finally:
+        s.close()
+
+
+def test_kill_9_mid_upscale_still_gives_a_complete_image(spawn):
+    procs = [spawn(name=f"k{i}", env={"OMP_NUM_THREADS": "1"}) for i in range(3)]
+    s = Swarm(output_dir=None, health_every=0.5)
+    try:
+        for p in procs:
+            s.add(p.share)
+        src = _source()
+        killed: list[str] = []
+
+        def on_tile(done: int, total: int) -> None:
+            if done == 3 and not killed:
+                victim = next(b for b in s._backends if b.running > 0)
+                killed.append(victim.name)
+                next(p for p in procs if p.name == victim.name).kill()
+
+        ref = s.upscale(src, scale=2, tile=64, overlap=16, denoise=0.0, steps=4, seed=1,
+                        save=False)
+        r = s.upscale(src, scale=2, tile=64, overlap=16, denoise=0.0, steps=4, seed=1,
+                      on_tile=on_tile, save=False)
+        assert killed
+        assert r.image.size == (256, 256) and _diff(r.image, ref.image) == 0
+        assert any("goes back to the front" in m for _, _, m in s.logs), "tiles were requeued"
+        assert next(b for b in s.backends if b["name"] == killed[0])["status"] == "errored"
+    finally:
+        s.close()
+
+
+def test_bad_upscale_parameters_are_refused_up_front(workers):
+    s = Swarm(output_dir=None)
+    try:
+        with pytest.raises(InvalidRequest, match="scale"):
+            s.submit_upscale(_source(), scale=3.5)
+        with pytest.raises(InvalidRequest, match="steps"):
+            s.submit_upscale(_source(), scale=2, denoise=0.1, steps=5)
+        with pytest.raises(InvalidRequest, match="multiple of 8"):
+            s.upscale(_source(), scale=2, tile=100)
+    finally:
+        s.close()
