@@ -44,7 +44,7 @@ def run_demo(workers: int = 3, images: int = 12, out: str = "outputs/demo",
             print("Upscaling the first image 4x with tiles spread over the swarm ...", flush=True)
             big = swarm.upscale(result.images[0].image, scale=4, tile=128, overlap=32,
                                 denoise=0.3, steps=8, seed=7)
-            print(f"  upscaled to {big.image.size[0]}x{big.image.size[1]} from "
+            print(f"  upscaled to {big.image.size[0]}x{big.image.size[1]} ({big.path}) from "
                   f"{big.tiles} tiles on {sorted(set(big.backends))}", flush=True)
         print(f"Images saved in {out_dir.resolve()}", flush=True)
         return 0

@@ -2,7 +2,7 @@
 # Set up (if needed) and run every test: lint, unit and integration tests, notebooks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+COLABSWARM_SETUP_BROWSER=1 bash scripts/setup.sh
 work="$PWD/.work"
 rm -rf "$work/pytest"
 mkdir -p "$work/tmp" "$work/ipython" "$work/jupyter/config" "$work/jupyter/data" \
