@@ -97,6 +97,16 @@ def test_results_come_in_seed_order_and_are_saved_with_parameters(swarm, three_w
     assert "Seed: 300" in text and "Size: 64x64" in text and "Steps: 3" in text
 
 
+async def test_images_stream_as_they_arrive(swarm, three_workers):
+    for p in three_workers:
+        await swarm.aadd(p.share)
+    seeds = [g.seed async for g in swarm.agenerate_iter("stream", images=6, seed=70,
+                                                          width=64, height=64, steps=2)]
+    assert sorted(seeds) == list(range(70, 76))
+    result = await swarm.agenerate("again", images=2, seed=1, width=64, height=64, steps=2)
+    assert [g.seed for g in result] == [1, 2]
+
+
 def test_a_model_only_one_backend_has_goes_only_there(swarm, three_workers):
     for p in three_workers:
         swarm.add(p.share)

@@ -147,6 +147,7 @@ class Backend:
             "running": self.running,
             "images_done": self.images_done,
             "models": list(self.info.models) if self.info else [],
+            "upscalers": list(self.info.upscalers) if self.info else [],
             "device": (self.info.gpu_name or self.info.device) if self.info else None,
             "unit_seconds": self.unit_seconds,
             "last_seen": self.last_seen,

@@ -242,15 +242,15 @@ class Swarm:
         b = Backend(name=name or url, url=url, token=token, allow_idle=allow_idle, slots=slots,
                     client=client)
         try:
-            info = await asyncio.wait_for(client.info(), 15.0)
-        except (BackendUnavailable, AuthError, TimeoutError) as exc:
-            reason = str(exc) if not isinstance(exc, TimeoutError) else \
-                f"{url} did not answer within 15s."
+            try:
+                info = await asyncio.wait_for(client.info(), 15.0)
+            except TimeoutError:
+                raise BackendUnavailable(f"{url} did not answer within 15s.") from None
+        except (BackendUnavailable, AuthError) as exc:
             if isinstance(exc, AuthError) or not allow_idle:
                 await client.aclose()
-                raise type(exc)(reason) if not isinstance(exc, TimeoutError) else \
-                    BackendUnavailable(reason) from None
-            b.status, b.reason = BackendStatus.IDLE, reason
+                raise
+            b.status, b.reason = BackendStatus.IDLE, str(exc)
             b.failures = 1
         else:
             self._apply_info(b, info)
@@ -376,7 +376,7 @@ class Swarm:
                 self._mark_down(b, reason)
             else:
                 b.failures += 1
-                b.reason = reason if b.status == BackendStatus.ERRORED or b.allow_idle else reason
+                b.reason = reason
                 b.next_check = time.monotonic() + next_check_delay(b.status, b.failures,
                                                                    self.health_every)
             return
@@ -627,7 +627,8 @@ class Swarm:
                 images = [run.results[i] for i in sorted(run.results)]
                 run.future.set_result(GenerationResult(
                     images, run.params, time.monotonic() - run.started))
-        self._emit(type="run", run=run.id, error=str(exc) if exc else None)
+        self._emit(type="run", run=run.id, kind=run.kind, total=len(run.items),
+                   done=len(run.results), finished=True, error=str(exc) if exc else None)
 
     # ----- generation ----------------------------------------------------------------------
     def _new_run(self, kind: str, template: JobRequest, seeds: list[int],
@@ -640,7 +641,8 @@ class Swarm:
         self._runs[rid] = run
         self._queue.extend(items)
         self._kick()
-        self._emit(type="run", run=rid, error=None)
+        self._emit(type="run", run=rid, kind=kind, total=len(items), done=0, finished=False,
+                   error=None)
         return run
 
     @staticmethod
@@ -707,33 +709,29 @@ class Swarm:
 
     async def agenerate_iter(self, prompt: str, images: int = 1, seed: int | None = None,
                              **kw: Any) -> AsyncIterator[GeneratedImage]:
-        """Yield images as they arrive (in arrival order, not seed order)."""
-        template, seeds, params = self._prepare_generate(prompt, images, seed, kw)
-        stream: asyncio.Queue = asyncio.Queue()
+        """Yield images as they arrive (arrival order, not seed order); raises if the run
+        fails, after yielding what did arrive."""
         caller = asyncio.get_running_loop()
+        stream: asyncio.Queue[GeneratedImage] = asyncio.Queue()
 
-        def forward(g: GeneratedImage) -> None:
+        def forward(g: GeneratedImage) -> None:  # on the swarm's thread
             caller.call_soon_threadsafe(stream.put_nowait, g)
 
-        async def start() -> asyncio.Future:
-            run = self._new_run("generate", template, seeds, params, forward, True)
-            return run.future
-
-        fut = await self._acall(start())
-        for _ in range(images):
+        done = asyncio.wrap_future(self.submit_generate(prompt, images, seed, on_image=forward,
+                                                        **kw))
+        received = 0
+        while received < images:
             getter = asyncio.ensure_future(stream.get())
-            done_fut = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(
-                _await(fut), self._loop)) if not self._in_loop() else fut
-            done, _ = await asyncio.wait({getter, done_fut}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                yield getter.result()
-                continue
-            getter.cancel()
-            if done_fut.exception():
-                raise done_fut.exception()  # type: ignore[misc]
-            while not stream.empty():
-                yield stream.get_nowait()
-            return
+            await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+                break
+            received += 1
+            yield getter.result()
+        while not stream.empty():
+            yield stream.get_nowait()
+        if done.done() and done.exception() is not None:
+            raise done.exception()  # type: ignore[misc]
 
     async def _run_items(self, kind: str, template: JobRequest, seeds: list[int],
                          params: dict[str, Any], init_pngs: list[bytes | None],
@@ -829,15 +827,31 @@ class Swarm:
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(5)
+            if not self._thread.is_alive():
+                self._loop.close()
 
     async def _close(self) -> None:
         await self._interrupt()
         self._closed = True
-        for t in self._tasks:
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        for t in others:
             t.cancel()
-        await asyncio.sleep(0)
+        await asyncio.gather(*others, return_exceptions=True)
         for b in self._backends:
             await b.client.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def upscalers(self) -> list[str]:
+        """Every upscaler some backend offers (for the upscaler dropdown)."""
+        seen: dict[str, None] = {"lanczos": None}
+        for b in self.backends:
+            for u in b["upscalers"]:
+                seen.setdefault(u)
+        return list(seen)
 
     def __enter__(self) -> Swarm:
         return self

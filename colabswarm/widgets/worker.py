@@ -1,0 +1,172 @@
+"""Worker panel (worker notebook): the share string to copy or scan, health, tunnel, Stop.
+
+The panel reads everything from the WorkerHandle on each refresh (a background timer, or
+refresh() directly), so it never disagrees with the worker it shows.
+"""
+
+from __future__ import annotations
+
+import html
+import io
+import json
+import threading
+from typing import Any
+
+import ipywidgets as w
+
+from ..errors import ColabSwarmError
+from ._base import Panel, error_html, ok_html
+
+__all__ = ["WorkerPanel", "copy_button_html", "qr_png"]
+
+
+def qr_png(text: str) -> bytes | None:
+    """A QR code of `text` as PNG bytes, or None when the qrcode package is not installed."""
+    try:
+        import qrcode
+    except ImportError:
+        return None
+    qr = qrcode.QRCode(box_size=4, border=2,
+                       error_correction=qrcode.constants.ERROR_CORRECT_M)
+    qr.add_data(text)
+    qr.make(fit=True)
+    buf = io.BytesIO()
+    qr.make_image().save(buf)
+    return buf.getvalue()
+
+
+def copy_button_html(text: str, label: str = "Copy share string") -> str:
+    """A plain HTML button that puts `text` on the clipboard (ipywidgets has no clipboard)."""
+    js = (f"navigator.clipboard.writeText({json.dumps(text)}).then("
+          "()=>{this.textContent='Copied';},"
+          "()=>{this.textContent='Copy failed: select the text above';})")
+    return (f'<button class="jupyter-button lm-Widget" style="padding:2px 10px" '
+            f'onclick="{html.escape(js, quote=True)}">{html.escape(label)}</button>')
+
+
+def _mib(n: int | None) -> str:
+    return "?" if not n else f"{n / 2**30:.1f} GiB"
+
+
+class WorkerPanel(Panel):
+    """What the person running a worker needs to see and do."""
+
+    def __init__(self, handle: Any, *, refresh_every: float | None = 2.0) -> None:
+        super().__init__()
+        self.handle = handle
+        self._shown_share: str | None = None
+        self._lock = threading.RLock()
+        self.share = w.Textarea(layout=w.Layout(width="100%", height="48px"))
+        self.copy = w.HTML()
+        self.qr = w.Image(format="png", layout=w.Layout(width="164px"))
+        self.qr_note = w.HTML()
+        self.details = w.HTML()
+        self.tunnel = w.HTML()
+        self.reopen_button = w.Button(description="Reopen tunnel", icon="refresh",
+                                      tooltip="a new public URL, same token")
+        self.stop_button = w.Button(description="Stop worker", button_style="danger",
+                                    icon="stop")
+        self.message = w.HTML()
+        self.reopen_button.on_click(lambda _b: self.reopen())
+        self.stop_button.on_click(lambda _b: self.stop())
+        self.widget = w.VBox([
+            w.HTML("<h3 style='margin:0'>Worker</h3><span style='color:#555'>Paste this line "
+                   "into the controller's Backends panel. It holds the secret token: share "
+                   "it only with people you trust.</span>"),
+            self.share,
+            self.copy,
+            w.HBox([self.qr, w.VBox([self.details, self.qr_note])]),
+            w.HBox([self.tunnel, self.reopen_button]),
+            self.stop_button,
+            self.message,
+        ])
+        self.widget.add_class("colabswarm-worker")
+        self._stop_timer = threading.Event()
+        self._closers.append(self._stop_timer.set)
+        self.refresh()
+        if refresh_every:
+            threading.Thread(target=self._loop, args=(refresh_every,), daemon=True,
+                             name="colabswarm-worker-panel").start()
+
+    def _loop(self, every: float) -> None:
+        while not self._stop_timer.wait(every):
+            try:
+                self.refresh()
+            except Exception:  # a refresh must never kill the timer
+                pass
+
+    def refresh(self) -> None:
+        """Re-read the handle: share string (new after a reopen), health, tunnel."""
+        h = self.handle
+        with self._lock:
+            share = h.share
+            if share != self._shown_share:
+                self._shown_share = share
+                self.share.value = share
+                self.copy.value = copy_button_html(share)
+                code = qr_png(share)
+                if code is None:
+                    self.qr.layout.display = "none"
+                    self.qr_note.value = ("<i>pip install qrcode for a QR code to scan.</i>")
+                else:
+                    self.qr.value = code
+                    self.qr.layout.display = ""
+                    self.qr_note.value = ""
+            self.details.value = self._details_html()
+            self.tunnel.value = self._tunnel_html()
+
+    def _details_html(self) -> str:
+        h = self.handle
+        try:
+            info = h.info()
+        except Exception as exc:  # a stopped worker may not answer; say so
+            return error_html(f"No info: {exc}")
+        running = h.running
+        state = info.state if running else "stopped"
+        colour = {"ready": "green", "loading": "gold", "stopped": "orange"}.get(state, "red")
+        detail = f" ({html.escape(info.state_detail)})" if info.state_detail else ""
+        rows = [
+            ("Status", f'<b style="color:{colour}">{html.escape(state)}</b>{detail}'),
+            ("Name", html.escape(info.name)),
+            ("Device", html.escape(f"{info.device} {info.gpu_name or ''}".strip())
+             + (f", {_mib(info.gpu_memory_total)}" if info.gpu_memory_total else "")),
+            ("Model", html.escape(info.model_loaded or ", ".join(info.models) or "?")),
+            ("Jobs", f"{info.jobs_served} served, {info.running} running, "
+                     f"{info.queue_depth} queued"),
+            ("Local", f"<code>{html.escape(h.local_url)}</code>"),
+        ]
+        return "<table>" + "".join(
+            f"<tr><td style='color:#555;padding-right:8px'>{k}</td><td>{v}</td></tr>"
+            for k, v in rows) + "</table>"
+
+    def _tunnel_html(self) -> str:
+        h = self.handle
+        provider = h.tunnel_provider
+        if provider == "none":
+            return ("<span style='color:#555'>Tunnel: none (reachable only from this machine "
+                    "or its network)</span>")
+        alive = h.tunnel_alive and getattr(h, "tunnel", None) is not None
+        state = ('<b style="color:green">up</b>' if alive
+                 else '<b style="color:red">down: press Reopen (new URL, same token)</b>')
+        return f"Tunnel: {html.escape(provider)} {state}"
+
+    def reopen(self) -> None:
+        """A new tunnel after the old one died; the new share string appears above."""
+        self.message.value = "<i>Reopening the tunnel...</i>"
+        try:
+            self.handle.reopen()
+        except (ColabSwarmError, OSError) as exc:
+            self.message.value = error_html(str(exc))
+        else:
+            self.message.value = ok_html("Tunnel reopened: paste the new share string into "
+                                         "the controller (the token is the same).")
+        self.refresh()
+
+    def stop(self) -> None:
+        """Stop the worker (and its tunnel); the panel stays to show that it stopped."""
+        self.handle.stop()
+        self.refresh()
+        self._stop_timer.set()
+        self.stop_button.disabled = True
+        self.reopen_button.disabled = True
+        self.message.value = ok_html("Worker stopped. Run the start cell again to restart.")
