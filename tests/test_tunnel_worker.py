@@ -1,0 +1,81 @@
+"""A real worker published through the (fake) cloudflared: the health check and a generation
+travel through a second hop (a local TCP proxy standing in for Cloudflare's edge), and a dead
+tunnel is noticed and reopened with a new URL and the same token.
+
+Only name resolution is routed by hand: the fake prints a real-looking
+``https://<name>.trycloudflare.com`` that no resolver here knows, so requests for it are sent to
+the proxy, keeping their Host header (tests/test_tunnel.py's _RouteTo).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+import colabswarm.tunnel as tunnel_pkg
+from colabswarm.backend.client import WorkerClient
+from colabswarm.backend.serve import start_worker
+from colabswarm.errors import TunnelError
+from colabswarm.protocol import JobRequest, decode_share
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tcpproxy import TcpProxy  # noqa: E402
+from test_tunnel import _RouteTo, _wait_for, cf  # noqa: E402,F401  (cf is a fixture)
+
+
+@pytest.fixture
+def published(cf, monkeypatch):  # noqa: F811
+    """start_worker(tunnel="cloudflare") with the proxy as the edge in front of it."""
+    proxy: TcpProxy | None = None
+    real_check = tunnel_pkg.wait_until_reachable
+
+    async def through_proxy(url: str, token: str, deadline_s: float = 60.0, **kw):
+        assert proxy is not None
+        return await real_check(url, token, deadline_s, transport=_RouteTo(proxy.url))
+
+    monkeypatch.setattr(tunnel_pkg, "wait_until_reachable", through_proxy)
+    handle = start_worker("tiny", tunnel="none", name="published")
+    proxy = TcpProxy("127.0.0.1", handle.port).start()
+    try:
+        handle.open_tunnel("cloudflare")
+        yield handle, proxy
+    finally:
+        handle.stop()
+        proxy.stop()
+
+
+async def test_generation_travels_through_the_tunnel_hop(published):
+    handle, proxy = published
+    url, token = decode_share(handle.share)
+    assert url.endswith(".trycloudflare.com") and token == handle.token
+    before = proxy.connections
+    async with WorkerClient(handle.share, transport=_RouteTo(proxy.url)) as c:
+        images = await c.run(JobRequest(prompt="through", width=64, height=64, steps=2,
+                                        seeds=[1, 2]))
+    assert len(images) == 2 and images[0].size == (64, 64)
+    assert proxy.connections > before, "the requests crossed the proxy"
+
+
+def test_dead_tunnel_is_reported_and_reopened_with_the_same_token(published):
+    handle, _ = published
+    old = handle.share
+    assert handle.tunnel_alive
+    os.kill(handle.tunnel.pid, signal.SIGKILL)
+    assert _wait_for(lambda: not handle.tunnel_alive, 5)
+    new = handle.reopen()
+    assert handle.tunnel_alive and new == handle.share
+    assert decode_share(new)[1] == decode_share(old)[1], "the token stays"
+    assert decode_share(new)[0] != decode_share(old)[0], "a new public URL"
+
+
+def test_reopen_without_a_tunnel_says_so():
+    handle = start_worker("tiny", tunnel="none")
+    try:
+        with pytest.raises(TunnelError, match="no tunnel"):
+            handle.reopen()
+    finally:
+        handle.stop()
