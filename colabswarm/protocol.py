@@ -149,8 +149,12 @@ class Info(BaseModel):
 
 
 def new_token() -> str:
-    """A fresh secret: 192 random bits, URL-safe."""
-    return secrets.token_urlsafe(24)
+    """A fresh secret: 192 random bits, URL-safe, never starting with '-' (which a command line
+    would read as an option)."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if not token.startswith("-"):
+            return token
 
 
 def mask_token(token: str | None) -> str:

@@ -49,7 +49,7 @@ class WorkerProcess:
         cmd = [sys.executable, "-m", "colabswarm", "worker", "--port", str(self.port),
                "--name", self.name, *self.args]
         if self.token:
-            cmd += ["--token", self.token]
+            cmd += [f"--token={self.token}"]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
             cwd=ROOT,

@@ -27,13 +27,19 @@ from ..protocol import (
     mask_token,
 )
 
-__all__ = ["WorkerClient"]
+__all__ = ["WorkerClient", "WorkerMisbehaved"]
 
 _MAX_IMAGE_BYTES = 96 * 1024 * 1024
 _MAX_RESULT_PIXELS = 2**26  # 8192x8192: no worker result is bigger (upscales included)
 _STATE_ORDER = {"queued": 0, "running": 1, "done": 2, "failed": 2, "interrupted": 2}
 _POLL_WAIT_S = 20.0  # well under Cloudflare's ~100 s request limit
 ProgressFn = Callable[[JobStatus], Awaitable[None] | None]
+
+
+class WorkerMisbehaved(BackendUnavailable):
+    """The worker answered, but with something no honest worker sends: a malformed status, a
+    story about a job that does not hang together, or an image that is not the one asked for.
+    Unlike a dropped connection, retrying soon is unlikely to help."""
 
 
 def _detail(resp: httpx.Response) -> str:
@@ -126,7 +132,7 @@ class WorkerClient:
         try:
             return cls.model_validate_json(resp.content)
         except ValidationError as exc:
-            raise BackendUnavailable(
+            raise WorkerMisbehaved(
                 f"{self.name} sent a malformed {cls.__name__}: {exc.errors()[0].get('msg')}. "
                 "Is this address really a colabswarm worker of the same version?"
             ) from None
@@ -159,7 +165,7 @@ class WorkerClient:
                     seed: int | None = None) -> Image.Image:
         """Fetch one result and check it is a whole PNG of the expected size (and seed)."""
         if not 0 < size[0] * size[1] <= _MAX_RESULT_PIXELS:
-            raise BackendUnavailable(f"{self.name} announced an image of {size[0]}x{size[1]}.")
+            raise WorkerMisbehaved(f"{self.name} announced an image of {size[0]}x{size[1]}.")
         # a PNG of w x h is at most ~8 bytes a pixel (16-bit RGBA, stored) plus its chunks
         cap = min(_MAX_IMAGE_BYTES, size[0] * size[1] * 8 + (1 << 20))
         async with self._http.stream("GET", f"/jobs/{job_id}/images/{index}") as resp:
@@ -168,20 +174,20 @@ class WorkerClient:
                 await self._raise_for(resp)
             announced = resp.headers.get("content-length", "0")
             if not announced.isdigit() or int(announced) > cap:
-                raise BackendUnavailable(
+                raise WorkerMisbehaved(
                     f"{self.name} announced an image of {announced[:20]} bytes "
                     f"(at most {cap} for {size[0]}x{size[1]})."
                 )
             given_seed = resp.headers.get("x-seed")
             if seed is not None and given_seed is not None and given_seed != str(seed):
-                raise BackendUnavailable(
+                raise WorkerMisbehaved(
                     f"{self.name} sent the image of seed {given_seed[:30]!r} for seed {seed}."
                 )
             chunks, total = [], 0
             async for chunk in resp.aiter_bytes():
                 total += len(chunk)
                 if total > cap:
-                    raise BackendUnavailable(
+                    raise WorkerMisbehaved(
                         f"{self.name} sent an image over {cap} bytes for {size[0]}x{size[1]}."
                     )
                 chunks.append(chunk)
@@ -201,7 +207,7 @@ class WorkerClient:
             image.load()
             return image
         except Exception as exc:
-            raise BackendUnavailable(f"{self.name} sent a bad image: {exc}.") from None
+            raise WorkerMisbehaved(f"{self.name} sent a bad image: {exc}.") from None
 
     def _check_status(self, job_id: str, req: JobRequest, last: JobStatus | None,
                       new: JobStatus) -> None:
@@ -220,7 +226,7 @@ class WorkerClient:
             elif new.state == last.state == "running" and new.step < last.step:
                 problem = f"step {new.step} after step {last.step}"
         if problem:
-            raise BackendUnavailable(f"{self.name} sent an inconsistent job status: {problem}.")
+            raise WorkerMisbehaved(f"{self.name} sent an inconsistent job status: {problem}.")
 
     async def _raise_for(self, resp: httpx.Response) -> None:
         if resp.status_code == 401:
@@ -290,7 +296,7 @@ class WorkerClient:
         if status.state == "failed":
             raise JobFailed(f"{self.name}: {status.error}")
         if status.images_ready != len(req.seeds):
-            raise BackendUnavailable(
+            raise WorkerMisbehaved(
                 f"{self.name} said it made {status.images_ready} images for "
                 f"{len(req.seeds)} seeds."
             )

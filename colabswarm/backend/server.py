@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from .. import __version__
-from ..errors import InvalidRequest
+from ..errors import ColabSwarmError, InvalidRequest
 from ..protocol import (
     API_PREFIX,
     ErrorDetail,
@@ -46,6 +46,7 @@ log = logging.getLogger("colabswarm.server")
 
 _ID = Path(pattern=r"^[0-9a-f]{16}$", description="job id")
 _ALLOWED_FORMATS = {"PNG", "JPEG", "WEBP"}
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,256}$")  # as in a share string
 # what a stranger's request may name for a download (only with the owner's --allow-downloads):
 # a hub id "owner/name", never a path ("../x", "/etc", "C:") or a URL
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
@@ -139,6 +140,11 @@ class WorkerApp:
         name: str = "worker",
         simulated: bool = False,
     ) -> None:
+        if not isinstance(token, str) or not _TOKEN_RE.match(token):
+            raise ColabSwarmError(
+                "A worker's token must be 16-256 letters, digits, '-' or '_' (it goes into the "
+                "share string); leave it out and a random 192-bit one is made."
+            )
         self.engine = engine
         self.token = token
         self.limits = limits or Limits()

@@ -70,7 +70,7 @@ class LocalWorker:
     def start(self, timeout: float = 300.0) -> str:
         """Start the process and wait for its share string."""
         cmd = [sys.executable, "-m", "colabswarm", "worker", "--port", str(self.port),
-               "--token", self.token, "--name", self.name, "--parent-pid", str(os.getpid())]
+               f"--token={self.token}", "--name", self.name, "--parent-pid", str(os.getpid())]
         for m in self.model:
             cmd += ["--model", m]
         cmd += list(self.extra_args)

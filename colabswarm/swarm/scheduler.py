@@ -9,8 +9,8 @@ The rules (DESIGN.md, "Scheduling rules"):
   backend's share of the queue matches its measured speed (capped by its batch limit).
 - A backend does not take a batch it would finish clearly later than the other backends would
   finish all the remaining work without it (a slow peer never becomes the tail); "clearly" is
-  20% once the controller has timed them all, 2x while some speed is only a worker's own
-  warm-up figure. Until timed, a backend also runs one job at a time.
+  20% and 0.25 s once the controller has timed them all, 2x and 1 s while some speed is only
+  a worker's own warm-up figure. Until timed, a backend also runs one job at a time.
 - With nothing left to queue, an idle backend may run a copy of the running batch that would
   finish last, when it can finish it sooner; the first result wins.
 """
@@ -246,8 +246,8 @@ def plan_dispatch(
                 cap = max_batch if batching else 1
                 # speeds known only from workers' warm-up figures must differ by 2x to count
                 timed = b.speed.measured and all(s.speed.measured for s in others)
-                margin = 0.2 if timed else 1.0
-                n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin)
+                margin, gain = (0.2, 0.25) if timed else (1.0, 1.0)
+                n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin, gain)
                 if n == 0:
                     skips.append((b, same[0], "others would finish sooner (straggler guard)"))
                     blocked.add(pick)
