@@ -97,6 +97,33 @@ class WorkerProcess:
                 self.kill()
 
 
+def wait_until(cond, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll cond() until it is true; fail the test with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_all(procs: list[WorkerProcess]) -> list[WorkerProcess]:
+    """Start worker processes in parallel (each imports torch: minutes if done one by one)."""
+    import threading
+
+    threads = [threading.Thread(target=p.start) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    missing = [p.name for p in procs if not p.share]
+    if missing:
+        for p in procs:
+            p.kill()
+        raise RuntimeError(f"workers did not start: {missing}")
+    return procs
+
+
 @pytest.fixture
 def worker_procs() -> Iterator[list[WorkerProcess]]:
     """Collects WorkerProcess objects a test starts, and makes sure none outlive it."""

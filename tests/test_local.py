@@ -14,15 +14,7 @@ import pytest
 
 from colabswarm.swarm import Swarm
 from colabswarm.swarm.local import start_local_workers
-
-
-def _wait(cond, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import wait_until
 
 
 def _gone(pids: list[int]) -> bool:
@@ -44,22 +36,22 @@ def test_two_local_workers_start_serve_crash_restart_and_stop(tmp_path):
         assert "#token=<hidden>" in group.logs() and group[0].token not in group.logs()
 
         os.kill(group[1].pid, signal.SIGKILL)
-        _wait(lambda: group.crashed() == [group[1]], what="crash noticed")
+        wait_until(lambda: group.crashed() == [group[1]], what="crash noticed")
         assert group[1].returncode == -signal.SIGKILL
-        _wait(lambda: swarm.backends[1]["status"] == "errored", what="swarm shows it")
+        wait_until(lambda: swarm.backends[1]["status"] == "errored", what="swarm shows it")
         r = swarm.generate("one left", images=3, seed=50, width=64, height=64, steps=2)
         assert {g.backend for g in r.images} == {names[0]}
 
         group[1].restart()
         pids.append(group[1].pid)
         assert group.crashed() == []
-        _wait(lambda: swarm.backends[1]["status"] == "running", what="back after restart")
+        wait_until(lambda: swarm.backends[1]["status"] == "running", what="back after restart")
         r = swarm.generate("both again", images=8, seed=90, width=64, height=64, steps=2)
         assert {g.backend for g in r.images} == set(names)
     finally:
         swarm.close()
         group.stop()
-    _wait(lambda: _gone(pids), timeout=15, what="no leftover worker processes")
+    wait_until(lambda: _gone(pids), timeout=15, what="no leftover worker processes")
 
 
 def test_workers_exit_when_the_controller_is_killed(tmp_path):
@@ -80,7 +72,7 @@ def test_workers_exit_when_the_controller_is_killed(tmp_path):
     finally:
         proc.kill()
         proc.wait(10)
-    _wait(lambda: _gone(pids), timeout=20, what="workers to notice their parent died")
+    wait_until(lambda: _gone(pids), timeout=20, what="workers to notice their parent died")
 
 
 def test_cli_gpus_flag_starts_one_worker_per_device(tmp_path):
@@ -112,4 +104,4 @@ def test_cli_gpus_flag_starts_one_worker_per_device(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             pytest.fail("worker --gpus did not stop on SIGINT")
-    _wait(lambda: _gone(children), timeout=20, what="child workers stopped")
+    wait_until(lambda: _gone(children), timeout=20, what="child workers stopped")

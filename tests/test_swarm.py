@@ -5,39 +5,24 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections import Counter
 
 import pytest
 
 from colabswarm.errors import AuthError, BackendUnavailable, BadShareString, JobInterrupted
 from colabswarm.swarm import Swarm, read_parameters
-
-
-def _wait(cond, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import wait_until
 
 
 @pytest.fixture(scope="module")
 def three_workers():
     """Three worker processes shared by the tests that don't kill them."""
-    from tests.conftest import WorkerProcess
+    from tests.conftest import WorkerProcess, start_all
 
     env = {"OMP_NUM_THREADS": "1"}
     procs = [WorkerProcess(name=f"w{i}", env=env) for i in range(2)]
     procs.append(WorkerProcess("--model", "tiny", "--model", "tiny-xl", name="w2", env=env))
-    threads = [threading.Thread(target=p.start) for p in procs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    yield procs
+    yield start_all(procs)
     for p in procs:
         p.kill()
 
@@ -186,15 +171,15 @@ def test_allow_idle_peer_comes_and_goes_without_errors(tmp_path, spawn, worker_p
         from tests.conftest import WorkerProcess
 
         for _ in range(3):
-            _wait(lambda: s.status().running > 0, what="work in flight")
+            wait_until(lambda: s.status().running > 0, what="work in flight")
             peer.kill()
-            _wait(lambda: _status(s, "peer") == "idle", what="peer idle")
+            wait_until(lambda: _status(s, "peer") == "idle", what="peer idle")
             peer = WorkerProcess(name="peer", token=peer.token, port=peer.port, env=env)
             worker_procs.append(peer)
             peer.start()
-            _wait(lambda: _status(s, "peer") == "running", timeout=30, what="peer back")
+            wait_until(lambda: _status(s, "peer") == "running", timeout=30, what="peer back")
         before = _done(s, "peer")
-        _wait(lambda: _done(s, "peer") > before, timeout=30, what="peer used again")
+        wait_until(lambda: _done(s, "peer") > before, timeout=30, what="peer used again")
         assert "errored" not in statuses, statuses
         assert statuses.count("idle") >= 3
         s.interrupt()
@@ -218,7 +203,7 @@ def test_unreachable_backend_without_allow_idle_is_errored_with_reason(spawn):
     try:
         s.add(p.share)
         p.kill()
-        _wait(lambda: _status(s, "fragile") == "errored", what="errored")
+        wait_until(lambda: _status(s, "fragile") == "errored", what="errored")
         b = s.backends[0]
         assert "Cannot connect" in b["reason"] and b["colour"] == "red"
     finally:
@@ -229,11 +214,11 @@ def test_interrupt_stops_everything(swarm, three_workers):
     for p in three_workers:
         swarm.add(p.share)
     fut = swarm.submit_generate("stop me", images=200, seed=0, width=128, height=128, steps=30)
-    _wait(lambda: swarm.status().running > 0, what="running")
+    wait_until(lambda: swarm.status().running > 0, what="running")
     assert swarm.interrupt() == 1
     with pytest.raises(JobInterrupted, match="Interrupted"):
         fut.result(10)
-    _wait(lambda: swarm.status().current == 0, what="nothing left")
+    wait_until(lambda: swarm.status().current == 0, what="nothing left")
 
 
 def test_controller_imports_without_torch():

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,15 +12,10 @@ from colabswarm.swarm import Swarm, read_parameters
 
 @pytest.fixture(scope="module")
 def workers():
-    from tests.conftest import WorkerProcess
+    from tests.conftest import WorkerProcess, start_all
 
     procs = [WorkerProcess(name=f"u{i}", env={"OMP_NUM_THREADS": "1"}) for i in range(3)]
-    threads = [threading.Thread(target=p.start) for p in procs]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    yield procs
+    yield start_all(procs)
     for p in procs:
         p.kill()
 

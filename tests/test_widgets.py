@@ -27,16 +27,7 @@ from colabswarm.widgets import (  # noqa: E402
     WorkerPanel,
     controller_ui,
 )
-from tests.conftest import WorkerProcess  # noqa: E402
-
-
-def _wait(cond, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+from tests.conftest import WorkerProcess, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -86,18 +77,18 @@ def test_rows_change_colour_when_a_worker_dies_and_comes_back(swarm, spawn, work
         worker_procs.append(proc)
         proc.start()
         panel.check_button.click()  # a person presses "Check now" rather than wait
-        _wait(lambda: row.colour == "green", what="green again")
+        wait_until(lambda: row.colour == "green", what="green again")
 
     row.allow_idle.value = True  # the row's checkbox writes to the swarm
     assert swarm.backends[0]["allow_idle"] is True
     proc.kill()
-    _wait(lambda: row.colour == "grey", what="an AllowIdle peer going grey")
+    wait_until(lambda: row.colour == "grey", what="an AllowIdle peer going grey")
     assert "grey" in row.box.layout.border and row.status_text.startswith("idle")
     restart()
 
     row.allow_idle.value = False
     proc.kill()
-    _wait(lambda: row.colour == "red", what="red without AllowIdle")
+    wait_until(lambda: row.colour == "red", what="red without AllowIdle")
     assert "red" in row.box.layout.border
     assert row.status_text.startswith("errored: ") and len(row.status_text) > 12, \
         "an errored row says why"
@@ -132,20 +123,20 @@ def test_rows_reorder_disable_and_remove(swarm, workers):
     order = lambda: [r.name for r in panel.rows.values() if r.box in panel.rows_box.children]  # noqa: E731
     assert [s["name"] for s in swarm.backends] == ["alpha", "beta"]
     panel.rows["alpha"].down.click()
-    _wait(lambda: [c for c in panel.rows_box.children] ==
+    wait_until(lambda: [c for c in panel.rows_box.children] ==
           [panel.rows["beta"].box, panel.rows["alpha"].box], what="reorder")
     assert [s["name"] for s in swarm.backends] == ["beta", "alpha"]
     assert sorted(order()) == ["alpha", "beta"]
     beta = panel.rows["beta"]
     beta.enabled.value = False
-    _wait(lambda: beta.colour == "orange", what="disabled is orange")
+    wait_until(lambda: beta.colour == "orange", what="disabled is orange")
     assert beta.status_text.startswith("disabled")
     beta.enabled.value = True
-    _wait(lambda: beta.colour == "green", what="enabled again")
+    wait_until(lambda: beta.colour == "green", what="enabled again")
     beta.slots.value = 3
     assert swarm.backends[0]["slots"] == 3
     beta.remove.click()
-    _wait(lambda: list(panel.rows) == ["alpha"], what="removal")
+    wait_until(lambda: list(panel.rows) == ["alpha"], what="removal")
     assert [s["name"] for s in swarm.backends] == ["alpha"]
     assert "1 backend: 1 running" in panel.summary.value
     panel.close()
@@ -177,7 +168,7 @@ def test_gallery_fills_and_the_queue_line_counts_down(swarm, workers):
     assert counts[start:] == sorted(counts[start:], reverse=True), f"counts down: {seen}"
     assert seen[-1].startswith("0 current generations, 0 running, 0 queued"), seen
     assert len(panel.gallery.children) == 24 and len(panel.images) == 24
-    _wait(lambda: panel.progress.description == "24/24", what="progress 24/24")
+    wait_until(lambda: panel.progress.description == "24/24", what="progress 24/24")
     assert panel.progress.value == panel.progress.max == 24
     assert "Done: 24 images" in panel.message.value
     # every thumbnail is a PNG; its button opens it large with its parameters
@@ -195,7 +186,7 @@ def test_gallery_fills_and_the_queue_line_counts_down(swarm, workers):
         return sum(int(re.search(r"(\d+) images", r.status_text).group(1))
                    for r in rows.rows.values())
 
-    _wait(lambda: made() == 24, what="the rows to count 24 images")
+    wait_until(lambda: made() == 24, what="the rows to count 24 images")
     panel.close()
     rows.close()
 
@@ -208,7 +199,7 @@ def test_a_second_click_queues_more_and_bad_input_is_a_message(swarm, workers):
     panel.generate_button.click()  # while the first runs: queues three more
     results = panel.wait(timeout=30)
     assert [len(r.images) for r in results] == [3, 3]
-    _wait(lambda: len(panel.gallery.children) == 6, what="six thumbnails")
+    wait_until(lambda: len(panel.gallery.children) == 6, what="six thumbnails")
     panel.width.value = 100
     panel.generate_button.click()  # must not raise
     assert "multiple of 8" in panel.message.value
@@ -225,10 +216,10 @@ def test_interrupt_stops_the_run_and_says_so(swarm, workers):
     panel = GeneratePanel(swarm)
     _generate_form(panel, images=400, size=128, steps=20)
     panel.generate_button.click()
-    _wait(lambda: len(panel.images) >= 1, what="a first image")
+    wait_until(lambda: len(panel.images) >= 1, what="a first image")
     panel.interrupt_button.click()
-    _wait(lambda: "Interrupted with" in panel.message.value, what="interrupted message")
-    _wait(lambda: panel.queue.value.startswith("0 current"), what="empty queue")
+    wait_until(lambda: "Interrupted with" in panel.message.value, what="interrupted message")
+    wait_until(lambda: panel.queue.value.startswith("0 current"), what="empty queue")
     assert 1 <= len(panel.images) < 400
     panel.close()
 
@@ -283,7 +274,7 @@ def test_upscale_a_gallery_image_over_two_workers(swarm, workers):
     _generate_form(gen, images=2, size=64, steps=4)
     gen.generate_button.click()
     gen.wait(30)
-    _wait(lambda: len(up.source.options) == 2, what="the gallery in the upscale dropdown")
+    wait_until(lambda: len(up.source.options) == 2, what="the gallery in the upscale dropdown")
     gen.gallery.children[1].children[1].click()  # picking a thumbnail picks the source
     assert up.source.value == f"g{id(gen.images[1])}"
     up.scale.value, up.tile.value, up.overlap.value, up.steps.value = 2, 64, 16, 4
@@ -338,7 +329,7 @@ def test_logs_panel_filters_by_level_and_text_and_shows_skips(swarm, workers):
         swarm.add(small.share)
         swarm.add(workers[1].share)
         swarm.generate("big", images=1, width=128, height=128, steps=2)
-        _wait(lambda: any("skip" in ln for ln in panel.lines()), what="a skip line")
+        wait_until(lambda: any("skip" in ln for ln in panel.lines()), what="a skip line")
         panel.level.value = "skip"
         assert panel.lines() and all(" skip " in f" {ln} " for ln in panel.lines())
         assert any("small skipped" in ln and "over its 4096 pixels" in ln
