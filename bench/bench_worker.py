@@ -161,10 +161,10 @@ class Probe:
         self.png_s = 0.0
         self.pngs = 0
         self.jobs = 0
-        self._orig_png = jobs._encode_png
+        self._orig_png = jobs.encode_png
         self._orig_run = engine.run
         engine.run = self._run
-        jobs._encode_png = self._png
+        jobs.encode_png = self._png
         self._jm = job_manager
         self._orig_job_run = job_manager._run
         job_manager._run = self._run_job

@@ -12,6 +12,7 @@ __all__ = [
     "JobInterrupted",
     "ModelNotAvailable",
     "TunnelError",
+    "WorkerMisbehaved",
 ]
 
 
@@ -29,6 +30,13 @@ class AuthError(ColabSwarmError):
 
 class BackendUnavailable(ColabSwarmError):
     """A worker could not be reached, or answered with something that is not a worker."""
+
+
+class WorkerMisbehaved(BackendUnavailable):
+    """The worker answered, but with something no honest worker sends: a malformed status, a
+    story about a job that does not hang together, or an image that is not the one asked for.
+    Unlike a dropped connection, retrying soon is unlikely to help: the controller quarantines
+    it."""
 
 
 class InvalidRequest(ColabSwarmError, ValueError):

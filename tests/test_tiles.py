@@ -110,8 +110,11 @@ def test_known_grid() -> None:
     plan = plan_tiles(2048, 2048, tile=512, overlap=64, padding=32)
     assert len(plan.tiles) == 25
     assert _axis_spans(plan, 0) == [(0, 512), (384, 896), (768, 1280), (1152, 1664), (1536, 2048)]
-    assert plan.tiles[0].crop == (0, 0, 544, 544)
+    assert plan.tiles[0].crop == (0, 0, 576, 576), "an edge crop slides inward, same size"
     assert plan.tiles[6].crop == (352, 352, 928, 928)
+    assert plan.tiles[24].crop == (1472, 1472, 2048, 2048)
+    assert len({(x1 - x0, y1 - y0) for x0, y0, x1, y1 in (t.crop for t in plan.tiles)}) == 1, \
+        "one crop size: every tile can share a batch"
     assert plan_summary(plan) == "5x5 tiles of 512 px over 2048x2048, 64 px overlap, 32 px padding"
 
 

@@ -15,7 +15,14 @@ import httpx
 from PIL import Image
 from pydantic import ValidationError
 
-from ..errors import AuthError, BackendUnavailable, InvalidRequest, JobFailed, JobInterrupted
+from ..errors import (
+    AuthError,
+    BackendUnavailable,
+    InvalidRequest,
+    JobFailed,
+    JobInterrupted,
+    WorkerMisbehaved,
+)
 from ..protocol import (
     API_PREFIX,
     SKIP_NGROK_WARNING,
@@ -34,12 +41,6 @@ _MAX_RESULT_PIXELS = 2**26  # 8192x8192: no worker result is bigger (upscales in
 _STATE_ORDER = {"queued": 0, "running": 1, "done": 2, "failed": 2, "interrupted": 2}
 _POLL_WAIT_S = 20.0  # well under Cloudflare's ~100 s request limit
 ProgressFn = Callable[[JobStatus], Awaitable[None] | None]
-
-
-class WorkerMisbehaved(BackendUnavailable):
-    """The worker answered, but with something no honest worker sends: a malformed status, a
-    story about a job that does not hang together, or an image that is not the one asked for.
-    Unlike a dropped connection, retrying soon is unlikely to help."""
 
 
 def _detail(resp: httpx.Response) -> str:

@@ -54,7 +54,7 @@ class WorkerHandle:
     worker: WorkerApp
     host: str
     port: int
-    token: str
+    token: str = field(repr=False)
     _server: Any = field(repr=False)
     _thread: threading.Thread = field(repr=False)
     tunnel: Any = None

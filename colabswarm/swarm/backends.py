@@ -65,6 +65,9 @@ class Backend:
     speed: SpeedModel = field(default_factory=SpeedModel, repr=False)
     batch_hint: int = 4  # the batch size the scheduler aims for (for throughput figures)
     overhead_s: float = 0.1  # per-job cost beyond the GPU's: round trips, tunnel, transfers
+    batch_cap: int = 64  # lowered when the worker runs out of GPU memory on a batch
+    quarantine_until: float = 0.0  # a worker caught lying stays errored until then
+    offences: int = 0
     images_done: int = 0
     last_seen: float | None = None
     refused: dict[tuple, str] = field(default_factory=dict)  # param key -> why it said no
@@ -130,7 +133,7 @@ class Backend:
         return None
 
     def max_batch(self) -> int:
-        return self.info.limits.max_images if self.info else 1
+        return min(self.info.limits.max_images, self.batch_cap) if self.info else 1
 
 
     def snapshot(self) -> dict[str, Any]:

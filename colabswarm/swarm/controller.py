@@ -33,6 +33,7 @@ from ..errors import (
     JobFailed,
     JobInterrupted,
     ModelNotAvailable,
+    WorkerMisbehaved,
 )
 from ..protocol import MAX_SEED, JobRequest, decode_share
 from .backends import Backend, BackendStatus, next_check_delay
@@ -117,7 +118,7 @@ class Swarm:
         self,
         output_dir: str | Path | None = "outputs",
         *,
-        max_batch: int = 4,
+        max_batch: int = 8,
         batching: bool = True,
         copies: bool = True,
         straggler_guard: bool = True,
@@ -315,8 +316,9 @@ class Swarm:
             b.enabled = enabled
             if not enabled:
                 b.status, b.reason = BackendStatus.DISABLED, "disabled by you"
-            else:
+            else:  # the user's word also lifts a quarantine
                 b.status, b.reason, b.next_check = BackendStatus.LOADING, None, 0.0
+                b.quarantine_until = 0.0
         if allow_idle is not None:
             b.allow_idle = allow_idle
         if slots is not None:
@@ -342,8 +344,8 @@ class Swarm:
             b.status, b.reason = BackendStatus.LOADING, "loading its model"
         else:
             b.status, b.reason = BackendStatus.ERRORED, f"model failed: {info.state_detail}"
-        if info.step_seconds_per_mpix:
-            b.speed.seed(info.step_seconds_per_mpix)
+        if info.step_seconds_per_mpix:  # a hint from the worker: believed only within reason
+            b.speed.seed(min(max(info.step_seconds_per_mpix, 1e-4), 1e3))
 
     def _mark_down(self, b: Backend, reason: str) -> None:
         """A backend stopped answering: AllowIdle ones go quietly idle, others errored."""
@@ -365,7 +367,20 @@ class Swarm:
             if f.task is not None:
                 f.task.cancel(msg="backend down")
 
+    def _quarantine(self, b: Backend, reason: str) -> None:
+        """A worker that sent what no honest worker sends stays errored for a while (1 min,
+        doubling to 1 h), even if its /v1/info looks fine meanwhile."""
+        b.offences += 1
+        b.quarantine_until = time.monotonic() + min(60.0 * 2 ** (b.offences - 1), 3600.0)
+        allow_idle, b.allow_idle = b.allow_idle, False  # a liar is errored, never quietly idle
+        self._mark_down(b, f"{reason} (quarantined)")
+        b.allow_idle = allow_idle
+        b.next_check = b.quarantine_until
+
     async def _check(self, b: Backend) -> None:
+        if time.monotonic() < b.quarantine_until:
+            b.next_check = b.quarantine_until
+            return
         try:
             info = await asyncio.wait_for(b.client.info(), 10.0)
         except asyncio.CancelledError:
@@ -487,8 +502,7 @@ class Swarm:
             shared = all(it.init_png is first for it in items)
             pngs = [first] if shared and first is not None else [it.init_png or b"" for it in items]
         known = b.job_seconds(len(items), items[0].units)
-        timeout = max(self.flight_timeout_min, 8 * known + 30) if known else \
-            max(self.flight_timeout_min, 600.0)
+        timeout = min(max(self.flight_timeout_min, 8 * known + 30 if known else 600.0), 1800.0)
 
         last: list[Any] = [None]
 
@@ -504,6 +518,9 @@ class Swarm:
             outcome = "ok"
         except asyncio.CancelledError:
             outcome = "cancelled"
+        except WorkerMisbehaved as exc:
+            error = exc
+            self._quarantine(b, str(exc))
         except (BackendUnavailable, AuthError) as exc:
             error = exc
             self._mark_down(b, str(exc))
@@ -516,7 +533,14 @@ class Swarm:
             outcome = "interrupted"
         except JobFailed as exc:
             error = exc
-            self._log("warning", f"{b.name} failed a job: {exc}")
+            if "out of memory" in str(exc).lower() and len(items) > 1:
+                # the GPU is smaller than the batch: halve its batches and retry, no blame
+                b.batch_cap = max(1, len(items) // 2)
+                outcome = "cancelled"
+                self._log("warning", f"{b.name} ran out of memory at {len(items)} images; "
+                                     f"its batches are now at most {b.batch_cap}")
+            else:
+                self._log("warning", f"{b.name} failed a job: {exc}")
         except Exception as exc:  # a bug or an odd worker: requeue, never lose the images
             error = exc
             log.exception("flight on %s failed", b.name)
@@ -547,7 +571,8 @@ class Swarm:
                     continue
                 if outcome == "interrupted" and self._runs.get(it.run_id) is None:
                     continue
-                self._requeue(it, b, error, count=outcome != "cancelled" or error is not None)
+                self._requeue(it, b, None if outcome == "cancelled" else error,
+                              count=outcome != "cancelled")
         self._emit(type="progress")
         self._kick()
 

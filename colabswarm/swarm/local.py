@@ -199,8 +199,9 @@ def start_local_workers(
     models = [model] if isinstance(model, str) else list(model)
     has_gpu = bool(detect_gpus()) if gpus != "all" else ids != [None]
     worker_env = dict(env or {})
-    if not has_gpu and "OMP_NUM_THREADS" not in os.environ:
-        # CPU workers share the cores: oversubscribed OpenMP threads spin and crawl
+    if "OMP_NUM_THREADS" not in os.environ:
+        # the workers share the host's cores: oversubscribed OpenMP threads spin and crawl
+        # (CPU workers), or steal time from the Python threads that launch GPU kernels
         worker_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(ids))))
     workers = [
         LocalWorker(g, models, f"gpu{g}" if g is not None and has_gpu else f"local{i}",

@@ -13,11 +13,12 @@ Geometry, per axis (x and y are planned independently, tiles are numbered row-ma
   tile at the edge and the actual overlaps may be larger than asked for.
 * ``Tile.box`` is the part of the output a tile contributes to; ``Tile.crop`` is what is cut from
   the source and sent to the worker: the box grown by ``padding`` on every side (context, so the
-  model sees what lies beyond the tile), clamped to the image.
+  model sees what lies beyond the tile); at an image edge the window slides inward rather than
+  shrinking, so every crop of an image has the same size and tiles batch on a GPU.
 
 Multiple-of-8 policy: diffusers needs crop sides that are multiples of 8, but images need not be.
-A crop whose side is not a multiple of 8 is grown further, inside the image, half on each side
-where there is room. Only when that is impossible, because the crop already spans the whole side
+A crop's side is rounded up to a multiple of 8 and kept inside the image. Only when that is
+impossible, because the crop already spans the whole side
 of an image whose size is not a multiple of 8 (always true for images smaller than 8 px), does
 the crop run past the right or bottom edge, by fewer than 8 px. ``cut_tiles`` fills those pixels
 by repeating the edge pixels, and ``blend_tiles`` ignores them (weights are zero outside the box).
@@ -191,17 +192,16 @@ def _axis_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
 
 
 def _crop_span(start: int, end: int, padding: int, length: int) -> tuple[int, int]:
-    """Grow ``[start, end)`` by padding, clamp to the image, round the size up to 8."""
-    c0, c1 = max(0, start - padding), min(length, end + padding)
-    extra = _ceil8(c1 - c0) - (c1 - c0)
-    left = min(extra // 2, c0)
-    c0, extra = c0 - left, extra - left
-    right = min(extra, length - c1)
-    c1, extra = c1 + right, extra - right
-    left = min(extra, c0)
-    c0, extra = c0 - left, extra - left
-    # only when the crop spans the whole side: run past the far edge (filled by edge replication)
-    return c0, c1 + extra
+    """``[start, end)`` grown by padding to a multiple of 8, the same size for every full tile:
+    at an edge the window slides inward instead of shrinking, so all crops of an image share
+    one size and refine together in batches (an edge tile simply gets its context from one
+    side)."""
+    size = _ceil8(min(end - start + 2 * padding, length))
+    if size > length:  # the crop spans the whole side: run past the far edge (edge-replicated)
+        return 0, size
+    c0 = start - (size - (end - start)) // 2
+    c0 = min(max(c0, 0), length - size)
+    return c0, c0 + size
 
 
 def plan_tiles(

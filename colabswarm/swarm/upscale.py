@@ -9,7 +9,6 @@ any generation), then blend the tiles back with feathered weights (tiles.py).
 from __future__ import annotations
 
 import asyncio
-import io
 import random
 import time
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from PIL import Image
 
+from ..backend.png import encode_png
 from ..errors import InvalidRequest
 from ..protocol import JobRequest
 from .outputs import GeneratedImage, save_image
@@ -46,9 +46,7 @@ class UpscaleResult:
 
 
 def _png(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
+    return encode_png(image.convert("RGB"))
 
 
 def _as_image(image: Any) -> Image.Image:
