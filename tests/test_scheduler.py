@@ -47,6 +47,8 @@ def test_one_image_goes_to_the_first_backend():
 
 def test_without_batching_backends_fill_in_order_up_to_their_slots():
     bs = [_backend("a"), _backend("b"), _backend("c")]
+    for b in bs:
+        b.speed.observe(1, 0.5, 1.0)  # timed, all alike
     plan, _ = plan_dispatch(_items(5), bs, [], 0.0, batching=False)
     assert [b.name for b, _ in plan] == ["a", "a", "b", "b", "c"]
     plan, _ = plan_dispatch(_items(9), bs, [], 0.0, batching=False)
@@ -55,6 +57,8 @@ def test_without_batching_backends_fill_in_order_up_to_their_slots():
 
 def test_busy_slots_are_respected():
     a, b = _backend("a"), _backend("b")
+    a.speed.observe(1, 0.5, 1.0)
+    b.speed.observe(1, 0.5, 1.0)
     busy = _items(2)
     flights = [Flight(a, [it], started=0.0, estimate=it.units) for it in busy]
     a.running = 2
@@ -65,14 +69,19 @@ def test_busy_slots_are_respected():
 def test_a_backend_not_yet_timed_runs_one_job_at_a_time():
     timed, new = _backend("timed", unit_s=0.01), _backend("new", unit_s=0.01)
     timed.speed.observe(1, 0.05, 1.0)
-    plan, _ = plan_dispatch(_items(20), [new, timed], [], 0.0, batching=False,
-                            straggler_guard=False)
+    plan, _ = plan_dispatch(_items(20), [new, timed], [], 0.0, batching=False)
     assert [b.name for b, _ in plan].count("new") == 1
     assert [b.name for b, _ in plan].count("timed") == 2
+    plan, _ = plan_dispatch(_items(20), [new, timed], [], 0.0, batching=False,
+                            straggler_guard=False)
+    assert [b.name for b, _ in plan].count("new") == 2, "the plain rule fills every slot"
 
 
 def test_batches_follow_measured_speed():
     fast, slow = _backend("fast", unit_s=0.01), _backend("slow", unit_s=0.04)
+    unit = _items(1)[0].units
+    fast.speed.observe(4, 0.04 * unit, unit)
+    slow.speed.observe(4, 0.16 * unit, unit)
     plan, _ = plan_dispatch(_items(40), [fast, slow], [], 0.0, max_batch=8)
     sizes = _assigned(plan)
     assert sum(sizes["fast"]) > sum(sizes.get("slow", [0]))

@@ -350,3 +350,20 @@ def test_tile_seed_is_base_plus_index() -> None:
 def test_plan_summary_single_tile() -> None:
     assert plan_summary(plan_tiles(300, 200)) == "1 tile (300x200 fits in one 512 px tile)"
     assert plan_summary(plan_tiles(1024, 600, tile=512, overlap=64)).startswith("3x2 tiles of 512")
+
+
+def test_blending_order_does_not_change_a_single_pixel() -> None:
+    """Tiles come back from GPUs in any order; the picture must not depend on it."""
+    from colabswarm.swarm.tiles import Blender
+
+    rng = np.random.default_rng(4)
+    plan = plan_tiles(300, 220, tile=96, overlap=24, padding=8)
+    tiles = [Image.fromarray(rng.integers(0, 256, (c[3] - c[1], c[2] - c[0], 3), np.uint8))
+             for c in (t.crop for t in plan.tiles)]
+    ref = np.asarray(blend_tiles(plan, tiles))
+    for seed in range(3):
+        order = np.random.default_rng(seed).permutation(len(tiles))
+        b = Blender(plan)
+        for i in order:
+            b.add(int(i), tiles[i])
+        assert np.array_equal(np.asarray(b.result()), ref)

@@ -169,29 +169,35 @@ class WorkerClient:
             raise WorkerMisbehaved(f"{self.name} announced an image of {size[0]}x{size[1]}.")
         # a PNG of w x h is at most ~8 bytes a pixel (16-bit RGBA, stored) plus its chunks
         cap = min(_MAX_IMAGE_BYTES, size[0] * size[1] * 8 + (1 << 20))
-        async with self._http.stream("GET", f"/jobs/{job_id}/images/{index}") as resp:
-            if resp.status_code != 200:
-                await resp.aread()
-                await self._raise_for(resp)
-            announced = resp.headers.get("content-length", "0")
-            if not announced.isdigit() or int(announced) > cap:
-                raise WorkerMisbehaved(
-                    f"{self.name} announced an image of {announced[:20]} bytes "
-                    f"(at most {cap} for {size[0]}x{size[1]})."
-                )
-            given_seed = resp.headers.get("x-seed")
-            if seed is not None and given_seed is not None and given_seed != str(seed):
-                raise WorkerMisbehaved(
-                    f"{self.name} sent the image of seed {given_seed[:30]!r} for seed {seed}."
-                )
-            chunks, total = [], 0
-            async for chunk in resp.aiter_bytes():
-                total += len(chunk)
-                if total > cap:
+        try:
+            async with self._http.stream("GET", f"/jobs/{job_id}/images/{index}") as resp:
+                if resp.status_code != 200:
+                    await resp.aread()
+                    await self._raise_for(resp)
+                announced = resp.headers.get("content-length", "0")
+                if not announced.isdigit() or int(announced) > cap:
                     raise WorkerMisbehaved(
-                        f"{self.name} sent an image over {cap} bytes for {size[0]}x{size[1]}."
+                        f"{self.name} announced an image of {announced[:20]} bytes "
+                        f"(at most {cap} for {size[0]}x{size[1]})."
                     )
-                chunks.append(chunk)
+                given_seed = resp.headers.get("x-seed")
+                if seed is not None and given_seed is not None and given_seed != str(seed):
+                    raise WorkerMisbehaved(
+                        f"{self.name} sent the image of seed {given_seed[:30]!r} for seed {seed}."
+                    )
+                chunks, total = [], 0
+                async for chunk in resp.aiter_bytes():
+                    total += len(chunk)
+                    if total > cap:
+                        raise WorkerMisbehaved(
+                            f"{self.name} sent an image over {cap} bytes for {size[0]}x{size[1]}."
+                        )
+                    chunks.append(chunk)
+        except httpx.HTTPError as exc:  # refused, reset or cut mid-body: the worker is away
+            raise BackendUnavailable(
+                f"{self.name}: the image download failed ({type(exc).__name__}). Is the worker "
+                "still running and its tunnel open?"
+            ) from None
         data = b"".join(chunks)
         try:
             with Image.open(io.BytesIO(data)) as img:

@@ -189,16 +189,17 @@ def plan_dispatch(
         return assignments, skips
     rate = rates(usable)
     backlog = backlog_seconds(flights, now)
-    measured = any(b.speed.measured for b in usable)
-    # a backend we have not timed yet gets one job at a time until its first one is measured
-    free = {b.name: (b.free_slots if b.speed.measured or not measured else min(b.free_slots,
-                     max(0, 1 - b.running))) for b in usable}
+    # with the guard on, a backend we have not timed yet gets one job at a time until its first
+    # one is measured: a warm-up figure is a hint, not enough to fill a second slot on
+    free = {b.name: (b.free_slots if b.speed.measured or not straggler_guard
+                     else min(b.free_slots, max(0, 1 - b.running))) for b in usable}
     groups: dict[tuple, list[Item]] = {}  # key -> pending items, queue order
     for it in queue:
         if not it.done:
             groups.setdefault(it.key, []).append(it)
     order = list(groups)  # keys in order of their first item
     why_cache: dict[tuple[str, tuple], str | None] = {}
+    planned: dict[Any, int] = {}  # images given out by this plan: per key, per (backend, key)
 
     def why(b: Backend, key: tuple) -> str | None:
         k = (b.name, key)
@@ -236,9 +237,11 @@ def plan_dispatch(
             srv = servers(pick, same[0])
             upi = same[0].units
             limit = max(1, min(max_batch, b.max_batch()))
-            if batching:  # b's share of the queue by speed, as one batch (slots only pipeline)
+            if batching:  # b's share of the queue by speed, counting what this plan gave it
                 share = rate[b.name] / sum(rate[s.name] for s in srv)
-                n = min(limit, len(same), max(1, math.ceil(len(same) * share)))
+                whole = len(same) + planned.get(pick, 0)
+                target = math.ceil(whole * share) - planned.get((b.name, pick), 0)
+                n = min(limit, len(same), max(1, target))
             else:
                 n = 1
             others = [s for s in srv if s is not b]
@@ -254,6 +257,8 @@ def plan_dispatch(
                     continue
             batch = same[:n]
             finish_b = backlog.get(b.name, 0.0) + batch_seconds(b, n, upi, rate)
+            planned[pick] = planned.get(pick, 0) + len(batch)
+            planned[(b.name, pick)] = planned.get((b.name, pick), 0) + len(batch)
             chosen = {id(it) for it in batch}
             groups[pick] = [it for it in groups[pick] if id(it) not in chosen]
             backlog[b.name] = finish_b

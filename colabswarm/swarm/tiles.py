@@ -45,6 +45,7 @@ from PIL import Image
 from colabswarm.errors import InvalidRequest
 
 __all__ = [
+    "Blender",
     "Tile",
     "TilePlan",
     "blend_tiles",
@@ -243,17 +244,21 @@ def cut_tiles(image: Image.Image, plan: TilePlan) -> list[Image.Image]:
     return [Image.fromarray(arr[y0:y1, x0:x1]) for x0, y0, x1, y1 in (t.crop for t in plan.tiles)]
 
 
-def blend_tiles(plan: TilePlan, tiles: Sequence[Image.Image]) -> Image.Image:
-    """Put refined crops (same sizes as ``cut_tiles`` made them) back together, seam-free."""
-    if len(tiles) != len(plan.tiles):
-        raise InvalidRequest(
-            f"got {len(tiles)} tiles but the plan has {len(plan.tiles)}; "
-            "pass one refined image per tile, in the order cut_tiles returned them"
-        )
-    # float32 is plenty: weights sum to 1 within ~1e-7, so an unchanged pixel comes back within
-    # ~1e-4 of its value and rounds to it exactly; half the memory traffic of float64.
-    acc = np.zeros((plan.height, plan.width, 3), dtype=np.float32)
-    for t, img in zip(plan.tiles, tiles, strict=True):
+class Blender:
+    """Blends refined tiles one by one as they arrive, so the blend overlaps the GPUs' work
+    instead of following it; ``result()`` once every tile is in."""
+
+    def __init__(self, plan: TilePlan) -> None:
+        self.plan = plan
+        # float64: tiles arrive in any order, and the sum must round to the same integers
+        # whatever the order, so a seed gives the same picture whichever GPU was first
+        self._acc = np.zeros((plan.height, plan.width, 3), dtype=np.float64)
+        self._seen: set[int] = set()
+
+    def add(self, index: int, img: Image.Image) -> None:
+        t = self.plan.tiles[index]
+        if index in self._seen:
+            raise InvalidRequest(f"tile {index} was blended twice")
         cx0, cy0, cx1, cy1 = t.crop
         if img.size != (cx1 - cx0, cy1 - cy0):
             raise InvalidRequest(
@@ -261,13 +266,34 @@ def blend_tiles(plan: TilePlan, tiles: Sequence[Image.Image]) -> Image.Image:
                 f"{cx1 - cx0}x{cy1 - cy0}; the refiner must keep each tile's size"
             )
         bx0, by0, bx1, by1 = t.box
-        r, c = plan._grid_pos(t.index)
-        w = np.outer(plan._y_weights[r, by0:by1], plan._x_weights[c, bx0:bx1]).astype(np.float32)
+        r, c = self.plan._grid_pos(t.index)
+        w = np.outer(self.plan._y_weights[r, by0:by1], self.plan._x_weights[c, bx0:bx1])
         px = np.asarray(img.convert("RGB"))[by0 - cy0 : by1 - cy0, bx0 - cx0 : bx1 - cx0]
-        acc[by0:by1, bx0:bx1] += px * w[:, :, None]
-    np.rint(acc, out=acc)
-    np.clip(acc, 0, 255, out=acc)
-    return Image.fromarray(acc.astype(np.uint8), "RGB")
+        self._acc[by0:by1, bx0:bx1] += px * w[:, :, None]
+        self._seen.add(index)
+
+    def result(self) -> Image.Image:
+        missing = len(self.plan.tiles) - len(self._seen)
+        if missing:
+            raise InvalidRequest(f"{missing} tiles are still missing; blend every tile first")
+        # snap to a 1e-6 grid first: float sums in different orders differ by ~1e-14, which
+        # would flip values that are exactly halfway (x.5) one way or the other
+        out = np.rint(np.round(self._acc, 6))
+        np.clip(out, 0, 255, out=out)
+        return Image.fromarray(out.astype(np.uint8), "RGB")
+
+
+def blend_tiles(plan: TilePlan, tiles: Sequence[Image.Image]) -> Image.Image:
+    """Put refined crops (same sizes as ``cut_tiles`` made them) back together, seam-free."""
+    if len(tiles) != len(plan.tiles):
+        raise InvalidRequest(
+            f"got {len(tiles)} tiles but the plan has {len(plan.tiles)}; "
+            "pass one refined image per tile, in the order cut_tiles returned them"
+        )
+    blender = Blender(plan)
+    for t, img in zip(plan.tiles, tiles, strict=True):
+        blender.add(t.index, img)
+    return blender.result()
 
 
 def tile_seed(base_seed: int, index: int) -> int:

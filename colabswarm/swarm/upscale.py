@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from ..backend.png import encode_png
 from ..errors import InvalidRequest
 from ..protocol import JobRequest
 from .outputs import GeneratedImage, save_image
-from .tiles import blend_tiles, cut_tiles, plan_summary, plan_tiles, tile_seed
+from .tiles import Blender, cut_tiles, plan_summary, plan_tiles, tile_seed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from .controller import Swarm
 
 __all__ = ["UpscaleResult", "run_upscale"]
+
+_CHUNK = 8  # tiles whose PNGs are written before they are queued
 
 
 @dataclass
@@ -113,33 +116,43 @@ async def run_upscale(
                                       [await asyncio.to_thread(_png, source)], None)
         big = done.images[0].image.convert("RGB")
     crops = await asyncio.to_thread(cut_tiles, big, plan)
-    pngs = await asyncio.to_thread(lambda: [_png(c) for c in crops])
     total = len(crops)
-    finished = [0]
-
-    def tile_done(g: GeneratedImage) -> None:
-        finished[0] += 1
-        if on_tile is not None:
-            on_tile(finished[0], total)
-
-    # one run per crop size: equal-size tiles share a template, so they can batch
-    templates: dict[tuple[int, int], list[int]] = {}
-    for i, c in enumerate(crops):
-        templates.setdefault(c.size, []).append(i)
-    runs = []
-    for (w, h), idx in templates.items():
-        tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model,
-                              kind="img2img", strength=denoise)
-        runs.append((idx, swarm._run_items("upscale", tpl, [tile_seed(seed, i) for i in idx],
-                                           params, [pngs[i] for i in idx], tile_done)))
-    refined: list[Image.Image | None] = [None] * total
+    # blend each tile as it arrives, on one thread of its own, while the GPUs work on the rest
+    blender = Blender(plan)
+    blending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colabswarm-blend")
+    pending: list[Future] = []
     owners: dict[int, str] = {}
-    results = await asyncio.gather(*(r for _, r in runs))
-    for (idx, _), res in zip(runs, results, strict=True):
-        for i, g in zip(idx, res.images, strict=True):
-            refined[i] = g.image
-            owners[i] = g.backend
-    out = await asyncio.to_thread(blend_tiles, plan, refined)
+
+    def tile_done(index: int, g: GeneratedImage) -> None:
+        owners[index] = g.backend
+        pending.append(blending.submit(blender.add, index, g.image))
+        if on_tile is not None:
+            on_tile(len(owners), total)
+
+    try:
+        # queue tiles a batch at a time while the next batch's PNGs are written; equal-size
+        # tiles share one template, so batches form across these runs as well
+        runs = []
+        order = sorted(range(total), key=lambda i: crops[i].size)
+        for k in range(0, total, _CHUNK):
+            chunk = order[k:k + _CHUNK]
+            pngs = dict(zip(chunk, await asyncio.to_thread(
+                lambda chunk=chunk: [_png(crops[i]) for i in chunk]), strict=True))
+            by_size: dict[tuple[int, int], list[int]] = {}
+            for i in chunk:
+                by_size.setdefault(crops[i].size, []).append(i)
+            for (w, h), members in by_size.items():
+                tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model,
+                                      kind="img2img", strength=denoise)
+                runs.append(asyncio.ensure_future(swarm._run_items(
+                    "upscale", tpl, [tile_seed(seed, i) for i in members], params,
+                    [pngs[i] for i in members],
+                    lambda g, members=members: tile_done(members[g.index], g))))
+        await asyncio.gather(*runs)
+        await asyncio.to_thread(lambda: [f.result() for f in pending])
+        out = await asyncio.to_thread(blender.result)
+    finally:
+        blending.shutdown(wait=False, cancel_futures=True)
     result = UpscaleResult(out, total, sorted(set(owners.values())), time.monotonic() - t0,
                            params, tile_backends=owners)
     if save and swarm.output_dir is not None:
