@@ -595,8 +595,8 @@ class Swarm:
             ))
             return
         self._queue.appendleft(it)
-        if error is not None:
-            self._log("info", f"seed {it.seed} goes back to the front of the queue ({error})")
+        why = error if error is not None else (b.reason or "its job was called off")
+        self._log("info", f"seed {it.seed} goes back to the front of the queue ({b.name}: {why})")
 
     def _fail_item(self, it: Item, exc: BaseException) -> None:
         run = self._runs.get(it.run_id)

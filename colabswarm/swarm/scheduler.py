@@ -247,6 +247,8 @@ def plan_dispatch(
             others = [s for s in srv if s is not b]
             if straggler_guard and others:
                 cap = max_batch if batching else 1
+                if batching:  # the makespan search below sizes the batch; share is a floor
+                    n = max(n, min(limit, len(same)))
                 # speeds known only from workers' warm-up figures must differ by 2x to count
                 timed = b.speed.measured and all(s.speed.measured for s in others)
                 margin, gain = (0.2, 0.25) if timed else (1.0, 1.0)
