@@ -46,7 +46,8 @@ def test_two_local_workers_start_serve_crash_restart_and_stop(tmp_path):
         pids.append(group[1].pid)
         assert group.crashed() == []
         wait_until(lambda: swarm.backends[1]["status"] == "running", what="back after restart")
-        r = swarm.generate("both again", images=8, seed=90, width=64, height=64, steps=2)
+        # enough work that one worker alone would clearly be slower than both
+        r = swarm.generate("both again", images=24, seed=90, width=128, height=128, steps=8)
         assert {g.backend for g in r.images} == set(names)
     finally:
         swarm.close()
