@@ -64,7 +64,8 @@ def save_image(img: GeneratedImage, folder: str | Path) -> Path:
     """Write a PNG with its parameters chunk; never overwrites an earlier file."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{img.seed}-{_slug(str(img.params.get('prompt', '')))}"
+    kind = "upscale-" if img.params.get("kind") == "upscale" else ""
+    stem = f"{img.seed}-{kind}{_slug(str(img.params.get('prompt', '')))}"
     path = folder / f"{stem}.png"
     n = 1
     while path.exists():
