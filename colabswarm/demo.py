@@ -40,7 +40,7 @@ def run_demo(workers: int = 3, images: int = 12, out: str = "outputs/demo",
         print(f"Got {len(result.images)} images in {took:.1f}s, seeds "
               f"{result.images[0].seed}..{result.images[-1].seed}; made by {per_backend}",
               flush=True)
-        if upscale and hasattr(swarm, "upscale"):
+        if upscale:
             print("Upscaling the first image 4x with tiles spread over the swarm ...", flush=True)
             big = swarm.upscale(result.images[0].image, scale=4, tile=128, overlap=32,
                                 denoise=0.3, steps=8, seed=7)

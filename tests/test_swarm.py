@@ -132,8 +132,9 @@ def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path, spawn):
         def on_image(g) -> None:
             delivered.append(g.seed)
             if len(delivered) == 4 and not killed:
-                busy = [b for b in s._backends if b.running > 0 and b.name != g.backend]
-                victim = next(p for p in procs if p.name == (busy or s._backends)[0].name)
+                # a backend holding images of its own (not only a copy another also runs)
+                own = [f.backend for f in s._flights if f.copy_of is None]
+                victim = next(p for p in procs if p.name == (own or s._backends)[0].name)
                 killed.append(victim.name)
                 victim.kill()
 

@@ -264,11 +264,6 @@ class Engine:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    def unload(self) -> None:
-        with self._lock:
-            self._loaded = None
-            self.free()
-
     # ----- running -----------------------------------------------------------------------
     def run(
         self,

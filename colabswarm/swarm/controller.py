@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import io
 import itertools
 import logging
 import random
@@ -47,7 +46,7 @@ from .scheduler import (
     plan_dispatch,
     rates,
 )
-from .upscale import UpscaleResult, run_upscale
+from .upscale import UpscaleResult, check_upscale_params, run_upscale
 
 __all__ = ["GenerationResult", "Swarm", "SwarmStatus", "format_duration"]
 
@@ -204,14 +203,20 @@ class Swarm:
         self._wake.set()
 
     # ----- backends ------------------------------------------------------------------------
+    def _read(self, fn: Callable[[], T]) -> T:
+        """A consistent read of swarm state: on the loop's thread, from wherever it is asked."""
+        if self._in_loop():
+            return fn()
+
+        async def on_loop() -> T:
+            return fn()
+
+        return self._call(on_loop())
+
     @property
     def backends(self) -> list[dict[str, Any]]:
         """Snapshots of the backends, in order (no tokens)."""
-        return self._call(self._snapshots()) if not self._in_loop() else \
-            [b.snapshot() for b in self._backends]
-
-    async def _snapshots(self) -> list[dict[str, Any]]:
-        return [b.snapshot() for b in self._backends]
+        return self._read(lambda: [b.snapshot() for b in self._backends])
 
     def add(self, share_or_url: str, token: str | None = None, name: str | None = None,
             allow_idle: bool = False, slots: int = 2) -> dict[str, Any]:
@@ -761,15 +766,9 @@ class Swarm:
     async def _run_items(self, kind: str, template: JobRequest, seeds: list[int],
                          params: dict[str, Any], init_pngs: list[bytes | None],
                          on_image: Any) -> GenerationResult:
-        """Queue items for the tiled upscaler (or other internal users) and wait."""
-        run = await self._acall(self._start_items(kind, template, seeds, params, init_pngs,
-                                                  on_image))
-        return await self._acall(_await(run))
-
-    async def _start_items(self, kind: str, template: JobRequest, seeds: list[int],
-                           params: dict[str, Any], init_pngs: list[bytes | None],
-                           on_image: Any) -> asyncio.Future:
-        return self._new_run(kind, template, seeds, params, on_image, False, init_pngs).future
+        """Queue items for the tiled upscaler and wait; runs on the swarm's loop."""
+        return await self._new_run(kind, template, seeds, params, on_image, False,
+                                   init_pngs).future
 
     # ----- tiled upscaling -----------------------------------------------------------------
     def upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos", tile: int = 512,
@@ -789,9 +788,7 @@ class Swarm:
                        **kw: Any) -> concurrent.futures.Future:
         """Start an upscale and return at once; kw: prompt, negative_prompt, seed, steps, cfg,
         model, padding, on_tile(done, total), save."""
-        from .upscale import _check
-
-        _check(scale, denoise, kw.get("steps", 20))
+        check_upscale_params(scale, denoise, kw.get("steps", 20))
         return asyncio.run_coroutine_threadsafe(
             run_upscale(self, image, scale=scale, upscaler=upscaler, tile=tile,
                         overlap=overlap, denoise=denoise, **kw), self._loop)
@@ -818,10 +815,7 @@ class Swarm:
         return len(runs)
 
     def status(self) -> SwarmStatus:
-        return self._call(self._status()) if not self._in_loop() else self._status_now()
-
-    async def _status(self) -> SwarmStatus:
-        return self._status_now()
+        return self._read(self._status_now)
 
     def _status_now(self) -> SwarmStatus:
         now = time.monotonic()
@@ -835,13 +829,15 @@ class Swarm:
         """'10 current generations, 4 running, 6 queued (est. 3m 50s)'"""
         return self.status().line
 
+    def _union(self, field: str, first: tuple[str, ...] = ()) -> list[str]:
+        seen = dict.fromkeys(first)
+        for b in self.backends:
+            seen.update(dict.fromkeys(b[field]))
+        return list(seen)
+
     def models(self) -> list[str]:
         """Every model some backend offers (for the model dropdown)."""
-        seen: dict[str, None] = {}
-        for b in self.backends:
-            for m in b["models"]:
-                seen.setdefault(m)
-        return list(seen)
+        return self._union("models")
 
     def close(self) -> None:
         """Stop the loops and close connections; running jobs are interrupted."""
@@ -871,12 +867,8 @@ class Swarm:
         return self._closed
 
     def upscalers(self) -> list[str]:
-        """Every upscaler some backend offers (for the upscaler dropdown)."""
-        seen: dict[str, None] = {"lanczos": None}
-        for b in self.backends:
-            for u in b["upscalers"]:
-                seen.setdefault(u)
-        return list(seen)
+        """Every upscaler some backend offers, Lanczos first (for the upscaler dropdown)."""
+        return self._union("upscalers", ("lanczos",))
 
     def __enter__(self) -> Swarm:
         return self
@@ -887,12 +879,3 @@ class Swarm:
     def __repr__(self) -> str:
         return f"Swarm({len(self._backends)} backends)"
 
-
-async def _await(fut: asyncio.Future) -> Any:
-    return await fut
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

@@ -40,12 +40,13 @@ __all__ = [
 DEFAULT_UNIT_SECONDS = 1.0
 
 
-def job_units(req: JobRequest, images: int = 1) -> float:
-    """Work in denoising steps x megapixels x images: what a backend's speed is measured in."""
+def job_units(req: JobRequest) -> float:
+    """Work of one image in denoising steps x megapixels: what a backend's speed is measured
+    in."""
     if req.kind == "upscale":
-        return 0.05 * images
+        return 0.05
     steps = req.steps if req.kind == "txt2img" else max(int(req.steps * req.strength), 0)
-    return max(steps, 1) * req.width * req.height / 1e6 * images
+    return max(steps, 1) * req.width * req.height / 1e6
 
 
 @dataclass(eq=False)

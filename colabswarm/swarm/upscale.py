@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from .controller import Swarm
 
-__all__ = ["UpscaleResult", "run_upscale"]
+__all__ = ["UpscaleResult", "check_upscale_params", "run_upscale"]
 
 _CHUNK = 8  # tiles whose PNGs are written before they are queued
 
@@ -65,7 +65,7 @@ def _as_image(image: Any) -> Image.Image:
     )
 
 
-def _check(scale: int, denoise: float, steps: int) -> None:
+def check_upscale_params(scale: int, denoise: float, steps: int) -> None:
     if not isinstance(scale, int) or not 1 <= scale <= 8:
         raise InvalidRequest(f"scale must be a whole number from 1 to 8 (got {scale!r}).")
     if not 0.0 <= denoise <= 1.0:
@@ -99,7 +99,7 @@ async def run_upscale(
     """The whole pipeline; runs on the swarm's loop (heavy pixel work goes to a thread)."""
     t0 = time.monotonic()
     source = _as_image(image)
-    _check(scale, denoise, steps)
+    check_upscale_params(scale, denoise, steps)
     seed = random.randrange(0, 2**32) if seed is None else seed
     target = (source.width * scale, source.height * scale)
     plan = await asyncio.to_thread(plan_tiles, target[0], target[1], tile, overlap, padding)
