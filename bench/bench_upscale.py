@@ -100,6 +100,7 @@ def measure_upscale(
             log(f"upscale {label}: warm-up {warm_s:.2f}s, {warm.tiles} tiles, "
                 f"{warm.image.size[0]}x{warm.image.size[1]}")
             secs, walls, owners, batches = [], [], Counter(), Counter()
+            busy: list[dict[str, float]] = []
             for r in range(a.reps):
                 mark = len(sw.trace or [])
                 t0 = time.perf_counter()
@@ -109,8 +110,10 @@ def measure_upscale(
                 walls.append(time.perf_counter() - t0)
                 secs.append(res.seconds)
                 owners.update(res.tile_backends.values())
-                for b, n, _s, _e, outcome, copy in (sw.trace or [])[mark:]:
+                flights = (sw.trace or [])[mark:]
+                for b, n, _s, _e, outcome, copy in flights:
                     batches[f"{b}:{n}{'(copy)' if copy else ''}:{outcome}"] += 1
+                busy.append(_busy_seconds(flights))
                 log(f"upscale {label} rep {r}: {walls[-1]:.2f}s wall ({res.seconds:.2f}s "
                     f"inside), {res.tiles} tiles")
             out["rows"][label] = {
@@ -119,7 +122,14 @@ def measure_upscale(
                 "seconds": [round(s, 3) for s in walls], "mean_s": statistics.mean(walls),
                 "min_s": min(walls), "tiles_per_s": res.tiles / statistics.mean(walls),
                 "tiles_by_worker": dict(owners), "jobs": dict(batches),
+                # per worker: time with at least one of its jobs in flight (controller's view)
+                "busy_s": busy,
             }
+            if len(members) == 1:  # the part no second worker could take over
+                idle = [w - max(b.values()) for w, b in zip(walls, busy, strict=True)]
+                out["rows"][label]["not_on_worker_s"] = [round(x, 3) for x in idle]
+                out["rows"][label]["two_worker_fluid_s"] = statistics.mean(
+                    x + max(b.values()) / 2 for x, b in zip(idle, busy, strict=True))
         finally:
             sw.close()
     rows = out["rows"]
@@ -129,6 +139,28 @@ def measure_upscale(
         out["target"] = 1.8
         out["met"] = out["speedup"] >= 1.8
         log(f"upscale speed-up 2 workers / 1 worker: {out['speedup']:.2f}x (target 1.8x)")
+    return out
+
+
+def _busy_seconds(flights: list[tuple]) -> dict[str, float]:
+    """Union of each backend's in-flight intervals (two slots overlap on one worker)."""
+    by: dict[str, list[tuple[float, float]]] = {}
+    for b, _n, start, end, outcome, _copy in flights:
+        if outcome == "ok":
+            by.setdefault(b, []).append((start, end))
+    out = {}
+    for b, spans in by.items():
+        total, cur_s, cur_e = 0.0, None, None
+        for st, en in sorted(spans):
+            if cur_e is None or st > cur_e:
+                if cur_e is not None:
+                    total += cur_e - cur_s
+                cur_s, cur_e = st, en
+            else:
+                cur_e = max(cur_e, en)
+        if cur_e is not None:
+            total += cur_e - cur_s
+        out[b] = round(total, 3)
     return out
 
 
@@ -162,23 +194,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None)
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: tiny-width SD 1.5 layout, small image and tiles")
+    p.add_argument("--simulate", type=float, default=None, metavar="STEP_S",
+                   help="CPU run with 2 simulated workers (the bench-only engine that sleeps "
+                        "STEP_S per step per megapixel at batch 1): the controller, HTTP and "
+                        "scheduling are real, the GPU is not")
     add_upscale_args(p)
     a = p.parse_args(argv)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from bench.bench_multigpu import prepare_folder
-    from colabswarm.swarm.local import start_local_workers
+    from colabswarm.swarm.local import LocalWorker, start_local_workers
 
-    folder = prepare_folder(a.model_dir, "sd15", tiny=a.tiny)
-    gpus = [int(g) for g in a.gpus.split(",")]
     t0 = time.perf_counter()
-    group = start_local_workers(gpus, model=folder)
+    if a.simulate is not None:
+        workers = [LocalWorker(None, ["tiny"], f"sim{i}", env={"OMP_NUM_THREADS": "1"},
+                               extra_args=("--simulate-speed", "1", "--simulate-step-seconds",
+                                           str(a.simulate))) for i in range(2)]
+        for w in workers:
+            w.start()
+        stop = lambda: [w.stop() for w in workers]  # noqa: E731
+    else:
+        from bench.bench_multigpu import prepare_folder
+
+        folder = prepare_folder(a.model_dir, "sd15", tiny=a.tiny)
+        group = start_local_workers([int(g) for g in a.gpus.split(",")], model=folder)
+        workers, stop = list(group), group.stop
     print(f"workers loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     try:
-        members = [(w.name, w.share or "") for w in group]
-        res = measure_upscale({"1 worker": members[:1], f"{len(members)} workers": members},
-                              upscale_ns(a), log=lambda m: print(m, flush=True))
+        members = [(w.name, w.share or "") for w in workers]
+        groups = {"1 worker": members[:1]}
+        if len(members) > 1:
+            groups[f"{len(members)} workers"] = members
+        res = measure_upscale(groups, upscale_ns(a), log=lambda m: print(m, flush=True))
     finally:
-        group.stop()
+        stop()
     print(json.dumps(res, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))

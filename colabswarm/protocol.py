@@ -81,10 +81,17 @@ class JobRequest(BaseModel):
     )
     upscaler: str | None = Field(None, max_length=200)
     scale: int = Field(1, ge=1, le=64)
+    crops: list[tuple[int, int, int, int]] = Field(
+        default_factory=list, max_length=1024,
+        description="img2img tiles: one box (left, top, right, bottom) per seed, cut by the "
+        "worker from the one shared init image after `upscaler` x `scale`; each box is width x "
+        "height and may pass the right/bottom edge by < 8 px (edge pixels repeat)",
+    )
 
     def param_key(self) -> tuple:
-        """Jobs with equal keys can share one pipeline call: all but seeds and init images."""
-        d = self.model_dump(exclude={"seeds", "init_images"})
+        """Jobs with equal keys can share one pipeline call: all but seeds, init images and
+        tile boxes."""
+        d = self.model_dump(exclude={"seeds", "init_images", "crops"})
         return tuple(sorted(d.items()))
 
 

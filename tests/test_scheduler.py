@@ -16,9 +16,10 @@ from colabswarm.swarm.scheduler import (
 
 
 def _backend(name: str, unit_s: float | None = None, slots: int = 2, models=("tiny",),
-             max_pixels: int = 1024 * 1024, max_images: int = 16) -> Backend:
+             max_pixels: int = 1024 * 1024, max_images: int = 16,
+             capabilities=("txt2img", "img2img", "upscale", "tiles")) -> Backend:
     info = Info(name=name, version="0", device="cpu", models=list(models),
-                capabilities=["txt2img", "img2img", "upscale"], upscalers=["lanczos"],
+                capabilities=list(capabilities), upscalers=["lanczos"],
                 limits=Limits(max_pixels=max_pixels, max_images=max_images), queue_depth=0,
                 running=0, jobs_served=0)
     return Backend(name=name, url=f"http://{name}", token="t" * 16, slots=slots,
@@ -196,3 +197,26 @@ def test_backoff_is_quicker_for_allow_idle_peers():
     assert idle == sorted(idle) and err == sorted(err)
     assert max(idle) <= 8.0 and max(err) <= 60.0
     assert all(i <= e for i, e in zip(idle, err, strict=True))
+
+
+def test_tiles_skip_a_worker_that_cannot_cut_them():
+    old = _backend("old", capabilities=("txt2img", "img2img", "upscale"))
+    new = _backend("new")
+    tpl = JobRequest(kind="img2img", width=64, height=64, steps=10, strength=0.5,
+                     upscaler="lanczos", scale=2)
+    src = b"png"
+    items = [Item(1, i, i, tpl, src, (0, 0, 64, 64)) for i in range(3)]
+    plan, skips = plan_dispatch(items, [old, new], [], 0.0)
+    assert {b.name for b, _ in plan} == {"new"}
+    assert any(b.name == "old" and "update colabswarm" in why for b, _, why in skips)
+
+
+def test_tiles_of_different_sources_never_share_a_job():
+    tpl = JobRequest(kind="img2img", width=64, height=64, steps=10, strength=0.5,
+                     upscaler="lanczos", scale=2)
+    one, two = b"source one", b"source two"
+    items = [Item(1, i, i, tpl, one if i % 2 else two, (0, 0, 64, 64)) for i in range(8)]
+    plan, _ = plan_dispatch(items, [_backend("a", unit_s=0.1, slots=4)], [], 0.0)
+    assert plan
+    for _, batch in plan:
+        assert len({id(it.init_png) for it in batch}) == 1

@@ -229,3 +229,52 @@ def test_uncollected_results_expire(strict_worker):
     http.post("/v1/jobs", json={"prompt": "p", "width": 64, "height": 64, "steps": 2,
                                 "seeds": [2]})
     assert http.get(f"/v1/jobs/{job_id}").status_code == 404
+
+
+def test_tile_boxes_are_checked_before_any_work(strict_worker):
+    _, http = strict_worker
+    uid = http.post("/v1/uploads", content=_png(size=(60, 44))).json()["id"]  # x2: 120x88
+    base = {"kind": "img2img", "init_images": [uid], "width": 64, "height": 64, "steps": 4,
+            "strength": 0.5, "upscaler": "lanczos", "scale": 2}
+    cases = [
+        ({"seeds": [1, 2], "crops": [[0, 0, 64, 64]]}, ["one crop box per seed", "2 seeds"]),
+        ({"seeds": [1], "crops": [[0, 0, 64, 56]]}, ["crop box 0", "64x64", "120x88"]),
+        ({"seeds": [1], "crops": [[60, 0, 124, 64]]}, ["crop box 0", "inside"]),
+        ({"seeds": [1], "crops": [[0, 0, 64, 64]], "scale": 9}, ["scale 9"]),
+        ({"seeds": [1], "crops": [[0, 0, 64, 64]], "scale": 6}, ["65536"]),
+        ({"seeds": [1], "crops": [[0, 0, 64, 64]], "upscaler": "esrgan-9000"}, ["lanczos"]),
+        ({"seeds": [1], "crops": []}, ["only with crops"]),
+    ]
+    for extra, words in cases:
+        r = http.post("/v1/jobs", json={**base, **extra})
+        assert r.status_code == 422, (extra, r.text)
+        for w in words:
+            assert w in r.json()["detail"], (extra, w, r.json()["detail"])
+    r = http.post("/v1/jobs", json={"prompt": "p", "width": 64, "height": 64, "steps": 4,
+                                    "seeds": [1], "crops": [[0, 0, 64, 64]]})
+    assert r.status_code == 422 and "tiles are img2img" in r.json()["detail"]
+    # a box may pass the right edge by < 8 px (120 -> 128): accepted
+    ok = http.post("/v1/jobs", json={**base, "seeds": [1], "crops": [[56, 0, 120, 64]]})
+    assert ok.status_code == 202, ok.text
+    assert _wait_done(http, ok.json()["id"])["state"] == "done"
+
+
+def test_worker_cuts_tiles_like_the_controller(worker):
+    """Tiles cut on the worker from the upscaled source are the controller's crops, edge rule
+    included (90 px is not a multiple of 8, so every crop runs 6 px past the bottom edge)."""
+    from colabswarm.swarm.tiles import cut_tiles, plan_tiles
+
+    src = Image.fromarray(np.random.default_rng(1).integers(0, 255, (45, 61, 3), np.uint8))
+    big = src.resize((122, 90), Image.Resampling.LANCZOS)
+    plan = plan_tiles(122, 90, tile=96, overlap=16, padding=8)
+    want = cut_tiles(big, plan)
+    w, h = want[0].size
+    boxes = [t.crop for t in plan.tiles]
+    assert any(b[2] > 122 or b[3] > 90 for b in boxes), "the test needs a crop past the edge"
+    req = JobRequest(kind="img2img", width=w, height=h, steps=4, strength=0.0,
+                     seeds=list(range(len(boxes))), upscaler="lanczos", scale=2, crops=boxes)
+    buf = io.BytesIO()
+    src.save(buf, format="PNG")
+    got = asyncio.run(_run(worker.share, req, buf.getvalue()))
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), f"tile {i} differs"

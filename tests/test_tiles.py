@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -285,16 +283,6 @@ def test_seam_is_invisible_on_a_typical_grid() -> None:
         x0, y0, x1, y1 = t.box
         hard[y0:y1, x0:x1] = 120 + s
     assert _max_jump(Image.fromarray(hard.astype(np.uint8))) == 40
-
-
-def test_2048_cut_and_blend_is_fast() -> None:
-    plan = plan_tiles(2048, 2048, tile=512, overlap=64)
-    img = _noise(2048, 2048)
-    blend_tiles(plan, cut_tiles(img, plan))  # warm up
-    start = time.perf_counter()
-    out = blend_tiles(plan, cut_tiles(img, plan))
-    assert time.perf_counter() - start < 1.0  # ~0.1 s in practice; generous for busy machines
-    assert np.array_equal(np.asarray(out), np.asarray(img))
 
 
 # --- errors and helpers ----------------------------------------------------------------------

@@ -97,6 +97,24 @@ def test_kill_9_mid_upscale_still_gives_a_complete_image(spawn):
         s.close()
 
 
+def test_two_upscales_at_once_keep_their_own_tiles(workers):
+    """Tiles of two sources with the same settings could batch together; a job carries one
+    source, so each upscale must still come back made of its own pixels."""
+    s = Swarm(output_dir=None, trace=True)
+    try:
+        for p in workers:
+            s.add(p.share)
+        a, b = _source(64), Image.fromarray(255 - np.asarray(_source(64)))
+        fa = s.submit_upscale(a, scale=2, tile=64, overlap=16, denoise=0.0, steps=4, seed=1)
+        fb = s.submit_upscale(b, scale=2, tile=64, overlap=16, denoise=0.0, steps=4, seed=1)
+        ra, rb = fa.result(timeout=120), fb.result(timeout=120)
+        assert _diff(ra.image, a.resize((128, 128), Image.Resampling.LANCZOS)) <= 1
+        assert _diff(rb.image, b.resize((128, 128), Image.Resampling.LANCZOS)) <= 1
+        assert max(n for _, n, *_ in s.trace) > 1, "tiles were still batched"
+    finally:
+        s.close()
+
+
 def test_bad_upscale_parameters_are_refused_up_front(workers):
     s = Swarm(output_dir=None)
     try:

@@ -8,10 +8,12 @@ with one generator per image, so the image for seed s is the same alone or insid
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import os
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..crops import crop_edge
 from ..errors import InvalidRequest, ModelNotAvailable
 from ..protocol import JobRequest
 from .tiny import TINY_MODELS, tiny_model_dir
@@ -131,6 +134,9 @@ class Engine:
         self._loaded: _Loaded | None = None
         self._lock = threading.RLock()
         self._upscalers: dict[str, Any] = {}
+        # upscaled tile sources by content: every tile job of one upscale sends the same small
+        # source, and the big image is made once per worker, not once per job
+        self._upscaled: OrderedDict[tuple, Image.Image] = OrderedDict()
         self.step_seconds_per_mpix: float | None = None
 
     # ----- what this engine offers -------------------------------------------------------
@@ -260,6 +266,7 @@ class Engine:
         """Give cached GPU memory back (after a model swap or on request)."""
         import torch
 
+        self._upscaled.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -296,6 +303,9 @@ class Engine:
         )
         if req.kind == "img2img":
             size = (req.width, req.height)
+            if req.crops:
+                big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
+                inits = [crop_edge(big, box) for box in req.crops]
             inits = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
                      for im in inits]
             if req.strength == 0:
@@ -333,6 +343,22 @@ class Engine:
         sample = seconds / step_mpix
         prev = self.step_seconds_per_mpix
         self.step_seconds_per_mpix = sample if prev is None else 0.7 * prev + 0.3 * sample
+
+    def upscaled(self, image: Image.Image, upscaler: str, scale: int) -> Image.Image:
+        """``upscale`` with a small cache keyed by the pixels (two sources: one upscale running
+        while the next one starts)."""
+        if scale == 1:
+            return image.convert("RGB")
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        key = (digest, image.size, image.mode, upscaler, scale)
+        hit = self._upscaled.get(key)
+        if hit is None:
+            hit = self.upscale(image, upscaler, scale).convert("RGB")
+            self._upscaled[key] = hit
+            while len(self._upscaled) > 2:
+                self._upscaled.popitem(last=False)
+        self._upscaled.move_to_end(key)
+        return hit
 
     def upscale(self, image: Image.Image, upscaler: str, scale: int) -> Image.Image:
         from .upscalers import run_upscaler

@@ -28,6 +28,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from .. import __version__
+from ..crops import fits_edge_rule
 from ..errors import ColabSwarmError, InvalidRequest
 from ..protocol import (
     API_PREFIX,
@@ -179,7 +180,7 @@ class WorkerApp:
             gpu_memory_free=dev.get("gpu_memory_free"),
             models=self.engine.model_names,
             model_loaded=self.engine.loaded_model,
-            capabilities=["txt2img", "img2img", "upscale"],
+            capabilities=["txt2img", "img2img", "upscale", "tiles"],
             upscalers=self.engine.upscaler_names(),
             limits=self.limits,
             queue_depth=queued,
@@ -237,6 +238,8 @@ class WorkerApp:
                     f"This worker does not serve model {req.model!r}; it serves "
                     f"{self.engine.model_names}."
                 )
+        if req.kind != "img2img" and req.crops:
+            raise InvalidRequest(f"{req.kind} takes no crops; tiles are img2img jobs.")
         if req.kind == "txt2img":
             if req.init_images:
                 raise InvalidRequest("txt2img takes no init_images; use kind 'img2img'.")
@@ -262,6 +265,8 @@ class WorkerApp:
                     f"steps*strength must be at least 1 (got {req.steps}*{req.strength}); "
                     "raise steps or strength, or use strength 0 to return the image unchanged."
                 )
+            if req.crops or req.scale != 1 or req.upscaler:
+                self._check_tiles(req, image)
         else:
             if req.scale > lim.max_upscale:
                 raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
@@ -277,6 +282,45 @@ class WorkerApp:
                     f"pixels; this worker's limit is {lim.max_init_pixels}."
                 )
         return images
+
+    def _check_tiles(self, req: JobRequest, source: Image.Image) -> None:
+        """img2img tiles cut here from the upscaled source: every box must fit and be the job's
+        size, so a bad box is refused now rather than failing on the GPU."""
+        lim = self.limits
+        if not req.crops:
+            raise InvalidRequest(
+                "img2img takes upscaler/scale only with crops (one tile box per seed)."
+            )
+        if len(req.init_images) != 1:
+            raise InvalidRequest(
+                f"img2img with crops needs one shared init image (the source), got "
+                f"{len(req.init_images)}."
+            )
+        if len(req.crops) != len(req.seeds):
+            raise InvalidRequest(
+                f"img2img needs one crop box per seed: {len(req.seeds)} seeds, "
+                f"{len(req.crops)} boxes."
+            )
+        if req.scale > lim.max_upscale:
+            raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
+        if req.upscaler and req.upscaler not in self.engine.upscaler_names():
+            raise InvalidRequest(
+                f"Unknown upscaler {req.upscaler!r}; this worker has "
+                f"{self.engine.upscaler_names()}."
+            )
+        w, h = source.width * req.scale, source.height * req.scale
+        if w * h > lim.max_init_pixels:
+            raise InvalidRequest(
+                f"Upscaling {source.width}x{source.height} by {req.scale} gives {w * h} "
+                f"pixels; this worker's limit is {lim.max_init_pixels}."
+            )
+        for i, box in enumerate(req.crops):
+            x0, y0, x1, y1 = box
+            if (x1 - x0, y1 - y0) != (req.width, req.height) or not fits_edge_rule(box, w, h):
+                raise InvalidRequest(
+                    f"crop box {i} {list(box)} must be {req.width}x{req.height} (the job's size) "
+                    f"and lie inside the upscaled {w}x{h} image (rounded up to a multiple of 8)."
+                )
 
     def add_upload(self, data: bytes) -> UploadResult:
         if not data:

@@ -66,18 +66,21 @@ class SimulatedEngine:
         n = len(req.seeds)
         mpix = req.width * req.height / 1e6
         per_step = mpix * self.step_s * (1 + self.batch_cost * (n - 1)) / self.speed
+        # img2img runs only the last steps*strength steps, as diffusers does
+        steps = req.steps if req.kind == "txt2img" else int(req.steps * req.strength)
         t0 = time.perf_counter()
-        for step in range(req.steps):
+        for step in range(steps):
             if should_stop and should_stop():
                 from .engine import Interrupted
 
                 raise Interrupted()
             time.sleep(per_step)
             if on_step:
-                on_step(step + 1, req.steps)
+                on_step(step + 1, steps)
         elapsed = time.perf_counter() - t0
-        sample = elapsed / max(req.steps * n * mpix, 1e-9)
-        prev = self.step_seconds_per_mpix
-        self.step_seconds_per_mpix = sample if prev is None else 0.7 * prev + 0.3 * sample
+        if steps:
+            sample = elapsed / (steps * n * mpix)
+            prev = self.step_seconds_per_mpix
+            self.step_seconds_per_mpix = sample if prev is None else 0.7 * prev + 0.3 * sample
         size = (req.width, req.height)
         return [Image.new("RGB", size, (s % 256, (s >> 8) % 256, 77)) for s in req.seeds]

@@ -128,8 +128,10 @@ class Backend:
                 return f"{req.width}x{req.height} is over its {lim.max_pixels} pixels"
             if req.steps > lim.max_steps:
                 return f"{req.steps} steps is over its {lim.max_steps}"
-        elif req.upscaler and req.upscaler not in info.upscalers:
+        if req.upscaler and req.upscaler not in info.upscalers:
             return f"does not have upscaler {req.upscaler!r}"
+        if req.kind == "img2img" and req.upscaler and "tiles" not in info.capabilities:
+            return "cannot cut tiles itself (update colabswarm on that worker)"
         return None
 
     def max_batch(self) -> int:

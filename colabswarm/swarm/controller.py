@@ -500,7 +500,10 @@ class Swarm:
     async def _fly(self, f: Flight) -> None:
         b, items = f.backend, f.items
         template = items[0].template
-        req = template.model_copy(update={"seeds": [it.seed for it in items]})
+        update: dict[str, Any] = {"seeds": [it.seed for it in items]}
+        if items[0].crop is not None:
+            update["crops"] = [it.crop for it in items]
+        req = template.model_copy(update=update)
         pngs: list[bytes] | None = None
         if template.kind != "txt2img":
             first = items[0].init_png
@@ -663,9 +666,11 @@ class Swarm:
     # ----- generation ----------------------------------------------------------------------
     def _new_run(self, kind: str, template: JobRequest, seeds: list[int],
                  params: dict[str, Any], on_image: Any, save: bool,
-                 init_pngs: list[bytes | None] | None = None) -> _Run:
+                 init_pngs: list[bytes | None] | None = None,
+                 crops: list[tuple[int, int, int, int]] | None = None) -> _Run:
         rid = next(self._run_ids)
-        items = [Item(rid, i, s, template, (init_pngs[i] if init_pngs else None))
+        items = [Item(rid, i, s, template, (init_pngs[i] if init_pngs else None),
+                      crops[i] if crops else None)
                  for i, s in enumerate(seeds)]
         run = _Run(rid, kind, items, params, self._loop.create_future(), on_image, save)
         self._runs[rid] = run
@@ -765,10 +770,12 @@ class Swarm:
 
     async def _run_items(self, kind: str, template: JobRequest, seeds: list[int],
                          params: dict[str, Any], init_pngs: list[bytes | None],
-                         on_image: Any) -> GenerationResult:
+                         on_image: Any,
+                         crops: list[tuple[int, int, int, int]] | None = None,
+                         ) -> GenerationResult:
         """Queue items for the tiled upscaler and wait; runs on the swarm's loop."""
         return await self._new_run(kind, template, seeds, params, on_image, False,
-                                   init_pngs).future
+                                   init_pngs, crops).future
 
     # ----- tiled upscaling -----------------------------------------------------------------
     def upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos", tile: int = 512,

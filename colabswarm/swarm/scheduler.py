@@ -58,15 +58,19 @@ class Item:
     seed: int
     template: JobRequest
     init_png: bytes | None = None
+    crop: tuple[int, int, int, int] | None = None  # a tile the worker cuts from init_png
     attempts: int = 0
     done: bool = False
     failed_on: set[str] = field(default_factory=set)
     flights: int = 0
     key: tuple = ()
+    batch_key: tuple = ()
     units: float = 0.0
 
     def __post_init__(self) -> None:
         self.key = self.template.param_key()
+        # tiles of different sources never share a job: a job carries one source
+        self.batch_key = self.key if self.crop is None else (*self.key, id(self.init_png))
         self.units = job_units(self.template)
 
 
@@ -197,7 +201,7 @@ def plan_dispatch(
     groups: dict[tuple, list[Item]] = {}  # key -> pending items, queue order
     for it in queue:
         if not it.done:
-            groups.setdefault(it.key, []).append(it)
+            groups.setdefault(it.batch_key, []).append(it)
     order = list(groups)  # keys in order of their first item
     why_cache: dict[tuple[str, tuple], str | None] = {}
     planned: dict[Any, int] = {}  # images given out by this plan: per key, per (backend, key)
@@ -205,7 +209,8 @@ def plan_dispatch(
     def why(b: Backend, key: tuple) -> str | None:
         k = (b.name, key)
         if k not in why_cache:
-            why_cache[k] = b.why_not(groups[key][0].template, key)
+            first = groups[key][0]
+            why_cache[k] = b.why_not(first.template, first.key)
         return why_cache[k]
 
     def servers(key: tuple, it: Item) -> list[Backend]:

@@ -29,8 +29,9 @@ with tile ``i - 1`` and falls across its overlap with tile ``i + 1`` (pixel cent
 exactly 0 or 1 inside an overlap); the weights of all tiles along an axis are normalised to sum
 to 1, and a tile's 2D weight is the product of its x and y weights, so the 2D weights also sum to
 1 at every pixel. A constant shift in one tile therefore fades over the whole overlap instead of
-showing as a seam, and tiles returned unchanged give back the input exactly: the weighted sum is
-within ~1e-4 of the original value and is rounded to the nearest integer.
+showing as a seam. The weights are fixed point (each axis in 1/4096ths whose sum is exactly
+4096), and tiles are summed in 32-bit integers: tiles returned unchanged give back the input
+exactly, and the order in which tiles arrive from the GPUs cannot change a single pixel.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
+from colabswarm.crops import crop_edge
 from colabswarm.errors import InvalidRequest
 
 __all__ = [
@@ -56,6 +58,8 @@ __all__ = [
 ]
 
 _MIN_TILE = 64
+_BITS = 12
+_ONE = 1 << _BITS  # fixed-point unit per axis: 255 * _ONE**2 still fits a uint32 sum
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,11 @@ class TilePlan:
 
     @cached_property
     def _x_weights(self) -> np.ndarray:
-        return _axis_weights(self.columns, self.width)
+        return _fixed_point(_axis_weights(self.columns, self.width))
 
     @cached_property
     def _y_weights(self) -> np.ndarray:
-        return _axis_weights(self.rows, self.height)
+        return _fixed_point(_axis_weights(self.rows, self.height))
 
     def _grid_pos(self, i: int) -> tuple[int, int]:
         """(row, column) of tile ``i``; tiles are numbered row-major."""
@@ -114,7 +118,8 @@ class TilePlan:
         """
         r, c = self._grid_pos(i)
         x0, y0, x1, y1 = self.tiles[i].crop
-        return np.outer(self._y_weights[r, y0:y1], self._x_weights[c, x0:x1])
+        w = np.outer(self._y_weights[r, y0:y1], self._x_weights[c, x0:x1])
+        return w / float(_ONE * _ONE)
 
 
 def _axis_weights(spans: Sequence[tuple[int, int]], length: int) -> np.ndarray:
@@ -142,6 +147,14 @@ def _axis_weights(spans: Sequence[tuple[int, int]], length: int) -> np.ndarray:
     total = w.sum(axis=0)
     np.divide(w, total, out=w, where=total > 0)
     return w
+
+
+def _fixed_point(w: np.ndarray) -> np.ndarray:
+    """Weights in 1/_ONE units whose sum over tiles is exactly _ONE wherever it was 1: round the
+    running sum, not each weight (the differences of a rounded non-decreasing sum are never
+    negative)."""
+    cum = np.rint(np.cumsum(w, axis=0) * _ONE)
+    return np.diff(cum, axis=0, prepend=0).astype(np.uint32)
 
 
 def _ceil8(n: int) -> int:
@@ -237,11 +250,8 @@ def cut_tiles(image: Image.Image, plan: TilePlan) -> list[Image.Image]:
             f"image is {image.width}x{image.height} but the plan is for "
             f"{plan.width}x{plan.height}; plan the tiles for this image first"
         )
-    arr = np.asarray(image.convert("RGB"))
-    pad_y, pad_x = _ceil8(plan.height) - plan.height, _ceil8(plan.width) - plan.width
-    if pad_x or pad_y:
-        arr = np.pad(arr, ((0, pad_y), (0, pad_x), (0, 0)), mode="edge")
-    return [Image.fromarray(arr[y0:y1, x0:x1]) for x0, y0, x1, y1 in (t.crop for t in plan.tiles)]
+    rgb = image.convert("RGB")
+    return [crop_edge(rgb, t.crop) for t in plan.tiles]
 
 
 class Blender:
@@ -250,9 +260,9 @@ class Blender:
 
     def __init__(self, plan: TilePlan) -> None:
         self.plan = plan
-        # float64: tiles arrive in any order, and the sum must round to the same integers
-        # whatever the order, so a seed gives the same picture whichever GPU was first
-        self._acc = np.zeros((plan.height, plan.width, 3), dtype=np.float64)
+        # integers: the sum is the same whatever order the tiles arrive in, so a seed gives the
+        # same picture whichever GPU was first
+        self._acc = np.zeros((plan.height, plan.width, 3), dtype=np.uint32)
         self._seen: set[int] = set()
 
     def add(self, index: int, img: Image.Image) -> None:
@@ -269,17 +279,15 @@ class Blender:
         r, c = self.plan._grid_pos(t.index)
         w = np.outer(self.plan._y_weights[r, by0:by1], self.plan._x_weights[c, bx0:bx1])
         px = np.asarray(img.convert("RGB"))[by0 - cy0 : by1 - cy0, bx0 - cx0 : bx1 - cx0]
-        self._acc[by0:by1, bx0:bx1] += px * w[:, :, None]
+        self._acc[by0:by1, bx0:bx1] += px * w[:, :, None]  # uint8 * uint32: no overflow
         self._seen.add(index)
 
     def result(self) -> Image.Image:
         missing = len(self.plan.tiles) - len(self._seen)
         if missing:
             raise InvalidRequest(f"{missing} tiles are still missing; blend every tile first")
-        # snap to a 1e-6 grid first: float sums in different orders differ by ~1e-14, which
-        # would flip values that are exactly halfway (x.5) one way or the other
-        out = np.rint(np.round(self._acc, 6))
-        np.clip(out, 0, 255, out=out)
+        half = np.uint32(1 << (2 * _BITS - 1))  # round to nearest; the largest sum is 255 * _ONE**2
+        out = (self._acc + half) >> np.uint32(2 * _BITS)
         return Image.fromarray(out.astype(np.uint8), "RGB")
 
 

@@ -1,9 +1,11 @@
 """Distributed tiled upscaling on top of the scheduler.
 
-Upscale the whole image first (Lanczos here on the controller, or an upscale model on a worker
-that has it), cut it into overlapping tiles, refine each tile by img2img at low denoise on
-whichever backend is free (ordered, slots, batching of equal-size tiles, requeue on failure, as
-any generation), then blend the tiles back with feathered weights (tiles.py).
+Plan a grid of overlapping tiles over the upscaled size (tiles.py), refine each tile by img2img
+at low denoise on whichever backend is free (ordered, slots, batching of equal-size tiles,
+requeue on failure, as any generation), and blend the tiles back with feathered weights as they
+arrive. With Lanczos every worker upscales the small source itself and cuts its own tiles
+(``JobRequest.crops``); an upscale model runs once on a worker that has it, and the controller
+cuts and sends the tiles so that every worker can refine them.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from ..backend.png import encode_png
 from ..errors import InvalidRequest
 from ..protocol import JobRequest
 from .outputs import GeneratedImage, save_image
-from .tiles import Blender, cut_tiles, plan_summary, plan_tiles, tile_seed
+from .tiles import Blender, TilePlan, cut_tiles, plan_summary, plan_tiles, tile_seed
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -108,20 +110,12 @@ async def run_upscale(
         model=model, strength=denoise, width=target[0], height=target[1],
         upscale=f"{upscaler} x{scale}, {plan_summary(plan)}",
     )
-    if upscaler == "lanczos":
-        big = await asyncio.to_thread(source.resize, target, Image.Resampling.LANCZOS)
-    else:  # a model on a worker that has it, as a job of its own
-        job = JobRequest(kind="upscale", upscaler=upscaler, scale=scale, seeds=[0])
-        done = await swarm._run_items("upscale-model", job, [seed], params,
-                                      [await asyncio.to_thread(_png, source)], None)
-        big = done.images[0].image.convert("RGB")
-    crops = await asyncio.to_thread(cut_tiles, big, plan)
-    total = len(crops)
-    # blend each tile as it arrives, on one thread of its own, while the GPUs work on the rest
     blender = Blender(plan)
+    total = len(plan.tiles)
+    owners: dict[int, str] = {}
+    # blend each tile as it arrives, on one thread of its own, while the GPUs work on the rest
     blending = ThreadPoolExecutor(max_workers=1, thread_name_prefix="colabswarm-blend")
     pending: list[Future] = []
-    owners: dict[int, str] = {}
 
     def tile_done(index: int, g: GeneratedImage) -> None:
         owners[index] = g.backend
@@ -130,24 +124,13 @@ async def run_upscale(
             on_tile(len(owners), total)
 
     try:
-        # queue tiles a batch at a time while the next batch's PNGs are written; equal-size
-        # tiles share one template, so batches form across these runs as well
-        runs = []
-        order = sorted(range(total), key=lambda i: crops[i].size)
-        for k in range(0, total, _CHUNK):
-            chunk = order[k:k + _CHUNK]
-            pngs = dict(zip(chunk, await asyncio.to_thread(
-                lambda chunk=chunk: [_png(crops[i]) for i in chunk]), strict=True))
-            by_size: dict[tuple[int, int], list[int]] = {}
-            for i in chunk:
-                by_size.setdefault(crops[i].size, []).append(i)
-            for (w, h), members in by_size.items():
-                tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model,
-                                      kind="img2img", strength=denoise)
-                runs.append(asyncio.ensure_future(swarm._run_items(
-                    "upscale", tpl, [tile_seed(seed, i) for i in members], params,
-                    [pngs[i] for i in members],
-                    lambda g, members=members: tile_done(members[g.index], g))))
+        if upscaler == "lanczos":
+            runs = await _worker_cut(swarm, source, plan, scale, seed, params, tile_done,
+                                     prompt, negative_prompt, steps, cfg, model, denoise)
+        else:
+            runs = await _controller_cut(swarm, source, plan, scale, upscaler, seed, params,
+                                         tile_done, prompt, negative_prompt, steps, cfg, model,
+                                         denoise)
         await asyncio.gather(*runs)
         await asyncio.to_thread(lambda: [f.result() for f in pending])
         out = await asyncio.to_thread(blender.result)
@@ -159,3 +142,58 @@ async def run_upscale(
         g = GeneratedImage(out, seed, ",".join(result.backends), 0, result.seconds, params)
         result.path = await asyncio.to_thread(save_image, g, swarm.output_dir)
     return result
+
+
+def _by_size(plan: TilePlan, indices: list[int]) -> dict[tuple[int, int], list[int]]:
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in indices:
+        x0, y0, x1, y1 = plan.tiles[i].crop
+        groups.setdefault((x1 - x0, y1 - y0), []).append(i)
+    return groups
+
+
+async def _worker_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int, seed: int,
+                      params: dict[str, Any], tile_done: Callable[[int, GeneratedImage], None],
+                      prompt: str, negative_prompt: str, steps: int, cfg: float,
+                      model: str | None, denoise: float) -> list[asyncio.Future]:
+    """Lanczos is the same on every machine, so each worker upscales the small source once and
+    cuts its own tiles: one small upload per job instead of a crop per tile, and no serial
+    upscale, cut and tile encoding on the controller before the GPUs can start."""
+    src_png = await asyncio.to_thread(_png, source)
+    runs = []
+    for (w, h), members in _by_size(plan, list(range(len(plan.tiles)))).items():
+        tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model, kind="img2img",
+                              strength=denoise, upscaler="lanczos", scale=scale)
+        runs.append(asyncio.ensure_future(swarm._run_items(
+            "upscale", tpl, [tile_seed(seed, i) for i in members], params,
+            [src_png] * len(members), lambda g, members=members: tile_done(members[g.index], g),
+            crops=[plan.tiles[i].crop for i in members])))
+    return runs
+
+
+async def _controller_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int,
+                          upscaler: str, seed: int, params: dict[str, Any],
+                          tile_done: Callable[[int, GeneratedImage], None], prompt: str,
+                          negative_prompt: str, steps: int, cfg: float, model: str | None,
+                          denoise: float) -> list[asyncio.Future]:
+    """An upscale model may live on one worker only: run it there once, then cut the tiles
+    here and send each one, so every worker can refine them."""
+    job = JobRequest(kind="upscale", upscaler=upscaler, scale=scale, seeds=[0])
+    done = await swarm._run_items("upscale-model", job, [seed], params,
+                                  [await asyncio.to_thread(_png, source)], None)
+    big = done.images[0].image.convert("RGB")
+    crops = await asyncio.to_thread(cut_tiles, big, plan)
+    runs = []
+    # queue tiles a chunk at a time while the next chunk's PNGs are written
+    for k in range(0, len(crops), _CHUNK):
+        chunk = list(range(k, min(k + _CHUNK, len(crops))))
+        pngs = dict(zip(chunk, await asyncio.to_thread(
+            lambda chunk=chunk: [_png(crops[i]) for i in chunk]), strict=True))
+        for (w, h), members in _by_size(plan, chunk).items():
+            tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model,
+                                  kind="img2img", strength=denoise)
+            runs.append(asyncio.ensure_future(swarm._run_items(
+                "upscale", tpl, [tile_seed(seed, i) for i in members], params,
+                [pngs[i] for i in members],
+                lambda g, members=members: tile_done(members[g.index], g))))
+    return runs
