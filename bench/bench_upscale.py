@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         from bench.bench_multigpu import prepare_folder
 
+        if a.tiny and a.model_dir == "/tmp/sd15-random":  # never leave a tiny model there
+            a.model_dir = "/tmp/cs-tiny-sd15"
         folder = prepare_folder(a.model_dir, "sd15", tiny=a.tiny)
         group = start_local_workers([int(g) for g in a.gpus.split(",")], model=folder)
         workers, stop = list(group), group.stop
