@@ -71,7 +71,9 @@ def test_refined_upscale_is_deterministic_and_changes_pixels(tmp_path, workers):
 
 def test_kill_9_mid_upscale_still_gives_a_complete_image(spawn):
     procs = [spawn(name=f"k{i}", env={"OMP_NUM_THREADS": "1"}) for i in range(3)]
-    s = Swarm(output_dir=None, health_every=0.5)
+    # copies off: a copy running elsewhere could deliver the victim's tiles with no requeue,
+    # and this test must see the killed backend's own tiles come back from the others
+    s = Swarm(output_dir=None, health_every=0.5, copies=False)
     try:
         for p in procs:
             s.add(p.share)
@@ -79,18 +81,21 @@ def test_kill_9_mid_upscale_still_gives_a_complete_image(spawn):
         killed: list[str] = []
 
         def on_tile(done: int, total: int) -> None:
-            if done == 3 and not killed:
-                # a backend holding tiles of its own (not only a copy someone else also runs)
-                victim = next(f.backend for f in s._flights if f.copy_of is None)
-                killed.append(victim.name)
-                next(p for p in procs if p.name == victim.name).kill()
+            if done < 3 or killed:
+                return
+            # a worker still denoising its tiles (not one whose results are already here)
+            busy = [f for f in s._flights if f.total_steps == 0 or f.step < f.total_steps]
+            if busy:
+                killed.append(busy[0].backend.name)
+                next(p for p in procs if p.name == killed[0]).kill()
 
-        ref = s.upscale(src, scale=2, tile=64, overlap=16, denoise=0.0, steps=4, seed=1,
-                        save=False)
-        r = s.upscale(src, scale=2, tile=64, overlap=16, denoise=0.0, steps=4, seed=1,
-                      on_tile=on_tile, save=False)
+        kw = dict(scale=2, tile=64, overlap=16, denoise=0.5, steps=4, seed=1, save=False)
+        ref = s.upscale(src, **kw)
+        r = s.upscale(src, on_tile=on_tile, **kw)
         assert killed
-        assert r.image.size == (256, 256) and _diff(r.image, ref.image) == 0
+        # per-tile seeds: the same picture whoever made which tile (batches may differ, and
+        # a CPU's batched convolutions can differ in the last bit)
+        assert r.image.size == (256, 256) and _diff(r.image, ref.image) <= 1
         assert any("goes back to the front" in m for _, _, m in s.logs), "tiles were requeued"
         assert next(b for b in s.backends if b["name"] == killed[0])["status"] == "errored"
     finally:

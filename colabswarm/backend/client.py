@@ -40,6 +40,26 @@ _MAX_IMAGE_BYTES = 96 * 1024 * 1024
 _MAX_RESULT_PIXELS = 2**26  # 8192x8192: no worker result is bigger (upscales included)
 _STATE_ORDER = {"queued": 0, "running": 1, "done": 2, "failed": 2, "interrupted": 2}
 _POLL_WAIT_S = 20.0  # well under Cloudflare's ~100 s request limit
+_PARALLEL_DOWNLOADS = 4  # a job's images at once: over a tunnel each one costs a round trip
+
+
+async def _all(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
+    """Run all, at most `limit` at a time, results in order; on the first error the rest are
+    called off (and awaited, so nothing is left running or unretrieved) and that error is
+    raised."""
+    gate = asyncio.Semaphore(limit)
+
+    async def one(call: Callable[[], Awaitable[Any]]) -> Any:
+        async with gate:
+            return await call()
+
+    tasks = [asyncio.ensure_future(one(c)) for c in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 ProgressFn = Callable[[JobStatus], Awaitable[None] | None]
 
 
@@ -198,7 +218,10 @@ class WorkerClient:
                 f"{self.name}: the image download failed ({type(exc).__name__}). Is the worker "
                 "still running and its tunnel open?"
             ) from None
-        data = b"".join(chunks)
+        # checked and decoded on a thread: the controller's loop serves every worker meanwhile
+        return await asyncio.to_thread(self._decode, b"".join(chunks), size)
+
+    def _decode(self, data: bytes, size: tuple[int, int]) -> Image.Image:
         try:
             with Image.open(io.BytesIO(data)) as img:
                 if img.format != "PNG":
@@ -309,8 +332,8 @@ class WorkerClient:
             )
         if req.kind == "upscale" and not init_pngs:
             expected = (status.width, status.height)
-        images = [await self.image(job_id, i, expected, seed)
-                  for i, seed in enumerate(req.seeds)]
+        images = await _all([lambda i=i, seed=seed: self.image(job_id, i, expected, seed)
+                             for i, seed in enumerate(req.seeds)], _PARALLEL_DOWNLOADS)
         if on_progress:
             maybe = on_progress(status)
             if asyncio.iscoroutine(maybe):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import threading
 import time
@@ -98,7 +99,11 @@ class JobManager:
         self.jobs_served = 0
         self.running: Job | None = None
         self.ready = threading.Event()
-        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="colabswarm-png")
+        self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="colabswarm-job-png")
+        # the images of one job are written side by side: the last job of a run is waited for,
+        # and zlib lets go of the GIL
+        self._png_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
+                                            thread_name_prefix="colabswarm-png")
 
     # ----- lifecycle -----------------------------------------------------------------------
     def start(self, loop: asyncio.AbstractEventLoop, warmup: Any = None) -> None:
@@ -117,6 +122,7 @@ class JobManager:
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
         self._encoder.shutdown(wait=True, cancel_futures=False)
+        self._png_pool.shutdown(wait=True, cancel_futures=False)
 
     # ----- what handlers call --------------------------------------------------------------
     def submit(self, req: JobRequest, init_images: list[Image.Image]) -> JobStatus:
@@ -283,7 +289,7 @@ class JobManager:
 
     def _encode(self, job: Job, images: list[Image.Image]) -> None:
         try:
-            pngs = [encode_png(im.convert("RGB") if im.mode != "RGB" else im) for im in images]
+            pngs = list(self._png_pool.map(_rgb_png, images))
         except Exception as exc:
             log.exception("job %s: PNG encoding failed", job.id)
             self._finish(job, [], "failed", f"PNG encoding failed: {exc}")
@@ -302,3 +308,7 @@ class JobManager:
             if state == "done":
                 self.jobs_served += 1
             self._changed(job)
+
+
+def _rgb_png(image: Image.Image) -> bytes:
+    return encode_png(image.convert("RGB") if image.mode != "RGB" else image)
