@@ -561,7 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--images", type=int, default=32, help="images of most rows")
     p.add_argument("--dp-images", type=int, default=16,
                    help="images of the DataParallel and layer-split rows")
-    p.add_argument("--swarm-images", type=int, default=64, help="images of 2-worker batching")
+    # a run pays ~0.4 s once (first job's start, last job's PNGs); at 64 images over two GPUs
+    # that alone is 7 % (bench/bench_run_length.py), so the steady rate needs a longer run
+    p.add_argument("--swarm-images", type=int, default=256, help="images of 2-worker batching")
     p.add_argument("--reps", type=int, default=2, help="timed generates per swarm row")
     p.add_argument("--devices", default="cuda:0,cuda:1")
     p.add_argument("--gpus", default="0,1", help="worker GPUs (CUDA_VISIBLE_DEVICES each)")

@@ -268,25 +268,30 @@ class WorkerApp:
             if req.crops or req.scale != 1 or req.upscaler:
                 self._check_tiles(req, image)
         else:
-            if req.scale > lim.max_upscale:
-                raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
-            if req.upscaler and req.upscaler not in self.engine.upscaler_names():
-                raise InvalidRequest(
-                    f"Unknown upscaler {req.upscaler!r}; this worker has "
-                    f"{self.engine.upscaler_names()}."
-                )
-            out_px = image.width * image.height * req.scale * req.scale
-            if out_px > lim.max_init_pixels:
-                raise InvalidRequest(
-                    f"Upscaling {image.width}x{image.height} by {req.scale} gives {out_px} "
-                    f"pixels; this worker's limit is {lim.max_init_pixels}."
-                )
+            self._check_upscale(req, image)
         return images
+
+    def _check_upscale(self, req: JobRequest, source: Image.Image) -> tuple[int, int]:
+        """Scale, upscaler and output size of an upscale (or of a tile job's source)."""
+        lim = self.limits
+        if req.scale > lim.max_upscale:
+            raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
+        if req.upscaler and req.upscaler not in self.engine.upscaler_names():
+            raise InvalidRequest(
+                f"Unknown upscaler {req.upscaler!r}; this worker has "
+                f"{self.engine.upscaler_names()}."
+            )
+        w, h = source.width * req.scale, source.height * req.scale
+        if w * h > lim.max_init_pixels:
+            raise InvalidRequest(
+                f"Upscaling {source.width}x{source.height} by {req.scale} gives {w * h} "
+                f"pixels; this worker's limit is {lim.max_init_pixels}."
+            )
+        return w, h
 
     def _check_tiles(self, req: JobRequest, source: Image.Image) -> None:
         """img2img tiles cut here from the upscaled source: every box must fit and be the job's
         size, so a bad box is refused now rather than failing on the GPU."""
-        lim = self.limits
         if not req.crops:
             raise InvalidRequest(
                 "img2img takes upscaler/scale only with crops (one tile box per seed)."
@@ -301,19 +306,7 @@ class WorkerApp:
                 f"img2img needs one crop box per seed: {len(req.seeds)} seeds, "
                 f"{len(req.crops)} boxes."
             )
-        if req.scale > lim.max_upscale:
-            raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
-        if req.upscaler and req.upscaler not in self.engine.upscaler_names():
-            raise InvalidRequest(
-                f"Unknown upscaler {req.upscaler!r}; this worker has "
-                f"{self.engine.upscaler_names()}."
-            )
-        w, h = source.width * req.scale, source.height * req.scale
-        if w * h > lim.max_init_pixels:
-            raise InvalidRequest(
-                f"Upscaling {source.width}x{source.height} by {req.scale} gives {w * h} "
-                f"pixels; this worker's limit is {lim.max_init_pixels}."
-            )
+        w, h = self._check_upscale(req, source)
         for i, box in enumerate(req.crops):
             x0, y0, x1, y1 = box
             if (x1 - x0, y1 - y0) != (req.width, req.height) or not fits_edge_rule(box, w, h):
