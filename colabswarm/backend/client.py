@@ -169,7 +169,10 @@ class WorkerClient:
         return self._model(UploadResult, resp)
 
     async def submit(self, req: JobRequest) -> JobStatus:
-        resp = await self._request("POST", "/jobs", content=req.model_dump_json(),
+        # fields added since the first /v1 workers go out only when used: those workers
+        # refuse unknown fields, and still serve every job that does not need them
+        body = req.model_dump_json(exclude=set() if req.crops else {"crops"})
+        resp = await self._request("POST", "/jobs", content=body,
                                    headers={"content-type": "application/json"})
         return self._model(JobStatus, resp)
 

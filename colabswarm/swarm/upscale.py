@@ -124,7 +124,7 @@ async def run_upscale(
             on_tile(len(owners), total)
 
     try:
-        if upscaler == "lanczos":
+        if upscaler == "lanczos" and _workers_cut(swarm):
             runs = await _worker_cut(swarm, source, plan, scale, seed, params, tile_done,
                                      prompt, negative_prompt, steps, cfg, model, denoise)
         else:
@@ -142,6 +142,17 @@ async def run_upscale(
         g = GeneratedImage(out, seed, ",".join(result.backends), 0, result.seconds, params)
         result.path = await asyncio.to_thread(save_image, g, swarm.output_dir)
     return result
+
+
+def _workers_cut(swarm: Swarm) -> bool:
+    """Whether tiles can be cut on the workers: yes unless every worker that has answered is
+    from before tile jobs (then the controller cuts, as those workers expect)."""
+    known = [b.info for b in swarm._backends if b.enabled and b.info is not None]
+    if known and not any("tiles" in info.capabilities for info in known):
+        swarm._log("info", "no worker cuts tiles itself (older colabswarm); the controller "
+                           "cuts them and sends each one")
+        return False
+    return True
 
 
 def _by_size(plan: TilePlan, indices: list[int]) -> dict[tuple[int, int], list[int]]:
@@ -177,11 +188,16 @@ async def _controller_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, sca
                           negative_prompt: str, steps: int, cfg: float, model: str | None,
                           denoise: float) -> list[asyncio.Future]:
     """An upscale model may live on one worker only: run it there once, then cut the tiles
-    here and send each one, so every worker can refine them."""
-    job = JobRequest(kind="upscale", upscaler=upscaler, scale=scale, seeds=[0])
-    done = await swarm._run_items("upscale-model", job, [seed], params,
-                                  [await asyncio.to_thread(_png, source)], None)
-    big = done.images[0].image.convert("RGB")
+    here and send each one, so every worker can refine them. (Lanczos, for workers that do not
+    cut tiles themselves, runs here.)"""
+    if upscaler == "lanczos":
+        big = await asyncio.to_thread(source.resize, (plan.width, plan.height),
+                                      Image.Resampling.LANCZOS)
+    else:
+        job = JobRequest(kind="upscale", upscaler=upscaler, scale=scale, seeds=[0])
+        done = await swarm._run_items("upscale-model", job, [seed], params,
+                                      [await asyncio.to_thread(_png, source)], None)
+        big = done.images[0].image.convert("RGB")
     crops = await asyncio.to_thread(cut_tiles, big, plan)
     runs = []
     # queue tiles a chunk at a time while the next chunk's PNGs are written
