@@ -65,8 +65,38 @@ def test_refined_upscale_is_deterministic_and_changes_pixels(tmp_path, workers):
         m = s.upscale(src, scale=2, upscaler="tiny-upscaler", tile=64, overlap=16,
                       denoise=0.0, steps=4, seed=5)
         assert m.image.size == (128, 128) and _diff(m.image, plain) > 0
+        # every worker has the model, so each one upscaled the source and cut its tiles: the
+        # result is still the model applied to the whole image
+        from colabswarm.backend.upscalers import run_upscaler
+
+        assert _diff(m.image, run_upscaler(src, "tiny-upscaler", 2, "cpu", None, {})) <= 1
     finally:
         s.close()
+
+
+def test_who_cuts_the_tiles():
+    """Workers cut when they all can (and, for a model, all have it); else the controller."""
+    from types import SimpleNamespace
+
+    from colabswarm.protocol import Info, Limits
+    from colabswarm.swarm.upscale import _workers_cut
+
+    def swarm(*specs):
+        backends = [SimpleNamespace(enabled=True, info=Info(
+            name="w", version="0", device="cpu", models=["tiny"], capabilities=caps,
+            upscalers=ups, limits=Limits(), queue_depth=0, running=0, jobs_served=0))
+            for caps, ups in specs]
+        return SimpleNamespace(_backends=backends, _log=lambda *a: None)
+
+    new, old = ["txt2img", "img2img", "upscale", "tiles"], ["txt2img", "img2img", "upscale"]
+    both = ["lanczos", "esrgan"]
+    assert _workers_cut(swarm((new, both), (new, both)), "lanczos")
+    assert _workers_cut(swarm((new, both), (new, both)), "esrgan")
+    assert not _workers_cut(swarm((new, both), (new, ["lanczos"])), "esrgan"), "one lacks it"
+    assert not _workers_cut(swarm((new, both), (old, both)), "esrgan"), "one cannot cut"
+    assert _workers_cut(swarm((new, both), (old, both)), "lanczos"), "the new one cuts"
+    assert not _workers_cut(swarm((old, both), (old, both)), "lanczos"), "nobody can cut"
+    assert _workers_cut(swarm(), "lanczos") and not _workers_cut(swarm(), "esrgan")
 
 
 def test_kill_9_mid_upscale_still_gives_a_complete_image(spawn):

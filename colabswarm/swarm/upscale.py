@@ -3,9 +3,9 @@
 Plan a grid of overlapping tiles over the upscaled size (tiles.py), refine each tile by img2img
 at low denoise on whichever backend is free (ordered, slots, batching of equal-size tiles,
 requeue on failure, as any generation), and blend the tiles back with feathered weights as they
-arrive. With Lanczos every worker upscales the small source itself and cuts its own tiles
-(``JobRequest.crops``); an upscale model runs once on a worker that has it, and the controller
-cuts and sends the tiles so that every worker can refine them.
+arrive. Where it can, every worker upscales the small source itself and cuts its own tiles
+(``JobRequest.crops``); an upscale model that not every worker has runs once on a worker that
+has it, and the controller cuts and sends the tiles so that every worker can refine them.
 """
 
 from __future__ import annotations
@@ -124,9 +124,10 @@ async def run_upscale(
             on_tile(len(owners), total)
 
     try:
-        if upscaler == "lanczos" and _workers_cut(swarm):
-            runs = await _worker_cut(swarm, source, plan, scale, seed, params, tile_done,
-                                     prompt, negative_prompt, steps, cfg, model, denoise)
+        if _workers_cut(swarm, upscaler):
+            runs = await _worker_cut(swarm, source, plan, scale, upscaler, seed, params,
+                                     tile_done, prompt, negative_prompt, steps, cfg, model,
+                                     denoise)
         else:
             runs = await _controller_cut(swarm, source, plan, scale, upscaler, seed, params,
                                          tile_done, prompt, negative_prompt, steps, cfg, model,
@@ -144,15 +145,23 @@ async def run_upscale(
     return result
 
 
-def _workers_cut(swarm: Swarm) -> bool:
-    """Whether tiles can be cut on the workers: yes unless every worker that has answered is
-    from before tile jobs (then the controller cuts, as those workers expect)."""
+def _workers_cut(swarm: Swarm, upscaler: str) -> bool:
+    """Whether the workers upscale the source and cut the tiles themselves.
+
+    Lanczos: yes, unless every worker that has answered is from before tile jobs (then the
+    controller cuts, as those workers expect). An upscale model: only when every worker that
+    has answered has it and cuts tiles, so no worker is left out of the refining; otherwise it
+    runs once on a worker that has it and the controller cuts and sends the tiles."""
     known = [b.info for b in swarm._backends if b.enabled and b.info is not None]
-    if known and not any("tiles" in info.capabilities for info in known):
+    cutters = [i for i in known if "tiles" in i.capabilities]
+    if known and not cutters:
         swarm._log("info", "no worker cuts tiles itself (older colabswarm); the controller "
                            "cuts them and sends each one")
         return False
-    return True
+    if upscaler == "lanczos":
+        return True
+    return bool(known) and len(cutters) == len(known) and all(
+        upscaler in i.upscalers for i in known)
 
 
 def _by_size(plan: TilePlan, indices: list[int]) -> dict[tuple[int, int], list[int]]:
@@ -163,18 +172,19 @@ def _by_size(plan: TilePlan, indices: list[int]) -> dict[tuple[int, int], list[i
     return groups
 
 
-async def _worker_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int, seed: int,
-                      params: dict[str, Any], tile_done: Callable[[int, GeneratedImage], None],
-                      prompt: str, negative_prompt: str, steps: int, cfg: float,
-                      model: str | None, denoise: float) -> list[asyncio.Future]:
-    """Lanczos is the same on every machine, so each worker upscales the small source once and
-    cuts its own tiles: one small upload per job instead of a crop per tile, and no serial
-    upscale, cut and tile encoding on the controller before the GPUs can start."""
+async def _worker_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int,
+                      upscaler: str, seed: int, params: dict[str, Any],
+                      tile_done: Callable[[int, GeneratedImage], None], prompt: str,
+                      negative_prompt: str, steps: int, cfg: float, model: str | None,
+                      denoise: float) -> list[asyncio.Future]:
+    """Each worker upscales the small source once and cuts its own tiles: one small upload per
+    job instead of a crop per tile, no big image sent around, and no serial upscale, cut and
+    tile encoding on the controller before the GPUs can start."""
     src_png = await asyncio.to_thread(_png, source)
     runs = []
     for (w, h), members in _by_size(plan, list(range(len(plan.tiles)))).items():
         tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model, kind="img2img",
-                              strength=denoise, upscaler="lanczos", scale=scale)
+                              strength=denoise, upscaler=upscaler, scale=scale)
         runs.append(asyncio.ensure_future(swarm._run_items(
             "upscale", tpl, [tile_seed(seed, i) for i in members], params,
             [src_png] * len(members), lambda g, members=members: tile_done(members[g.index], g),
