@@ -122,7 +122,9 @@ def test_bad_share_strings_and_unreachable_addresses_fail_at_add(swarm, three_wo
 def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path, spawn):
     env = {"OMP_NUM_THREADS": "1"}
     procs = [spawn(name=f"k{i}", env=env) for i in range(3)]
-    s = Swarm(output_dir=None, health_every=0.5)
+    # copies off: a copy elsewhere could deliver the victim's images before anyone noticed the
+    # kill; this test must see the victim's own images requeued (test_soak kills with copies on)
+    s = Swarm(output_dir=None, health_every=0.5, copies=False)
     try:
         for p in procs:
             s.add(p.share)
@@ -131,10 +133,12 @@ def test_kill_9_mid_run_loses_and_duplicates_nothing(tmp_path, spawn):
 
         def on_image(g) -> None:
             delivered.append(g.seed)
-            if len(delivered) == 4 and not killed:
-                # a backend holding images of its own (not only a copy another also runs)
-                own = [f.backend for f in s._flights if f.copy_of is None]
-                victim = next(p for p in procs if p.name == (own or s._backends)[0].name)
+            if len(delivered) < 4 or killed:
+                return
+            # a worker still denoising its images, not one whose results are already here
+            busy = [f for f in s._flights if f.total_steps == 0 or f.step < f.total_steps]
+            if busy:
+                victim = next(p for p in procs if p.name == busy[0].backend.name)
                 killed.append(victim.name)
                 victim.kill()
 

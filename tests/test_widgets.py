@@ -163,7 +163,9 @@ def test_gallery_fills_and_the_queue_line_counts_down(swarm, workers):
         assert time.monotonic() - t0 < 30, seen
     counts = [int(s.split()[0]) for s in seen]
     busy = [c for c in counts if c > 0]
-    assert len(set(busy)) >= 3, f"the queue line should count down in steps: {seen}"
+    # the whole count, then at least one step between it and zero (images arrive a batch at
+    # a time, and two workers' batches may land together)
+    assert len(set(busy)) >= 2 and counts[-1] == 0, f"the queue line should count down: {seen}"
     start = counts.index(busy[0])
     assert counts[start:] == sorted(counts[start:], reverse=True), f"counts down: {seen}"
     assert seen[-1].startswith("0 current generations, 0 running, 0 queued"), seen
