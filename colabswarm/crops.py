@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-__all__ = ["crop_edge", "fits_edge_rule"]
+__all__ = ["ceil8", "crop_edge", "fits_edge_rule"]
 
 
-def _ceil8(n: int) -> int:
+def ceil8(n: int) -> int:
+    """n rounded up to a multiple of 8 (diffusers' sizes, and how far tiles may pass an edge)."""
     return -(-n // 8) * 8
 
 
@@ -21,7 +22,7 @@ def fits_edge_rule(box: tuple[int, int, int, int], width: int, height: int) -> b
     """True if ``box`` lies in the image grown to the next multiple of 8 (how far tiles may
     reach past an edge)."""
     x0, y0, x1, y1 = box
-    return 0 <= x0 < x1 <= _ceil8(width) and 0 <= y0 < y1 <= _ceil8(height)
+    return 0 <= x0 < x1 <= ceil8(width) and 0 <= y0 < y1 <= ceil8(height)
 
 
 def crop_edge(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:

@@ -8,46 +8,23 @@ capability, and a 422 for any job body that names a field they did not know).
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 
 import httpx
 import numpy as np
-import uvicorn
 from PIL import Image
 
 from colabswarm.swarm import Swarm
+from tests.asgiserver import LoopbackServer
 
 _NEW_FIELDS = ("crops",)
 
 
-class OldWorker:
+class OldWorker(LoopbackServer):
     def __init__(self, target: str) -> None:
         self.target = target
         self.refused = 0
         self._client: httpx.AsyncClient | None = None
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                                    access_log=False, lifespan="off",
-                                                    interface="asgi3"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                       name="old-worker", daemon=True)
-
-    def start(self) -> OldWorker:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.server.started
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self._sock.close()
+        super().__init__(self.app, "old-worker")
 
     async def app(self, scope, receive, send) -> None:
         body = b""

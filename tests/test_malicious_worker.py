@@ -11,9 +11,7 @@ import asyncio
 import io
 import re
 import secrets
-import socket
 import struct
-import threading
 import time
 import zlib
 from collections import Counter
@@ -22,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from PIL import Image
@@ -32,6 +29,7 @@ from colabswarm.backend.serve import start_worker
 from colabswarm.errors import BackendUnavailable, WorkerMisbehaved
 from colabswarm.protocol import Info, JobRequest, Limits
 from colabswarm.swarm import Swarm
+from tests.asgiserver import LoopbackServer
 
 SIZE = 64
 
@@ -63,7 +61,7 @@ def _broken_stream_png() -> bytes:
     return bytes(out)
 
 
-class FakeWorker:
+class FakeWorker(LoopbackServer):
     """A /v1 server on loopback that misbehaves in one chosen way."""
 
     def __init__(self, mode: str) -> None:
@@ -71,31 +69,11 @@ class FakeWorker:
         self.token = secrets.token_urlsafe(24)
         self.jobs: dict[str, dict] = {}
         self.submits = 0
-        self.app = self._app()
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self.port = self._sock.getsockname()[1]
-        self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning",
-                                                    access_log=False, lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]},
-                                       name="fake-worker", daemon=True)
+        super().__init__(self._app(), "fake-worker")
 
     @property
     def share(self) -> str:
         return f"http://127.0.0.1:{self.port}#token={self.token}"
-
-    def start(self) -> FakeWorker:
-        self.thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert self.server.started
-        return self
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self._sock.close()
 
     def _status(self, job_id: str, job: dict, polls: int) -> dict:
         n = len(job["seeds"])

@@ -278,3 +278,31 @@ def test_worker_cuts_tiles_like_the_controller(worker):
     got = asyncio.run(_run(worker.share, req, buf.getvalue()))
     for i, (a, b) in enumerate(zip(got, want, strict=True)):
         assert np.array_equal(np.asarray(a), np.asarray(b)), f"tile {i} differs"
+
+
+def test_a_worker_upscales_each_source_once(worker, monkeypatch):
+    """Every tile job of one upscale uploads the same source; the big image is made once."""
+    engine = worker.worker.engine
+    calls: list[tuple[int, int]] = []
+    real = engine.upscale
+
+    def counting(image, upscaler, scale):
+        calls.append(image.size)
+        return real(image, upscaler, scale)
+
+    monkeypatch.setattr(engine, "upscale", counting)
+    rng = np.random.default_rng(5)
+
+    def tile_job(src: Image.Image, seed: int) -> None:
+        buf = io.BytesIO()
+        src.save(buf, format="PNG")
+        req = JobRequest(kind="img2img", width=64, height=64, steps=4, strength=0.0,
+                         seeds=[seed], upscaler="lanczos", scale=2, crops=[(0, 0, 64, 64)])
+        asyncio.run(_run(worker.share, req, buf.getvalue()))
+
+    a = Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8))
+    tile_job(a, 1)
+    tile_job(a.copy(), 2)  # another upload of the same pixels
+    assert calls == [(48, 48)]
+    tile_job(Image.fromarray(rng.integers(0, 255, (48, 48, 3), np.uint8)), 3)
+    assert len(calls) == 2, "a different source is upscaled anew"

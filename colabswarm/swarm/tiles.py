@@ -43,7 +43,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
-from colabswarm.crops import crop_edge
+from colabswarm.crops import ceil8, crop_edge
 from colabswarm.errors import InvalidRequest
 
 __all__ = [
@@ -130,7 +130,7 @@ def _axis_weights(spans: Sequence[tuple[int, int]], length: int) -> np.ndarray:
     negative because both ends of the overlaps move right monotonically. Normalising by the sum
     only removes float rounding.
     """
-    padded = _ceil8(length)
+    padded = ceil8(length)
     centres = np.arange(padded, dtype=np.float64) + 0.5
     n = len(spans)
     # rising[k] = F_{k-1}: F_{-1} = 1 everywhere, F_{n-1} = 0 everywhere
@@ -155,10 +155,6 @@ def _fixed_point(w: np.ndarray) -> np.ndarray:
     negative)."""
     cum = np.rint(np.cumsum(w, axis=0) * _ONE)
     return np.diff(cum, axis=0, prepend=0).astype(np.uint32)
-
-
-def _ceil8(n: int) -> int:
-    return -(-n // 8) * 8
 
 
 def _check_int(name: str, value: object) -> int:
@@ -210,7 +206,7 @@ def _crop_span(start: int, end: int, padding: int, length: int) -> tuple[int, in
     at an edge the window slides inward instead of shrinking, so all crops of an image share
     one size and refine together in batches (an edge tile simply gets its context from one
     side)."""
-    size = _ceil8(min(end - start + 2 * padding, length))
+    size = ceil8(min(end - start + 2 * padding, length))
     if size > length:  # the crop spans the whole side: run past the far edge (edge-replicated)
         return 0, size
     c0 = start - (size - (end - start)) // 2

@@ -27,7 +27,7 @@ from .outputs import GeneratedImage, save_image
 from .tiles import Blender, TilePlan, cut_tiles, plan_summary, plan_tiles, tile_seed
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterable
 
     from .controller import Swarm
 
@@ -123,15 +123,24 @@ async def run_upscale(
         if on_tile is not None:
             on_tile(len(owners), total)
 
+    def queue(members: list[int], pngs: list[bytes], worker_cuts: bool) -> asyncio.Future:
+        """Tiles of one crop size as the img2img items of one run: each with its own PNG, or
+        (worker_cuts) all with the source PNG and a box the worker cuts after upscaling it."""
+        x0, y0, x1, y1 = plan.tiles[members[0]].crop
+        cut = dict(upscaler=upscaler, scale=scale) if worker_cuts else {}
+        tpl = swarm._template(prompt, negative_prompt, x1 - x0, y1 - y0, steps, cfg, model,
+                              kind="img2img", strength=denoise, **cut)
+        return asyncio.ensure_future(swarm._run_items(
+            "upscale", tpl, [tile_seed(seed, i) for i in members], params, pngs,
+            lambda g: tile_done(members[g.index], g),
+            crops=[plan.tiles[i].crop for i in members] if worker_cuts else None))
+
     try:
         if _workers_cut(swarm, upscaler):
-            runs = await _worker_cut(swarm, source, plan, scale, upscaler, seed, params,
-                                     tile_done, prompt, negative_prompt, steps, cfg, model,
-                                     denoise)
+            runs = await _worker_cut(source, plan, queue)
         else:
             runs = await _controller_cut(swarm, source, plan, scale, upscaler, seed, params,
-                                         tile_done, prompt, negative_prompt, steps, cfg, model,
-                                         denoise)
+                                         queue)
         await asyncio.gather(*runs)
         await asyncio.to_thread(lambda: [f.result() for f in pending])
         out = await asyncio.to_thread(blender.result)
@@ -164,7 +173,7 @@ def _workers_cut(swarm: Swarm, upscaler: str) -> bool:
         upscaler in i.upscalers for i in known)
 
 
-def _by_size(plan: TilePlan, indices: list[int]) -> dict[tuple[int, int], list[int]]:
+def _by_size(plan: TilePlan, indices: Iterable[int]) -> dict[tuple[int, int], list[int]]:
     groups: dict[tuple[int, int], list[int]] = {}
     for i in indices:
         x0, y0, x1, y1 = plan.tiles[i].crop
@@ -172,31 +181,19 @@ def _by_size(plan: TilePlan, indices: list[int]) -> dict[tuple[int, int], list[i
     return groups
 
 
-async def _worker_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int,
-                      upscaler: str, seed: int, params: dict[str, Any],
-                      tile_done: Callable[[int, GeneratedImage], None], prompt: str,
-                      negative_prompt: str, steps: int, cfg: float, model: str | None,
-                      denoise: float) -> list[asyncio.Future]:
+async def _worker_cut(source: Image.Image, plan: TilePlan,
+                      queue: Callable[..., asyncio.Future]) -> list[asyncio.Future]:
     """Each worker upscales the small source once and cuts its own tiles: one small upload per
     job instead of a crop per tile, no big image sent around, and no serial upscale, cut and
     tile encoding on the controller before the GPUs can start."""
     src_png = await asyncio.to_thread(_png, source)
-    runs = []
-    for (w, h), members in _by_size(plan, list(range(len(plan.tiles)))).items():
-        tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model, kind="img2img",
-                              strength=denoise, upscaler=upscaler, scale=scale)
-        runs.append(asyncio.ensure_future(swarm._run_items(
-            "upscale", tpl, [tile_seed(seed, i) for i in members], params,
-            [src_png] * len(members), lambda g, members=members: tile_done(members[g.index], g),
-            crops=[plan.tiles[i].crop for i in members])))
-    return runs
+    return [queue(members, [src_png] * len(members), worker_cuts=True)
+            for members in _by_size(plan, range(len(plan.tiles))).values()]
 
 
 async def _controller_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int,
                           upscaler: str, seed: int, params: dict[str, Any],
-                          tile_done: Callable[[int, GeneratedImage], None], prompt: str,
-                          negative_prompt: str, steps: int, cfg: float, model: str | None,
-                          denoise: float) -> list[asyncio.Future]:
+                          queue: Callable[..., asyncio.Future]) -> list[asyncio.Future]:
     """An upscale model may live on one worker only: run it there once, then cut the tiles
     here and send each one, so every worker can refine them. (Lanczos, for workers that do not
     cut tiles themselves, runs here.)"""
@@ -212,14 +209,8 @@ async def _controller_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, sca
     runs = []
     # queue tiles a chunk at a time while the next chunk's PNGs are written
     for k in range(0, len(crops), _CHUNK):
-        chunk = list(range(k, min(k + _CHUNK, len(crops))))
-        pngs = dict(zip(chunk, await asyncio.to_thread(
-            lambda chunk=chunk: [_png(crops[i]) for i in chunk]), strict=True))
-        for (w, h), members in _by_size(plan, chunk).items():
-            tpl = swarm._template(prompt, negative_prompt, w, h, steps, cfg, model,
-                                  kind="img2img", strength=denoise)
-            runs.append(asyncio.ensure_future(swarm._run_items(
-                "upscale", tpl, [tile_seed(seed, i) for i in members], params,
-                [pngs[i] for i in members],
-                lambda g, members=members: tile_done(members[g.index], g))))
+        chunk = range(k, min(k + _CHUNK, len(crops)))
+        pngs = await asyncio.to_thread(lambda chunk=chunk: {i: _png(crops[i]) for i in chunk})
+        runs += [queue(members, [pngs[i] for i in members], worker_cuts=False)
+                 for members in _by_size(plan, chunk).values()]
     return runs
