@@ -19,6 +19,11 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.gpus:
         return _serve_gpus(args)
+    try:
+        token = _token(args)
+    except ColabSwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     limits = Limits()
     if args.max_pixels:
         limits.max_pixels = args.max_pixels
@@ -31,7 +36,7 @@ def _worker(args: argparse.Namespace) -> int:
     try:
         handle = start_worker(
             model=args.model, tunnel=args.tunnel, host=args.host, port=args.port,
-            token=args.token, name=args.name, limits=limits, device=args.device,
+            token=token, name=args.name, limits=limits, device=args.device,
             allow_downloads=args.allow_downloads, device_map=args.device_map,
             upscalers_dir=args.upscalers_dir, simulate_speed=args.simulate_speed,
             simulate_step_seconds=args.simulate_step_seconds,
@@ -92,6 +97,35 @@ def _serve_gpus(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    """The owner's token: --token=T, --token-file F (first line), or $COLABSWARM_TOKEN; None for
+    a fresh random one. The file and the variable keep it out of the process list and shell
+    history, and work for tokens that start with '-' (which argparse reads as an option unless
+    written --token=-abc)."""
+    from .errors import ColabSwarmError
+    from .protocol import TOKEN_ENV
+
+    given = [(what, v) for what, v in (("--token", args.token), ("--token-file", args.token_file))
+             if v is not None]
+    if len(given) > 1:
+        raise ColabSwarmError("Give the token once: --token or --token-file, not both.")
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                text = f.readline().strip()
+        except OSError as exc:
+            raise ColabSwarmError(
+                f"Cannot read the token file {args.token_file!r} ({exc.strerror}); write the "
+                "token on its first line, or pass --token=... instead.") from None
+        if not text:
+            raise ColabSwarmError(f"The token file {args.token_file!r} is empty.")
+        return text
+    if args.token is not None:
+        return args.token
+    # taken out of the environment, so the tunnel program and other children do not inherit it
+    return os.environ.pop(TOKEN_ENV, None) or None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -118,7 +152,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--tunnel", choices=["none", "cloudflare", "ngrok"], default="none")
     w.add_argument("--host", default="127.0.0.1")
     w.add_argument("--port", type=int, default=7801)
-    w.add_argument("--token", default=None, help="secret token (default: a new random one)")
+    w.add_argument("--token", default=None,
+                   help="secret token, 16-256 of A-Z a-z 0-9 - _ (default: a new random one); "
+                        "write --token=-abc for one that starts with '-', or use --token-file "
+                        "or $COLABSWARM_TOKEN to keep it off the command line")
+    w.add_argument("--token-file", default=None,
+                   help="read the secret token from the first line of this file")
     w.add_argument("--name", default=None)
     w.add_argument("--device", default=None, help="cuda, cuda:1, cpu, mps (default: best found)")
     w.add_argument("--gpus", default=None, help="'all' or '0,1': one worker process per GPU")
@@ -145,8 +184,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _glue_values(argv: list[str]) -> list[str]:
+    """`--token -abc` as `--token=-abc`: argparse would read a value that starts with '-' as an
+    option and stop with "expected one argument"."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--token", "--token-file") and i + 1 < len(argv):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_glue_values(sys.argv[1:] if argv is None else list(argv)))
     if getattr(args, "model", "x") is None:
         args.model = ["tiny"]
     logging.basicConfig(

@@ -12,18 +12,22 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .errors import BadShareString
+from .errors import BadShareString, ErrorKind
 
 __all__ = [
     "API_PREFIX",
     "API_VERSION",
     "ErrorDetail",
+    "ErrorKind",
+    "KIND_OF_STATUS",
+    "STATUS_OF_KIND",
     "Info",
     "JobRequest",
     "JobState",
     "JobStatus",
     "Limits",
     "SKIP_NGROK_WARNING",
+    "TOKEN_ENV",
     "UploadResult",
     "decode_share",
     "encode_share",
@@ -35,6 +39,7 @@ __all__ = [
 API_VERSION = "1"
 API_PREFIX = "/v1"
 SKIP_NGROK_WARNING = {"ngrok-skip-browser-warning": "1"}
+TOKEN_ENV = "COLABSWARM_TOKEN"  # a worker's token from the environment (kept off argv)
 MAX_SEED = 2**63 - 1
 
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,256}$")
@@ -108,6 +113,9 @@ class JobStatus(BaseModel):
     images_ready: int = 0
     queue_position: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = Field(
+        None, description="with state failed/interrupted: out_of_memory, interrupted, crash, ..."
+    )
     queued_s: float = 0.0
     run_s: float = 0.0
     version: int = 0
@@ -116,9 +124,47 @@ class JobStatus(BaseModel):
 
 
 class ErrorDetail(BaseModel):
-    """Every 4xx/5xx the worker sends on purpose: one sentence a person can act on."""
+    """Every 4xx/5xx the worker sends on purpose: one sentence a person can act on, and the
+    kind that code decides on. Workers from before kinds send only `detail`: the client then
+    takes the kind from the HTTP status (KIND_OF_STATUS)."""
 
     detail: str
+    kind: ErrorKind | None = None
+    retry_after_s: float | None = Field(
+        None, ge=0.0, le=86400.0,
+        description="for transient kinds: when the same request may succeed (also sent as the "
+        "Retry-After header)",
+    )
+
+
+# The one table between error kinds and HTTP statuses: the worker answers a kind with its
+# status; a client reading an answer without a kind (an older worker, a proxy's error page)
+# takes the kind of its status.
+STATUS_OF_KIND: dict[ErrorKind, int] = {
+    ErrorKind.INVALID: 422,
+    ErrorKind.MODEL_NOT_AVAILABLE: 422,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.NOT_FOUND: 404,
+    ErrorKind.NOT_READY: 409,
+    ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.RATE_LIMITED: 429,
+    ErrorKind.LOADING: 503,
+    ErrorKind.MODEL_FAILED: 503,
+    ErrorKind.CRASH: 500,
+}
+KIND_OF_STATUS: dict[int, ErrorKind] = {
+    400: ErrorKind.INVALID,
+    401: ErrorKind.UNAUTHORIZED,
+    403: ErrorKind.FORBIDDEN,
+    404: ErrorKind.NOT_FOUND,
+    409: ErrorKind.NOT_READY,
+    413: ErrorKind.TOO_LARGE,
+    422: ErrorKind.INVALID,
+    429: ErrorKind.QUEUE_FULL,
+    503: ErrorKind.LOADING,
+}
 
 
 class UploadResult(BaseModel):

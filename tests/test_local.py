@@ -34,6 +34,9 @@ def test_two_local_workers_start_serve_crash_restart_and_stop(tmp_path):
         assert {g.backend for g in r.images} == set(names)
         assert "Share string" in group.logs(), "worker logs are readable from the controller"
         assert "#token=<hidden>" in group.logs() and group[0].token not in group.logs()
+        for w in group:  # the token never sits on a world-readable command line
+            cmdline = " ".join(psutil.Process(w.pid).cmdline())
+            assert "--name" in cmdline and w.token not in cmdline
 
         os.kill(group[1].pid, signal.SIGKILL)
         wait_until(lambda: group.crashed() == [group[1]], what="crash noticed")

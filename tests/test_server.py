@@ -15,6 +15,7 @@ from colabswarm.backend.client import WorkerClient
 from colabswarm.backend.serve import start_worker
 from colabswarm.errors import AuthError, InvalidRequest
 from colabswarm.protocol import JobRequest, Limits
+from tests.imagecheck import assert_different, assert_identical, assert_same_picture
 
 
 def _auth(token: str) -> dict[str, str]:
@@ -85,11 +86,15 @@ async def test_seed_is_reproducible_alone_and_inside_a_batch(worker):
     async with WorkerClient(worker.share) as c:
         alone1 = await c.run(req.model_copy(update={"seeds": [7]}))
         alone2 = await c.run(req.model_copy(update={"seeds": [7]}))
-        batch = await c.run(req.model_copy(update={"seeds": [5, 6, 7, 8]}))
-    a1, a2, b = (np.asarray(x[i]) for x, i in ((alone1, 0), (alone2, 0), (batch, 2)))
-    assert np.array_equal(a1, a2)
-    assert np.array_equal(a1, b), "seed 7 must give the same pixels alone and in a batch"
-    assert not np.array_equal(np.asarray(batch[0]), b), "different seeds give different images"
+        batch1 = await c.run(req.model_copy(update={"seeds": [5, 6, 7, 8]}))
+        batch2 = await c.run(req.model_copy(update={"seeds": [5, 6, 7, 8]}))
+    # exact: same seed, same batch size, same worker
+    assert_identical(alone1[0], alone2[0], "seed 7 alone, twice")
+    for i in range(4):
+        assert_identical(batch1[i], batch2[i], f"seed {5 + i} in the same batch, twice")
+    # up to the rounding of batched kernels, which depends on the processor
+    assert_same_picture(alone1[0], batch1[2], "seed 7 alone and inside a batch of 4")
+    assert_different(batch1[0], batch1[2], "seeds 5 and 7")
 
 
 def test_interrupt_stops_a_running_job_between_steps(http):

@@ -2,7 +2,9 @@
 
 The engine is synchronous and single-threaded on purpose: one GPU runs one pipeline call at a
 time, and the server's job thread owns it. Several images of one job run as one batched call
-with one generator per image, so the image for seed s is the same alone or inside a batch.
+with one generator per image, so the image for seed s is the same picture alone or inside a
+batch: exactly the same at the same batch size, up to kernel rounding across batch sizes
+(docs/ARCHITECTURE.md, "Same seed, same image").
 """
 
 from __future__ import annotations

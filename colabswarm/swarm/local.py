@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ColabSwarmError
-from ..protocol import new_token
+from ..protocol import TOKEN_ENV, new_token
 
 __all__ = ["LocalWorker", "LocalWorkers", "detect_gpus", "start_local_workers"]
 
@@ -69,12 +69,14 @@ class LocalWorker:
 
     def start(self, timeout: float = 300.0) -> str:
         """Start the process and wait for its share string."""
+        # the token goes through the environment: a command line is world-readable
+        # (/proc/<pid>/cmdline, ps), a process's environment only to its user
         cmd = [sys.executable, "-m", "colabswarm", "worker", "--port", str(self.port),
-               f"--token={self.token}", "--name", self.name, "--parent-pid", str(os.getpid())]
+               "--name", self.name, "--parent-pid", str(os.getpid())]
         for m in self.model:
             cmd += ["--model", m]
         cmd += list(self.extra_args)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, TOKEN_ENV: self.token}
         if self.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu)
         self.proc = subprocess.Popen(
