@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import BadShareString, ErrorKind
+from .errors import BadShareString, ErrorKind, InvalidRequest
 
 __all__ = [
     "API_PREFIX",
@@ -29,7 +29,9 @@ __all__ = [
     "SKIP_NGROK_WARNING",
     "TOKEN_ENV",
     "UploadResult",
+    "clean_text",
     "decode_share",
+    "make_request",
     "encode_share",
     "mask_token",
     "new_token",
@@ -49,8 +51,21 @@ JobState = Literal["queued", "running", "done", "failed", "interrupted"]
 JobKind = Literal["txt2img", "img2img", "upscale"]
 
 
+# What a worker sends is bounded where it is parsed: no infinities or NaNs (one infinite run
+# time once stopped a controller's every dispatch), lists and names of sane length.
+_WIRE = ConfigDict(allow_inf_nan=False)
+Name = Annotated[str, Field(max_length=200)]
+_MAX_SECONDS = 1e6  # eleven days: longer than any job
+
+
+def _cut(text: str | None, limit: int) -> str | None:
+    return text if text is None or len(text) <= limit else text[: limit - 1] + "…"
+
+
 class Limits(BaseModel):
     """What one worker accepts; each is checked server-side with a message that names it."""
+
+    model_config = _WIRE
 
     max_pixels: int = 1536 * 1536
     max_side: int = 4096
@@ -100,27 +115,43 @@ class JobRequest(BaseModel):
         return tuple(sorted(d.items()))
 
 
+def make_request(**fields: object) -> JobRequest:
+    """A JobRequest from a caller's parameters, or InvalidRequest saying which one is wrong."""
+    try:
+        return JobRequest(**fields)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"Bad generation parameters: {msg}") from None
+
+
 _ID_PATTERN = r"^[0-9A-Za-z_\-]{1,64}$"  # ids go into URL paths: never a '/' or '..'
 
 
 class JobStatus(BaseModel):
+    model_config = _WIRE
+
     id: str = Field(pattern=_ID_PATTERN)
     state: JobState
     kind: JobKind = "txt2img"
-    step: int = 0
-    total_steps: int = 0
-    seeds: list[int] = Field(default_factory=list)
-    images_ready: int = 0
-    queue_position: int = 0
+    step: int = Field(0, ge=0, le=1_000_000)
+    total_steps: int = Field(0, ge=0, le=1_000_000)
+    seeds: list[int] = Field(default_factory=list, max_length=1024)
+    images_ready: int = Field(0, ge=0, le=1024)
+    queue_position: int = Field(0, ge=0, le=1_000_000)
     error: str | None = None
     error_kind: ErrorKind | None = Field(
         None, description="with state failed/interrupted: out_of_memory, interrupted, crash, ..."
     )
-    queued_s: float = 0.0
-    run_s: float = 0.0
-    version: int = 0
-    width: int = 0
-    height: int = 0
+    queued_s: float = Field(0.0, ge=0.0, le=_MAX_SECONDS)
+    run_s: float = Field(0.0, ge=0.0, le=_MAX_SECONDS)
+    version: int = Field(0, ge=0)
+    width: int = Field(0, ge=0, le=65536)
+    height: int = Field(0, ge=0, le=65536)
+
+    @field_validator("error")
+    @classmethod
+    def _short_error(cls, v: str | None) -> str | None:
+        return _cut(v, 2000)
 
 
 class ErrorDetail(BaseModel):
@@ -168,37 +199,59 @@ KIND_OF_STATUS: dict[int, ErrorKind] = {
 
 
 class UploadResult(BaseModel):
+    model_config = _WIRE
+
     id: str = Field(pattern=_ID_PATTERN)
-    width: int
-    height: int
+    width: int = Field(ge=1, le=65536)
+    height: int = Field(ge=1, le=65536)
 
 
 WorkerState = Literal["loading", "ready", "error"]
 
 
 class Info(BaseModel):
-    name: str
+    model_config = _WIRE
+
+    name: Name
     state: WorkerState = "ready"
     state_detail: str | None = None
-    api_version: str = API_VERSION
-    version: str
-    device: str
-    gpu_name: str | None = None
-    gpu_memory_total: int | None = None
-    gpu_memory_free: int | None = None
-    models: list[str]
-    model_loaded: str | None = None
-    capabilities: list[str]
-    upscalers: list[str]
+    api_version: Name = API_VERSION
+    version: Name
+    device: Name
+    gpu_name: Name | None = None
+    gpu_memory_total: int | None = Field(None, ge=0)
+    gpu_memory_free: int | None = Field(None, ge=0)
+    models: list[Name] = Field(max_length=1000)
+    model_loaded: Name | None = None
+    capabilities: list[Name] = Field(max_length=64)
+    upscalers: list[Name] = Field(max_length=1000)
     limits: Limits
-    queue_depth: int
-    running: int
-    jobs_served: int
-    results_held: int = Field(0, description="finished jobs whose results await collection")
+    queue_depth: int = Field(ge=0)
+    running: int = Field(ge=0)
+    jobs_served: int = Field(ge=0)
+    results_held: int = Field(0, ge=0, description="finished jobs whose results await collection")
     step_seconds_per_mpix: float | None = Field(
-        None, description="measured seconds for one denoising step of one 1-megapixel image"
+        None, gt=0.0, le=_MAX_SECONDS,
+        description="measured seconds for one denoising step of one 1-megapixel image"
     )
     simulated: bool = False
+
+    @field_validator("state_detail")
+    @classmethod
+    def _short_detail(cls, v: str | None) -> str | None:
+        return _cut(v, 2000)
+
+
+# control characters (terminal escapes, newlines, NUL), bidi overrides and zero-width marks:
+# text from a stranger must not rewrite a terminal, split a log line or hide what it says
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\u2069]+")
+
+
+def clean_text(text: object, limit: int = 300) -> str:
+    """Text from the other side of the wire, made safe to print, log or save: unprintable
+    characters become one space, and it is cut to `limit` characters (with an ellipsis)."""
+    out = _UNPRINTABLE.sub(" ", str(text)).strip()
+    return out if len(out) <= limit else out[: max(limit - 1, 0)] + "…"
 
 
 def new_token() -> str:

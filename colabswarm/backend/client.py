@@ -1,14 +1,22 @@
 """The async client a controller uses to reach one worker.
 
-Nothing from a worker is trusted: statuses are schema-checked, image bodies are size-capped,
-must be PNGs of the requested size, and a job must come back with one image per seed.
+Nothing from a worker is trusted. Every answer is read as it streams in, up to a cap per route
+(a worker cannot make the controller hold a 400 MiB /v1/info); statuses and infos are
+schema-checked (finite numbers, bounded lists); a job's story must hang together; upload
+results must match what was sent; image bodies are size-capped and must be PNGs of the requested
+size, one per seed; long-polls are paced so a worker that answers at once cannot make the client
+spin. Errors become typed exceptions with a kind through one table (`error_for`), from the kind
+the worker sent or, for older workers and proxies, from the HTTP status; no decision here or
+above reads an error's text.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,29 +26,83 @@ from pydantic import ValidationError
 from ..errors import (
     AuthError,
     BackendUnavailable,
+    Busy,
+    ColabSwarmError,
+    ErrorKind,
+    Forbidden,
     InvalidRequest,
     JobFailed,
     JobInterrupted,
+    ModelNotAvailable,
     WorkerMisbehaved,
 )
 from ..protocol import (
     API_PREFIX,
+    KIND_OF_STATUS,
     SKIP_NGROK_WARNING,
+    ErrorDetail,
     Info,
     JobRequest,
     JobStatus,
     UploadResult,
+    clean_text,
     decode_share,
     mask_token,
 )
 
-__all__ = ["WorkerClient", "WorkerMisbehaved"]
+__all__ = ["JobResult", "WorkerClient", "WorkerMisbehaved", "error_for"]
 
 _MAX_IMAGE_BYTES = 96 * 1024 * 1024
 _MAX_RESULT_PIXELS = 2**26  # 8192x8192: no worker result is bigger (upscales included)
 _STATE_ORDER = {"queued": 0, "running": 1, "done": 2, "failed": 2, "interrupted": 2}
 _POLL_WAIT_S = 20.0  # well under Cloudflare's ~100 s request limit
 _PARALLEL_DOWNLOADS = 4  # a job's images at once: over a tunnel each one costs a round trip
+# The most a worker may send per answer, read as it streams in: an honest /v1/info is a few
+# KiB, a status or an upload id a few hundred bytes. More is a worker to stop listening to.
+_INFO_CAP = 1 << 20
+_BODY_CAP = 256 << 10
+_ERROR_CAP = 64 << 10
+_TUNNEL_STATUSES = frozenset({502, 504, 520, 521, 522, 523, 524, 530})
+
+# The one table from an error kind to the exception the client raises (a kind the worker did
+# not send comes from its HTTP status, protocol.KIND_OF_STATUS).
+_EXCEPTION_OF_KIND: dict[ErrorKind, type[ColabSwarmError]] = {
+    ErrorKind.UNAUTHORIZED: AuthError,
+    ErrorKind.FORBIDDEN: Forbidden,
+    ErrorKind.INVALID: InvalidRequest,
+    ErrorKind.TOO_LARGE: InvalidRequest,
+    ErrorKind.MODEL_NOT_AVAILABLE: ModelNotAvailable,
+    ErrorKind.NOT_FOUND: JobFailed,
+    ErrorKind.NOT_READY: JobFailed,
+    ErrorKind.QUEUE_FULL: Busy,
+    ErrorKind.RATE_LIMITED: Busy,
+    ErrorKind.LOADING: Busy,
+    ErrorKind.MODEL_FAILED: BackendUnavailable,
+    ErrorKind.CRASH: BackendUnavailable,
+    ErrorKind.UNREACHABLE: BackendUnavailable,
+    ErrorKind.OUT_OF_MEMORY: JobFailed,
+    ErrorKind.INTERRUPTED: JobInterrupted,
+}
+
+
+def error_for(kind: ErrorKind, message: str, retry_after_s: float | None = None
+              ) -> ColabSwarmError:
+    """The exception for an error kind (one table), with its message and retry time."""
+    cls = _EXCEPTION_OF_KIND.get(kind, BackendUnavailable)
+    if issubclass(cls, Busy):
+        return cls(message, kind=kind, retry_after_s=retry_after_s)
+    return cls(message, kind=kind)
+
+
+@dataclass
+class JobResult:
+    """A finished job: its images in seed order and the worker's last word on it."""
+
+    images: list[Image.Image]
+    status: JobStatus
+
+
+ProgressFn = Callable[[JobStatus], Awaitable[None] | None]
 
 
 async def _all(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[Any]:
@@ -60,16 +122,20 @@ async def _all(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[An
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-ProgressFn = Callable[[JobStatus], Awaitable[None] | None]
 
 
-def _detail(resp: httpx.Response) -> str:
-    try:
-        body = resp.json()
-        detail = body.get("detail") if isinstance(body, dict) else None
-        return str(detail) if detail else resp.text[:300]
-    except ValueError:
-        return resp.text[:300] or resp.reason_phrase
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from a PNG's IHDR, without decoding it."""
+    if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return None
+
+
+@dataclass
+class _Answer:
+    status_code: int
+    headers: httpx.Headers
+    body: bytes
 
 
 class WorkerClient:
@@ -87,13 +153,15 @@ class WorkerClient:
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.url, self.token = decode_share(url, token)
-        self.name = name or self.url
+        self.name = clean_text(name or self.url, 120)
         self.connect_retries = connect_retries
         self.progress_every = progress_every
         self._timeout = timeout
         self._http = httpx.AsyncClient(
             base_url=self.url + API_PREFIX,
-            headers={"Authorization": f"Bearer {self.token}", **SKIP_NGROK_WARNING},
+            # identity: the caps count what arrives; a compressed answer could expand 1000-fold
+            headers={"Authorization": f"Bearer {self.token}", "Accept-Encoding": "identity",
+                     **SKIP_NGROK_WARNING},
             timeout=httpx.Timeout(timeout, connect=10.0),
             transport=transport,
             follow_redirects=False,
@@ -113,17 +181,38 @@ class WorkerClient:
         await self.aclose()
 
     # ----- plumbing --------------------------------------------------------------------------
-    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def _request(self, method: str, path: str, *, cap: int = _BODY_CAP,
+                       **kw: Any) -> _Answer:
+        """One request; the answer's body is read up to `cap` bytes (more: the worker is
+        misbehaving) and error answers become typed exceptions."""
         attempt = 0
         while True:
             try:
-                resp = await self._http.request(method, path, **kw)
+                async with self._http.stream(method, path, **kw) as resp:
+                    limit = cap if resp.status_code < 400 else _ERROR_CAP
+                    announced = resp.headers.get("content-length")
+                    plain = resp.headers.get("content-encoding", "identity") == "identity"
+                    if plain and announced is not None and (not announced.isdigit()
+                                                            or int(announced) > limit):
+                        raise WorkerMisbehaved(
+                            f"{self.name} announced an answer of {clean_text(announced, 20)} "
+                            f"bytes to {method} {path} (at most {limit}).")
+                    chunks, total = [], 0
+                    async for chunk in resp.aiter_bytes():
+                        total += len(chunk)
+                        if total > limit:
+                            raise WorkerMisbehaved(
+                                f"{self.name} sent over {limit} bytes for {method} {path}.")
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
+                    answer = _Answer(resp.status_code, resp.headers, body)
                 break
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 if attempt >= self.connect_retries:
                     raise BackendUnavailable(
                         f"Cannot connect to {self.name} ({type(exc).__name__}). Is the worker "
-                        "notebook still running and its tunnel open?"
+                        "still running (its notebook, terminal or process) and, if it has one, "
+                        "its tunnel open?"
                     ) from None
                 attempt += 1
                 await asyncio.sleep(0.2 * 2**attempt)
@@ -131,59 +220,83 @@ class WorkerClient:
                 raise BackendUnavailable(f"{self.name} did not answer in time.") from None
             except httpx.HTTPError as exc:
                 raise BackendUnavailable(
-                    f"Connection to {self.name} failed: {type(exc).__name__}: {exc}"
+                    f"Connection to {self.name} failed ({type(exc).__name__})."
                 ) from None
-        if resp.status_code == 401:
-            raise AuthError(
-                f"{self.name} refused the token. Copy the worker's current share string again "
-                "(a restarted worker has a new token unless its owner fixed one)."
-            )
-        if resp.status_code in (400, 409, 413, 422):
-            raise InvalidRequest(f"{self.name}: {_detail(resp)}")
-        if resp.status_code == 404:
-            raise JobFailed(f"{self.name}: {_detail(resp)}")
-        if resp.status_code >= 400:
-            hint = " (the tunnel timed out)" if resp.status_code in (502, 504, 524, 530) else ""
-            raise BackendUnavailable(
-                f"{self.name} answered HTTP {resp.status_code}{hint}: {_detail(resp)[:200]}"
-            )
-        return resp
+        if answer.status_code >= 400:
+            raise self._error(answer)
+        return answer
 
-    def _model(self, cls: Any, resp: httpx.Response) -> Any:
+    def _error(self, answer: _Answer) -> ColabSwarmError:
+        """An error answer as its typed exception: the worker's kind if it sent one, else the
+        kind of the HTTP status; proxies' and tunnels' error pages are 'unreachable'."""
+        body: ErrorDetail | None = None
         try:
-            return cls.model_validate_json(resp.content)
+            body = ErrorDetail.model_validate_json(answer.body)
+        except (ValidationError, ValueError):
+            body = None
+        code = answer.status_code
+        kind = body.kind if body is not None and body.kind is not None else \
+            KIND_OF_STATUS.get(code, ErrorKind.UNREACHABLE)
+        detail = clean_text(body.detail if body is not None else
+                            answer.body[:300].decode("utf-8", "replace"), 300)
+        retry = body.retry_after_s if body is not None else None
+        if retry is None:
+            value = answer.headers.get("retry-after", "")
+            retry = float(value) if value.isdigit() and len(value) < 7 else None
+        if kind is ErrorKind.UNAUTHORIZED:
+            return AuthError(
+                f"{self.name} refused the token. Copy the worker's current share string again "
+                "(a restarted worker has a new token unless its owner fixed one).")
+        if kind is ErrorKind.UNREACHABLE:
+            hint = " (the tunnel timed out or lost the worker)" if code in _TUNNEL_STATUSES \
+                else ""
+            return BackendUnavailable(f"{self.name} answered HTTP {code}{hint}: {detail}")
+        return error_for(kind, f"{self.name}: {detail}", retry)
+
+    def _model(self, cls: Any, answer: _Answer) -> Any:
+        try:
+            return cls.model_validate_json(answer.body)
         except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ()))
             raise WorkerMisbehaved(
-                f"{self.name} sent a malformed {cls.__name__}: {exc.errors()[0].get('msg')}. "
-                "Is this address really a colabswarm worker of the same version?"
+                f"{self.name} sent a malformed {cls.__name__} ({clean_text(where, 60)}: "
+                f"{clean_text(first.get('msg'), 120)}). Is this address really a colabswarm "
+                "worker of the same version?"
             ) from None
 
     # ----- the API ---------------------------------------------------------------------------
     async def info(self) -> Info:
-        return self._model(Info, await self._request("GET", "/info"))
+        return self._model(Info, await self._request("GET", "/info", cap=_INFO_CAP))
 
     async def upload(self, png: bytes) -> UploadResult:
-        resp = await self._request(
+        answer = await self._request(
             "POST", "/uploads", content=png, headers={"content-type": "image/png"}
         )
-        return self._model(UploadResult, resp)
+        result = self._model(UploadResult, answer)
+        sent = _png_size(png)
+        if sent is not None and (result.width, result.height) != sent:
+            raise WorkerMisbehaved(
+                f"{self.name} said the uploaded image is {result.width}x{result.height}; "
+                f"it is {sent[0]}x{sent[1]}.")
+        return result
 
     async def submit(self, req: JobRequest) -> JobStatus:
         # fields added since the first /v1 workers go out only when used: those workers
         # refuse unknown fields, and still serve every job that does not need them
         body = req.model_dump_json(exclude=set() if req.crops else {"crops"})
-        resp = await self._request("POST", "/jobs", content=body,
-                                   headers={"content-type": "application/json"})
-        return self._model(JobStatus, resp)
+        answer = await self._request("POST", "/jobs", content=body,
+                                     headers={"content-type": "application/json"})
+        return self._model(JobStatus, answer)
 
     async def status(self, job_id: str, wait: float = 0.0, since: int = -1,
                      progress_every: float = 0.0) -> JobStatus:
-        resp = await self._request(
+        answer = await self._request(
             "GET", f"/jobs/{job_id}",
             params={"wait": wait, "since": since, "progress_every": progress_every},
             timeout=httpx.Timeout(self._timeout + wait, connect=10.0),
         )
-        return self._model(JobStatus, resp)
+        return self._model(JobStatus, answer)
 
     async def image(self, job_id: str, index: int, size: tuple[int, int],
                     seed: int | None = None) -> Image.Image:
@@ -193,36 +306,23 @@ class WorkerClient:
         # a PNG of w x h is at most ~8 bytes a pixel (16-bit RGBA, stored) plus its chunks
         cap = min(_MAX_IMAGE_BYTES, size[0] * size[1] * 8 + (1 << 20))
         try:
-            async with self._http.stream("GET", f"/jobs/{job_id}/images/{index}") as resp:
-                if resp.status_code != 200:
-                    await resp.aread()
-                    await self._raise_for(resp)
-                announced = resp.headers.get("content-length", "0")
-                if not announced.isdigit() or int(announced) > cap:
-                    raise WorkerMisbehaved(
-                        f"{self.name} announced an image of {announced[:20]} bytes "
-                        f"(at most {cap} for {size[0]}x{size[1]})."
-                    )
-                given_seed = resp.headers.get("x-seed")
-                if seed is not None and given_seed is not None and given_seed != str(seed):
-                    raise WorkerMisbehaved(
-                        f"{self.name} sent the image of seed {given_seed[:30]!r} for seed {seed}."
-                    )
-                chunks, total = [], 0
-                async for chunk in resp.aiter_bytes():
-                    total += len(chunk)
-                    if total > cap:
-                        raise WorkerMisbehaved(
-                            f"{self.name} sent an image over {cap} bytes for {size[0]}x{size[1]}."
-                        )
-                    chunks.append(chunk)
-        except httpx.HTTPError as exc:  # refused, reset or cut mid-body: the worker is away
+            answer = await self._request("GET", f"/jobs/{job_id}/images/{index}", cap=cap)
+        except WorkerMisbehaved:
+            raise
+        except BackendUnavailable as exc:
+            if exc.kind is not ErrorKind.UNREACHABLE:
+                raise
             raise BackendUnavailable(
-                f"{self.name}: the image download failed ({type(exc).__name__}). Is the worker "
-                "still running and its tunnel open?"
+                f"{self.name}: the image download failed. Is the worker still running and, if "
+                "it has one, its tunnel open?"
             ) from None
+        given_seed = answer.headers.get("x-seed")
+        if seed is not None and given_seed is not None and given_seed != str(seed):
+            raise WorkerMisbehaved(
+                f"{self.name} sent the image of seed {clean_text(given_seed, 30)!r} for seed "
+                f"{seed}.")
         # checked and decoded on a thread: the controller's loop serves every worker meanwhile
-        return await asyncio.to_thread(self._decode, b"".join(chunks), size)
+        return await asyncio.to_thread(self._decode, answer.body, size)
 
     def _decode(self, data: bytes, size: tuple[int, int]) -> Image.Image:
         try:
@@ -240,7 +340,9 @@ class WorkerClient:
             image.load()
             return image
         except Exception as exc:
-            raise WorkerMisbehaved(f"{self.name} sent a bad image: {exc}.") from None
+            raise WorkerMisbehaved(
+                f"{self.name} sent a bad image ({type(exc).__name__}: "
+                f"{clean_text(exc, 120)}).") from None
 
     def _check_status(self, job_id: str, req: JobRequest, last: JobStatus | None,
                       new: JobStatus) -> None:
@@ -261,11 +363,6 @@ class WorkerClient:
         if problem:
             raise WorkerMisbehaved(f"{self.name} sent an inconsistent job status: {problem}.")
 
-    async def _raise_for(self, resp: httpx.Response) -> None:
-        if resp.status_code == 401:
-            raise AuthError(f"{self.name} refused the token.")
-        raise BackendUnavailable(f"{self.name}: HTTP {resp.status_code}: {_detail(resp)[:200]}")
-
     async def delete(self, job_id: str) -> None:
         await self._request("DELETE", f"/jobs/{job_id}")
 
@@ -283,6 +380,16 @@ class WorkerClient:
         timeout: float | None = None,
     ) -> list[Image.Image]:
         """Submit, follow by long-poll, fetch every image, then acknowledge (delete) the job."""
+        return (await self.run_job(req, init_pngs, on_progress, timeout)).images
+
+    async def run_job(
+        self,
+        req: JobRequest,
+        init_pngs: list[bytes] | None = None,
+        on_progress: ProgressFn | None = None,
+        timeout: float | None = None,
+    ) -> JobResult:
+        """`run`, also returning the worker's final status (its run and queue times)."""
         expected = (req.width, req.height)
         if init_pngs:
             ups = [await self.upload(png) for png in init_pngs]
@@ -308,7 +415,7 @@ class WorkerClient:
 
     async def _follow(self, req: JobRequest, status: JobStatus, init_pngs: list[bytes] | None,
                       expected: tuple[int, int], on_progress: ProgressFn | None,
-                      ) -> list[Image.Image]:
+                      ) -> JobResult:
         job_id = status.id
         self._check_status(job_id, req, None, status)
         while status.state in ("queued", "running"):
@@ -317,17 +424,30 @@ class WorkerClient:
                 if asyncio.iscoroutine(maybe):
                     await maybe
             last = status
+            asked = time.monotonic()
             status = await self.status(job_id, wait=_POLL_WAIT_S, since=status.version,
                                        progress_every=self.progress_every)
             self._check_status(job_id, req, last, status)
-            if status.version == last.version and status.state == last.state:
-                # nothing new: a worker answers so only when its long-poll ran out; one that
-                # does it at once must not make this loop spin
-                await asyncio.sleep(0.5)
+            if status.state == last.state:
+                # an honest worker answers with progress at most every progress_every (or
+                # when its long-poll ran out); one that answers at once must not make this
+                # loop spin: pace it. State changes (at most three) go through at once.
+                pause = self.progress_every - (time.monotonic() - asked)
+                if status.version == last.version:
+                    pause = max(pause, 0.5)
+                if pause > 0:
+                    await asyncio.sleep(pause)
         if status.state == "interrupted":
-            raise JobInterrupted(f"{self.name}: {status.error}")
+            raise JobInterrupted(f"{self.name}: {clean_text(status.error, 300)}")
         if status.state == "failed":
-            raise JobFailed(f"{self.name}: {status.error}")
+            kind = status.error_kind or ErrorKind.CRASH
+            if kind not in (ErrorKind.OUT_OF_MEMORY, ErrorKind.INTERRUPTED, ErrorKind.CRASH,
+                            ErrorKind.INVALID, ErrorKind.MODEL_NOT_AVAILABLE):
+                kind = ErrorKind.CRASH  # a job's own failure is one of these, whatever it says
+            exc = error_for(kind, f"{self.name}: {clean_text(status.error, 300)}")
+            if kind is ErrorKind.CRASH:
+                exc = JobFailed(str(exc), kind=kind)
+            raise exc
         if status.images_ready != len(req.seeds):
             raise WorkerMisbehaved(
                 f"{self.name} said it made {status.images_ready} images for "
@@ -341,4 +461,4 @@ class WorkerClient:
             maybe = on_progress(status)
             if asyncio.iscoroutine(maybe):
                 await maybe
-        return images
+        return JobResult(images, status)

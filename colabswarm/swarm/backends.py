@@ -1,7 +1,11 @@
-"""One registry entry per worker: address, token, order, AllowIdle, slots, and its status.
+"""One registry entry per worker: address, order, AllowIdle, slots, its status and what it can
+serve. No I/O: the connection to the worker belongs to the controller, the decisions to
+state.py.
 
 Statuses follow StableSwarmUI's: disabled (bad config or switched off), loading, running
-(ready for work), errored (with the reason), idle (an AllowIdle peer that is away).
+(ready for work), errored (with the reason), idle (an AllowIdle peer that is away). Which status
+may follow which is one table (TRANSITIONS), and change_status() is the one function that
+changes a backend's status.
 """
 
 from __future__ import annotations
@@ -11,10 +15,20 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from ..protocol import Info, JobRequest, mask_token
+from ..errors import ErrorKind
+from ..protocol import Info, JobRequest
 from .speed import SpeedModel
 
-__all__ = ["Backend", "BackendStatus", "STATUS_COLOURS", "next_check_delay"]
+__all__ = [
+    "Backend",
+    "BackendStatus",
+    "STATUS_COLOURS",
+    "TRANSITIONS",
+    "Why",
+    "change_status",
+    "info_fingerprint",
+    "next_check_delay",
+]
 
 
 class BackendStatus(StrEnum):
@@ -23,6 +37,51 @@ class BackendStatus(StrEnum):
     RUNNING = "running"
     ERRORED = "errored"
     IDLE = "idle"
+
+
+_S = BackendStatus
+# which status may follow which: a disabled backend comes back only through the user's word
+# (to loading, until its next health check says more); every other status may follow any
+TRANSITIONS: dict[BackendStatus, frozenset[BackendStatus]] = {
+    _S.DISABLED: frozenset({_S.DISABLED, _S.LOADING}),
+    _S.LOADING: frozenset(_S),
+    _S.RUNNING: frozenset(_S),
+    _S.ERRORED: frozenset(_S),
+    _S.IDLE: frozenset(_S),
+}
+
+
+def change_status(b: Backend, new: BackendStatus, reason: str | None) -> bool:
+    """The one place a backend's status changes; returns whether it changed (status or
+    reason). A move the table does not allow is a bug in the caller, not a worker's doing."""
+    if new not in TRANSITIONS[b.status]:
+        raise AssertionError(f"{b.name}: status {b.status.value} cannot become {new.value}")
+    changed = (b.status, b.reason) != (new, reason)
+    b.status, b.reason = new, reason
+    return changed
+
+
+@dataclass(frozen=True)
+class Why:
+    """Why a backend does not take a job: `hard` reasons are about what it can do (no such
+    model, too big) and last until its /v1/info changes; soft ones pass (busy, away)."""
+
+    text: str
+    hard: bool = True
+    kind: ErrorKind = ErrorKind.INVALID
+    at: float = field(default=0.0, compare=False)  # when a worker said it (a refusal)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def info_fingerprint(info: Info | None) -> tuple:
+    """What a backend can serve, as far as refusals go: when this changes, what it refused
+    before may now work."""
+    if info is None:
+        return ()
+    return (info.state, tuple(info.models), tuple(info.upscalers), tuple(info.capabilities),
+            info.limits.model_dump_json(), info.version)
 
 
 STATUS_COLOURS = {
@@ -46,21 +105,20 @@ def next_check_delay(status: BackendStatus, failures: int, healthy_every: float)
 
 @dataclass
 class Backend:
-    """What the controller knows of one worker. Thin: the scheduler makes the decisions."""
+    """What the controller knows of one worker. Thin: state.py and the scheduler decide."""
 
     name: str
     url: str
-    token: str = field(repr=False)
     allow_idle: bool = False
     slots: int = 2
     enabled: bool = True
     status: BackendStatus = BackendStatus.LOADING
     reason: str | None = None
     info: Info | None = None
-    client: Any = field(default=None, repr=False)
     running: int = 0
     failures: int = 0
     next_check: float = 0.0
+    checking: bool = False  # a health check is under way
     unit_seconds_hint: float | None = field(default=None, repr=False)
     speed: SpeedModel = field(default_factory=SpeedModel, repr=False)
     batch_hint: int = 4  # the batch size the scheduler aims for (for throughput figures)
@@ -68,9 +126,11 @@ class Backend:
     batch_cap: int = 64  # lowered when the worker runs out of GPU memory on a batch
     quarantine_until: float = 0.0  # a worker caught lying stays errored until then
     offences: int = 0
+    paused_until: float = 0.0  # a worker that said "busy, retry later" gets no job till then
+    busy_answers: int = 0  # "busy" answers in a row (backs the pause off)
     images_done: int = 0
     last_seen: float | None = None
-    refused: dict[tuple, str] = field(default_factory=dict)  # param key -> why it said no
+    refused: dict[tuple, Why] = field(default_factory=dict)  # param key -> why it said no
 
     def __post_init__(self) -> None:
         if self.unit_seconds_hint:
@@ -94,8 +154,7 @@ class Backend:
             self.overhead_s = 0.8 * self.overhead_s + 0.2 * extra
 
     def __repr__(self) -> str:
-        return (f"Backend({self.name!r}, {self.url!r}, token={mask_token(self.token)}, "
-                f"status={self.status.value})")
+        return f"Backend({self.name!r}, {self.url!r}, status={self.status.value})"
 
     @property
     def usable(self) -> bool:
@@ -105,38 +164,38 @@ class Backend:
     def free_slots(self) -> int:
         return max(0, self.slots - self.running) if self.usable else 0
 
-    def why_not(self, req: JobRequest, key: tuple | None = None) -> str | None:
+    def why_not(self, req: JobRequest, key: tuple | None = None) -> Why | None:
         """None if this backend can serve the job, else the reason (shown in the logs)."""
         if not self.enabled:
-            return "disabled"
+            return Why("disabled", hard=False)
         if self.status != BackendStatus.RUNNING:
-            return f"status {self.status.value}"
+            return Why(f"status {self.status.value}", hard=False)
         if self.refused:
             reason = self.refused.get(key if key is not None else req.param_key())
             if reason:
                 return reason
         info = self.info
         if info is None:
-            return "no info yet"
+            return Why("no info yet", hard=False)
+        missing = ErrorKind.MODEL_NOT_AVAILABLE
         if req.model is not None and req.model not in info.models:
-            return f"does not have model {req.model!r}"
+            return Why(f"does not have model {req.model!r}", kind=missing)
         if req.kind not in info.capabilities:
-            return f"cannot do {req.kind}"
+            return Why(f"cannot do {req.kind}")
         lim = info.limits
         if req.kind != "upscale":
             if req.width * req.height > lim.max_pixels:
-                return f"{req.width}x{req.height} is over its {lim.max_pixels} pixels"
+                return Why(f"{req.width}x{req.height} is over its {lim.max_pixels} pixels")
             if req.steps > lim.max_steps:
-                return f"{req.steps} steps is over its {lim.max_steps}"
+                return Why(f"{req.steps} steps is over its {lim.max_steps}")
         if req.upscaler and req.upscaler not in info.upscalers:
-            return f"does not have upscaler {req.upscaler!r}"
+            return Why(f"does not have upscaler {req.upscaler!r}", kind=missing)
         if req.kind == "img2img" and req.upscaler and "tiles" not in info.capabilities:
-            return "cannot cut tiles itself (update colabswarm on that worker)"
+            return Why("cannot cut tiles itself (update colabswarm on that worker)")
         return None
 
     def max_batch(self) -> int:
         return min(self.info.limits.max_images, self.batch_cap) if self.info else 1
-
 
     def snapshot(self) -> dict[str, Any]:
         """A plain dict for views (widgets, logs): no token."""

@@ -1,8 +1,13 @@
-"""The Swarm: many workers as one. Runs on its own event-loop thread so a notebook stays free.
+"""The Swarm: many workers as one. The I/O half of the controller, on its own event-loop thread.
 
-Every mutation of swarm state happens on that loop; sync methods hand coroutines to it and wait,
-async twins (``a...``) await it from any other loop, and ``submit_*`` return futures at once
-for widgets.
+What to do is decided by `state.SwarmState` (pure: events in, actions out). This module only
+turns what happens on the wire (a flight's outcome, a health check's answer, a user's call) into
+events with the time, and carries out the actions that come back: start or cancel a flight's
+task, check a backend, hand an image to its run, finish a run, tell the views.
+
+Every mutation happens on the swarm's loop; sync methods hand coroutines to it and wait, async
+twins (``a...``, same explicit signatures) await it from any other loop, and ``submit_*``
+return futures at once for widgets.
 """
 
 from __future__ import annotations
@@ -20,31 +25,45 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from PIL import Image
-
 from ..backend.client import WorkerClient
 from ..errors import (
     AuthError,
     BackendUnavailable,
     BadShareString,
     ColabSwarmError,
+    ErrorKind,
     InvalidRequest,
-    JobFailed,
     JobInterrupted,
-    ModelNotAvailable,
     WorkerMisbehaved,
 )
-from ..protocol import MAX_SEED, JobRequest, decode_share
-from .backends import Backend, BackendStatus, next_check_delay
+from ..protocol import MAX_SEED, Info, JobRequest, clean_text, decode_share, make_request
+from .backends import Backend
 from .outputs import GeneratedImage, save_image
-from .scheduler import (
-    Flight,
-    Item,
-    batch_seconds,
-    estimate_eta,
-    pick_copies,
-    plan_dispatch,
-    rates,
+from .state import (
+    BackendAdded,
+    BackendChanged,
+    BackendRemoved,
+    BackendSettings,
+    CancelFlight,
+    CancelRun,
+    CheckHealth,
+    Deliver,
+    Event,
+    FinishRun,
+    FlightCancelled,
+    FlightFailed,
+    FlightProgress,
+    FlightSucceeded,
+    HealthChecked,
+    HealthFailed,
+    InterruptAll,
+    Log,
+    NewRun,
+    Progress,
+    StartFlight,
+    SwarmConfig,
+    SwarmState,
+    Tick,
 )
 from .upscale import UpscaleResult, check_upscale_params, run_upscale
 
@@ -53,6 +72,7 @@ __all__ = ["GenerationResult", "Swarm", "SwarmStatus", "format_duration"]
 log = logging.getLogger("colabswarm.swarm")
 T = TypeVar("T")
 Listener = Callable[[dict[str, Any]], None]
+_TICK_S = 0.1
 
 
 def format_duration(seconds: float | None) -> str:
@@ -98,16 +118,17 @@ class GenerationResult:
 
 @dataclass(eq=False)
 class _Run:
+    """The I/O side of a run: who waits for it and where its images go."""
+
     id: int
     kind: str
-    items: list[Item]
+    total: int
     params: dict[str, Any]
     future: asyncio.Future
     on_image: Callable[[GeneratedImage], Any] | None
     save: bool
     started: float = field(default_factory=time.monotonic)
     results: dict[int, GeneratedImage] = field(default_factory=dict)
-    stream: asyncio.Queue | None = None
 
 
 class Swarm:
@@ -128,36 +149,30 @@ class Swarm:
         trace: bool = False,
     ) -> None:
         self.output_dir = Path(output_dir) if output_dir else None
-        self.max_batch = max_batch
-        self.batching = batching
-        self.copies = copies
-        self.straggler_guard = straggler_guard
-        self.max_attempts = max_attempts
-        self.health_every = health_every
-        self.flight_timeout_min = flight_timeout_min
         self.logs: deque[tuple[float, str, str]] = deque(maxlen=log_lines)
-        # (backend, images, started, ended, outcome, copy) per finished job, for benchmarks
-        self.trace: list[tuple[str, int, float, float, str, bool]] | None = [] if trace else None
-        self._backends: list[Backend] = []
-        self._queue: deque[Item] = deque()
-        self._flights: list[Flight] = []
+        self._state = SwarmState(SwarmConfig(
+            max_batch=max_batch, batching=batching, copies=copies,
+            straggler_guard=straggler_guard, max_attempts=max_attempts,
+            health_every=health_every, flight_timeout_min=flight_timeout_min))
+        if trace:
+            self._state.trace = []
+        self._clients: dict[str, WorkerClient] = {}
+        self._flight_tasks: dict[int, asyncio.Task] = {}
+        self._checks: set[asyncio.Task] = set()
         self._runs: dict[int, _Run] = {}
         self._run_ids = itertools.count(1)
         self._listeners: list[Listener] = []
-        self._skip_seen: set[tuple[str, tuple, str]] = set()
         self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="colabswarm-swarm",
                                         daemon=True)
         self._thread.start()
-        self._wake: asyncio.Event = self._call(self._make_event())
-        self._tasks = [
-            asyncio.run_coroutine_threadsafe(self._dispatch_loop(), self._loop),
-            asyncio.run_coroutine_threadsafe(self._health_loop(), self._loop),
-        ]
+        self._ticker = asyncio.run_coroutine_threadsafe(self._tick_loop(), self._loop)
 
-    async def _make_event(self) -> asyncio.Event:
-        return asyncio.Event()
+    @property
+    def trace(self) -> list[tuple[str, int, float, float, str, bool]] | None:
+        """(backend, images, started, ended, outcome, copy) per finished job, if traced."""
+        return self._state.trace
 
     # ----- loop plumbing -------------------------------------------------------------------
     def _call(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -177,6 +192,22 @@ class Swarm:
             return asyncio.get_running_loop() is self._loop
         except RuntimeError:
             return False
+
+    def _read(self, fn: Callable[[], T]) -> T:
+        """A consistent read of swarm state: on the loop's thread, from wherever it is asked."""
+        if self._in_loop():
+            return fn()
+
+        async def on_loop() -> T:
+            return fn()
+
+        return self._call(on_loop())
+
+    async def _aread(self, fn: Callable[[], T]) -> T:
+        async def on_loop() -> T:
+            return fn()
+
+        return await self._acall(on_loop())
 
     def subscribe(self, listener: Listener) -> Callable[[], None]:
         """Call listener(event) for every change; returns an unsubscribe function.
@@ -199,29 +230,175 @@ class Swarm:
         getattr(log, level if level != "skip" else "debug")(message)
         self._emit(type="log", level=level, message=message)
 
-    def _kick(self) -> None:
-        self._wake.set()
+    def note(self, level: str, message: str) -> None:
+        """Write a line into the swarm's log (the Logs panel shows it); on the swarm's loop."""
+        self._log(level, clean_text(message, 1000))
+
+    # ----- the state machine's I/O ---------------------------------------------------------
+    def _feed(self, event: Event) -> None:
+        """Hand one event to the state and carry out what it says. Runs on the swarm's loop."""
+        if self._closed and not isinstance(event, (FlightCancelled, InterruptAll)):
+            return
+        try:
+            actions = self._state.handle(event)
+        except ColabSwarmError:
+            raise  # a user's bad setting: the caller hears it
+        except Exception:  # a bug: the swarm keeps going, and says so
+            log.exception("swarm state failed on %s", type(event).__name__)
+            self._log("warning", f"internal error on {type(event).__name__}; see the Python "
+                                 "log (please report it)")
+            return
+        for action in actions:
+            try:
+                self._execute(action)
+            except Exception:
+                log.exception("action %s failed", type(action).__name__)
+
+    def _execute(self, action: Any) -> None:
+        match action:
+            case StartFlight(flight=f):
+                self._flight_tasks[f.id] = asyncio.ensure_future(self._fly(f))
+            case CancelFlight(flight_id=fid, why=why):
+                task = self._flight_tasks.get(fid)
+                if task is not None and not task.done():
+                    task.cancel(msg=why)
+            case CheckHealth(name=name):
+                task = asyncio.ensure_future(self._check(name))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
+            case Deliver():
+                self._deliver(action)
+            case FinishRun(run_id=rid, error=error):
+                self._finish_run(rid, error)
+            case BackendChanged(name=name):
+                snap = None
+                if name is not None:
+                    try:
+                        snap = self._state.backend(name).snapshot()
+                    except KeyError:
+                        snap = None
+                self._emit(type="backend", backend=snap)
+            case Progress():
+                self._emit(type="progress")
+            case Log(level=level, message=message):
+                self._log(level, message)
+
+    async def _tick_loop(self) -> None:
+        while not self._closed:
+            self._feed(Tick(time.monotonic()))
+            await asyncio.sleep(_TICK_S)
+
+    async def _fly(self, f: Any) -> None:
+        client = self._clients.get(f.backend.name)
+        event: Event
+        try:
+            if client is None:
+                raise asyncio.CancelledError
+            req, pngs = f.request()
+
+            def progress(status: Any) -> None:
+                self._feed(FlightProgress(f.id, status.step, status.total_steps))
+
+            result = await client.run_job(req, pngs, on_progress=progress, timeout=f.timeout)
+        except asyncio.CancelledError:
+            event = FlightCancelled(f.id, time.monotonic())
+        except ColabSwarmError as exc:
+            event = FlightFailed(f.id, exc.kind, str(exc), time.monotonic(),
+                                 getattr(exc, "retry_after_s", None))
+        except Exception as exc:  # a bug or an odd worker: requeue, never lose the images
+            log.exception("flight on %s failed", f.backend.name)
+            event = FlightFailed(f.id, ErrorKind.CRASH, f"unexpected {type(exc).__name__}",
+                                 time.monotonic())
+        else:
+            event = FlightSucceeded(f.id, tuple(result.images), result.status.run_s,
+                                    result.status.queued_s, time.monotonic())
+        finally:
+            self._flight_tasks.pop(f.id, None)
+        self._feed(event)
+
+    async def _check(self, name: str) -> None:
+        client = self._clients.get(name)
+        if client is None:
+            return
+        event: Event
+        try:
+            info = await asyncio.wait_for(client.info(), 10.0)
+        except TimeoutError:
+            event = HealthFailed(name, ErrorKind.UNREACHABLE, "no answer within 10s",
+                                 time.monotonic())
+        except ColabSwarmError as exc:
+            event = HealthFailed(name, exc.kind, str(exc), time.monotonic())
+        except Exception as exc:
+            log.exception("health check of %s failed", name)
+            event = HealthFailed(name, ErrorKind.CRASH, f"unexpected {type(exc).__name__}",
+                                 time.monotonic())
+        else:
+            event = HealthChecked(name, info, time.monotonic())
+        self._feed(event)
+
+    def _deliver(self, d: Deliver) -> None:
+        run = self._runs.get(d.run_id)
+        if run is None:
+            return
+        g = GeneratedImage(image=d.result, seed=d.seed, backend=d.backend, index=d.index,
+                           seconds=d.seconds, params=run.params)
+        run.results[d.index] = g
+        if run.save and self.output_dir is not None and run.kind == "generate":
+            try:
+                save_image(g, self.output_dir)
+            except OSError as exc:
+                self._log("warning", f"could not save image {d.seed}: {exc.strerror or exc}")
+        if run.on_image is not None:
+            try:
+                run.on_image(g)
+            except Exception:
+                log.exception("on_image callback failed")
+        self._emit(type="image", run=run.id, image=g, done=len(run.results), total=run.total)
+
+    def _finish_run(self, rid: int, error: ColabSwarmError | None) -> None:
+        run = self._runs.pop(rid, None)
+        if run is None:
+            return
+        images = [run.results[i] for i in sorted(run.results)]
+        result = GenerationResult(images, run.params, time.monotonic() - run.started)
+        if not run.future.done():
+            if error is not None:
+                error.partial = result  # type: ignore[attr-defined]  # what was made is kept
+                run.future.set_exception(error)
+            else:
+                run.future.set_result(result)
+        self._emit(type="run", run=run.id, kind=run.kind, total=run.total,
+                   done=len(run.results), finished=True, error=str(error) if error else None)
 
     # ----- backends ------------------------------------------------------------------------
-    def _read(self, fn: Callable[[], T]) -> T:
-        """A consistent read of swarm state: on the loop's thread, from wherever it is asked."""
-        if self._in_loop():
-            return fn()
-
-        async def on_loop() -> T:
-            return fn()
-
-        return self._call(on_loop())
-
     @property
     def backends(self) -> list[dict[str, Any]]:
         """Snapshots of the backends, in order (no tokens)."""
-        return self._read(lambda: [b.snapshot() for b in self._backends])
+        return self._read(self._snapshots)
+
+    async def abackends(self) -> list[dict[str, Any]]:
+        return await self._aread(self._snapshots)
+
+    def _snapshots(self) -> list[dict[str, Any]]:
+        return [b.snapshot() for b in self._state.backends]
+
+    def flights(self) -> list[dict[str, Any]]:
+        """The jobs running now: backend, seeds, step of total_steps, whether a copy."""
+        return self._read(self._flight_snapshots)
+
+    def _flight_snapshots(self) -> list[dict[str, Any]]:
+        return [{"backend": f.backend.name, "seeds": [it.seed for it in f.items],
+                 "step": f.step, "total_steps": f.total_steps, "copy": f.copy_of is not None,
+                 "started": f.started} for f in self._state.flights.values()]
+
+    def worker_infos(self) -> list[Info]:
+        """The last /v1/info of every enabled backend that answered (for upscale planning)."""
+        return [b.info for b in self._state.backends if b.enabled and b.info is not None]
 
     def add(self, share_or_url: str, token: str | None = None, name: str | None = None,
             allow_idle: bool = False, slots: int = 2) -> dict[str, Any]:
         """Register a worker by its share string; contacts it once before returning."""
-        return self._call(self.aadd(share_or_url, token, name, allow_idle, slots))
+        return self._call(self._add(share_or_url, token, name, allow_idle, slots))
 
     async def aadd(self, share_or_url: str, token: str | None = None, name: str | None = None,
                    allow_idle: bool = False, slots: int = 2) -> dict[str, Any]:
@@ -229,10 +406,17 @@ class Swarm:
 
     def add_many(self, text: str, allow_idle: bool = False, slots: int = 2) -> list[Any]:
         """Register every share string in a pasted block; returns a snapshot or an error each."""
+        return self._call(self._add_many(text, allow_idle, slots))
+
+    async def aadd_many(self, text: str, allow_idle: bool = False, slots: int = 2
+                        ) -> list[Any]:
+        return await self._acall(self._add_many(text, allow_idle, slots))
+
+    async def _add_many(self, text: str, allow_idle: bool, slots: int) -> list[Any]:
         out: list[Any] = []
         for line in [ln.strip() for ln in text.replace(",", "\n").splitlines() if ln.strip()]:
             try:
-                out.append(self.add(line, allow_idle=allow_idle, slots=slots))
+                out.append(await self._add(line, None, None, allow_idle, slots))
             except ColabSwarmError as exc:
                 out.append(exc)
         return out
@@ -240,476 +424,162 @@ class Swarm:
     async def _add(self, share: str, token: str | None, name: str | None, allow_idle: bool,
                    slots: int) -> dict[str, Any]:
         url, token = decode_share(share, token)
-        if slots < 1 or slots > 64:
-            raise BadShareString(f"slots must be between 1 and 64 (got {slots}).")
-        if any(b.url == url for b in self._backends):
-            raise BadShareString(f"{url} is already registered.")
-        client = WorkerClient(url, token, timeout=30.0, connect_retries=1)
-        b = Backend(name=name or url, url=url, token=token, allow_idle=allow_idle, slots=slots,
-                    client=client)
+        if not isinstance(slots, int) or not 1 <= slots <= 64:
+            raise BadShareString(f"slots must be between 1 and 64 (got {slots!r}).")
+        if name is not None:
+            name = clean_text(name, 64)
+            if not name:
+                raise BadShareString("A backend's name needs at least one visible character.")
+        self._check_new(url, name)
+        client = WorkerClient(url, token, name=name, timeout=30.0, connect_retries=1)
+        info: Info | None = None
+        error: str | None = None
         try:
             try:
                 info = await asyncio.wait_for(client.info(), 15.0)
             except TimeoutError:
                 raise BackendUnavailable(f"{url} did not answer within 15s.") from None
         except (BackendUnavailable, AuthError) as exc:
-            if isinstance(exc, AuthError) or not allow_idle:
+            if isinstance(exc, (AuthError, WorkerMisbehaved)) or not allow_idle:
                 await client.aclose()
                 raise
-            b.status, b.reason = BackendStatus.IDLE, str(exc)
-            b.failures = 1
-        else:
-            self._apply_info(b, info)
-            if name is None:
-                b.name = self._unique_name(info.name)
-        b.next_check = time.monotonic() + next_check_delay(b.status, b.failures, self.health_every)
-        if name and any(x.name == name for x in self._backends):
+            error = str(exc)
+        try:
+            self._check_new(url, name)  # another add may have won while this one waited
+        except BadShareString:
             await client.aclose()
+            raise
+        final = name or self._state.unique_name(
+            clean_text(info.name, 64) or url if info is not None else url)
+        client.name = final
+        backend = Backend(name=final, url=url, allow_idle=allow_idle, slots=slots)
+        self._clients[final] = client
+        self._feed(BackendAdded(backend, time.monotonic(), info, error))
+        return backend.snapshot()
+
+    def _check_new(self, url: str, name: str | None) -> None:
+        if any(b.url == url for b in self._state.backends):
+            raise BadShareString(f"{url} is already registered.")
+        if name and any(b.name == name for b in self._state.backends):
             raise BadShareString(f"A backend named {name!r} already exists; pick another name.")
-        self._backends.append(b)
-        self._log("info", f"added {b.name} ({url}), {b.status.value}")
-        self._emit(type="backend", backend=b.snapshot())
-        self._kick()
-        return b.snapshot()
-
-    def _unique_name(self, base: str) -> str:
-        names = {b.name for b in self._backends}
-        if base not in names:
-            return base
-        for i in itertools.count(2):
-            if f"{base}-{i}" not in names:
-                return f"{base}-{i}"
-        raise AssertionError
-
-    def _find(self, name: str) -> Backend:
-        for b in self._backends:
-            if b.name == name or b.url == name:
-                return b
-        raise KeyError(f"No backend {name!r}; known: {[b.name for b in self._backends]}")
 
     def remove(self, name: str) -> None:
         self._call(self._remove(name))
 
+    async def aremove(self, name: str) -> None:
+        await self._acall(self._remove(name))
+
     async def _remove(self, name: str) -> None:
-        b = self._find(name)
-        self._backends.remove(b)
-        for f in [f for f in self._flights if f.backend is b]:
-            f.task.cancel()
-        await b.client.aclose()
-        self._log("info", f"removed {b.name}")
-        self._emit(type="backend", backend=None)
+        b = self._state.backend(name)
+        self._feed(BackendRemoved(b.name, time.monotonic()))
+        client = self._clients.pop(b.name, None)
+        if client is not None:
+            await asyncio.sleep(0)  # let the flights' tasks see their cancellation first
+            await client.aclose()
 
     def move(self, name: str, index: int) -> None:
         """Reorder: index 0 is tried first."""
-        self._call(self._move(name, index))
+        self.set(name, index=index)
 
-    async def _move(self, name: str, index: int) -> None:
-        b = self._find(name)
-        self._backends.remove(b)
-        self._backends.insert(max(0, min(index, len(self._backends))), b)
-        self._emit(type="backend", backend=b.snapshot())
-        self._kick()
+    async def amove(self, name: str, index: int) -> None:
+        await self.aset(name, index=index)
 
     def set(self, name: str, *, enabled: bool | None = None, allow_idle: bool | None = None,
-            slots: int | None = None) -> None:
-        self._call(self._set(name, enabled, allow_idle, slots))
+            slots: int | None = None, index: int | None = None) -> None:
+        self._call(self._set(name, enabled, allow_idle, slots, index))
+
+    async def aset(self, name: str, *, enabled: bool | None = None,
+                   allow_idle: bool | None = None, slots: int | None = None,
+                   index: int | None = None) -> None:
+        await self._acall(self._set(name, enabled, allow_idle, slots, index))
 
     async def _set(self, name: str, enabled: bool | None, allow_idle: bool | None,
-                   slots: int | None) -> None:
-        b = self._find(name)
-        if enabled is not None:
-            b.enabled = enabled
-            if not enabled:
-                b.status, b.reason = BackendStatus.DISABLED, "disabled by you"
-            else:  # the user's word also lifts a quarantine
-                b.status, b.reason, b.next_check = BackendStatus.LOADING, None, 0.0
-                b.quarantine_until = 0.0
-        if allow_idle is not None:
-            b.allow_idle = allow_idle
-        if slots is not None:
-            if not 1 <= slots <= 64:
-                raise InvalidRequest(f"slots must be between 1 and 64 (got {slots}).")
-            b.slots = slots
-        self._emit(type="backend", backend=b.snapshot())
-        self._kick()
+                   slots: int | None, index: int | None) -> None:
+        if slots is not None and (not isinstance(slots, int) or not 1 <= slots <= 64):
+            raise InvalidRequest(f"slots must be between 1 and 64 (got {slots!r}).")
+        b = self._state.backend(name)
+        self._feed(BackendSettings(b.name, time.monotonic(), enabled, allow_idle, slots, index))
 
     def enable(self, name: str) -> None:
         self.set(name, enabled=True)
 
+    async def aenable(self, name: str) -> None:
+        await self.aset(name, enabled=True)
+
     def disable(self, name: str) -> None:
         self.set(name, enabled=False)
 
-    def _apply_info(self, b: Backend, info: Any) -> None:
-        b.info = info
-        b.last_seen = time.monotonic()
-        b.failures = 0
-        if info.state == "ready":
-            b.status, b.reason = BackendStatus.RUNNING, None
-        elif info.state == "loading":
-            b.status, b.reason = BackendStatus.LOADING, "loading its model"
-        else:
-            b.status, b.reason = BackendStatus.ERRORED, f"model failed: {info.state_detail}"
-        if info.step_seconds_per_mpix:  # a hint from the worker: believed only within reason
-            b.speed.seed(min(max(info.step_seconds_per_mpix, 1e-4), 1e3))
-
-    def _mark_down(self, b: Backend, reason: str) -> None:
-        """A backend stopped answering: AllowIdle ones go quietly idle, others errored."""
-        if not b.enabled:
-            return
-        was = b.status
-        b.failures += 1
-        if b.allow_idle and "refused the token" not in reason:
-            b.status, b.reason = BackendStatus.IDLE, reason
-        else:
-            b.status, b.reason = BackendStatus.ERRORED, reason
-        b.next_check = time.monotonic() + next_check_delay(b.status, b.failures,
-                                                           self.health_every)
-        if was != b.status:
-            level = "info" if b.status == BackendStatus.IDLE else "warning"
-            self._log(level, f"{b.name} is {b.status.value}: {reason}")
-            self._emit(type="backend", backend=b.snapshot())
-        for f in [f for f in self._flights if f.backend is b]:
-            if f.task is not None:
-                f.task.cancel(msg="backend down")
-
-    def _quarantine(self, b: Backend, reason: str) -> None:
-        """A worker that sent what no honest worker sends stays errored for a while (1 min,
-        doubling to 1 h), even if its /v1/info looks fine meanwhile."""
-        b.offences += 1
-        b.quarantine_until = time.monotonic() + min(60.0 * 2 ** (b.offences - 1), 3600.0)
-        allow_idle, b.allow_idle = b.allow_idle, False  # a liar is errored, never quietly idle
-        self._mark_down(b, f"{reason} (quarantined)")
-        b.allow_idle = allow_idle
-        b.next_check = b.quarantine_until
-
-    async def _check(self, b: Backend) -> None:
-        if time.monotonic() < b.quarantine_until:
-            b.next_check = b.quarantine_until
-            return
-        try:
-            info = await asyncio.wait_for(b.client.info(), 10.0)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            reason = str(exc) if not isinstance(exc, TimeoutError) else "no answer within 10s"
-            if b.status in (BackendStatus.RUNNING, BackendStatus.LOADING):
-                self._mark_down(b, reason)
-            else:
-                b.failures += 1
-                b.reason = reason
-                b.next_check = time.monotonic() + next_check_delay(b.status, b.failures,
-                                                                   self.health_every)
-            return
-        was = b.status
-        self._apply_info(b, info)
-        b.next_check = time.monotonic() + next_check_delay(b.status, 0, self.health_every)
-        if was != b.status:
-            self._log("info", f"{b.name} is {b.status.value}")
-            self._emit(type="backend", backend=b.snapshot())
-            self._kick()
-
-    async def _health_loop(self) -> None:
-        checking: dict[str, asyncio.Task] = {}
-        while not self._closed:
-            now = time.monotonic()
-            for b in list(self._backends):
-                if not b.enabled or b.next_check > now:
-                    continue
-                t = checking.get(b.name)
-                if t is None or t.done():
-                    b.next_check = now + 3600  # set properly when the check ends
-                    checking[b.name] = asyncio.ensure_future(self._check(b))
-            await asyncio.sleep(0.1)
+    async def adisable(self, name: str) -> None:
+        await self.aset(name, enabled=False)
 
     def check_now(self) -> None:
         """Ask every backend for its state at once (the panel's refresh)."""
         self._call(self._check_all())
 
+    async def acheck_now(self) -> None:
+        await self._acall(self._check_all())
+
     async def _check_all(self) -> None:
-        await asyncio.gather(*(self._check(b) for b in self._backends if b.enabled))
+        await asyncio.gather(*(self._check(b.name) for b in self._state.backends if b.enabled))
 
-    # ----- dispatch ------------------------------------------------------------------------
-    async def _dispatch_loop(self) -> None:
-        while not self._closed:
-            try:
-                await asyncio.wait_for(self._wake.wait(), 0.25)
-            except TimeoutError:
-                pass
-            self._wake.clear()
-            try:
-                self._dispatch()
-            except Exception:
-                log.exception("dispatch failed")
-
-    def _dispatch(self) -> None:
-        now = time.monotonic()
-        self._fail_unservable()
-        plan, skips = plan_dispatch(
-            list(self._queue), self._backends, self._flights, now,
-            max_batch=self.max_batch, batching=self.batching,
-            straggler_guard=self.straggler_guard,
-        )
-        for b, it, why in skips:
-            key = (b.name, it.key, why)
-            if key not in self._skip_seen and why != "busy":
-                self._skip_seen.add(key)
-                self._log("skip", f"{b.name} skipped for a {it.template.kind} job: {why}")
-        for b, batch in plan:
-            for it in batch:
-                self._queue.remove(it)
-            self._launch(b, batch)
-        if self.copies and not self._queue:
-            for b, f in pick_copies(self._queue, self._backends, self._flights, now):
-                f.has_copy = True
-                self._log("info", f"{b.name} runs a copy of {len(f.items)} image(s) held by "
-                                  f"{f.backend.name} (first result wins)")
-                self._launch(b, [it for it in f.items if not it.done], copy_of=f)
-
-    def _fail_unservable(self) -> None:
-        """Items no registered backend could ever serve fail now, with the reason."""
-        if not self._queue:
-            return
-        live = [b for b in self._backends if b.enabled and b.status != BackendStatus.DISABLED]
-        for it in list(self._queue):
-            if it.done:
-                continue
-            reasons = [(b.name, b.why_not(it.template)) for b in live
-                       if b.info is not None and b.status == BackendStatus.RUNNING]
-            if not self._backends:
-                continue  # waiting for the user to add one
-            if live and reasons and len(reasons) == len(live) and all(r for _, r in reasons):
-                # every backend answered and every one refuses for a hard reason
-                hard = all("status" not in r and "failed this image" not in r
-                           for _, r in reasons if r)
-                if hard:
-                    why = "; ".join(f"{n}: {r}" for n, r in reasons)
-                    err = ModelNotAvailable if "model" in why else InvalidRequest
-                    self._fail_item(it, err(f"No backend can run this job ({why})."))
-
-    def _launch(self, b: Backend, items: list[Item], copy_of: Flight | None = None) -> None:
-        rate = rates([x for x in self._backends if x.usable] + [b])
-        estimate = batch_seconds(b, len(items), items[0].units, rate)
-        f = Flight(b, items, time.monotonic(), estimate, copy_of=copy_of)
-        for it in items:
-            it.flights += 1
-        b.running += 1
-        self._flights.append(f)
-        f.task = asyncio.ensure_future(self._fly(f))
-        self._emit(type="progress")
-
-    async def _fly(self, f: Flight) -> None:
-        b, items = f.backend, f.items
-        template = items[0].template
-        update: dict[str, Any] = {"seeds": [it.seed for it in items]}
-        if items[0].crop is not None:
-            update["crops"] = [it.crop for it in items]
-        req = template.model_copy(update=update)
-        pngs: list[bytes] | None = None
-        if template.kind != "txt2img":
-            first = items[0].init_png
-            shared = all(it.init_png is first for it in items)
-            pngs = [first] if shared and first is not None else [it.init_png or b"" for it in items]
-        known = b.job_seconds(len(items), items[0].units)
-        timeout = min(max(self.flight_timeout_min, 8 * known + 30 if known else 600.0), 1800.0)
-
-        last: list[Any] = [None]
-
-        def progress(status: Any) -> None:
-            last[0] = status
-            f.step, f.total_steps = status.step, status.total_steps
-            self._emit(type="progress")
-
-        outcome: str = "failed"
-        error: BaseException | None = None
-        try:
-            images = await b.client.run(req, pngs, on_progress=progress, timeout=timeout)
-            outcome = "ok"
-        except asyncio.CancelledError:
-            outcome = "cancelled"
-        except WorkerMisbehaved as exc:
-            error = exc
-            self._quarantine(b, str(exc))
-        except (BackendUnavailable, AuthError) as exc:
-            error = exc
-            self._mark_down(b, str(exc))
-        except InvalidRequest as exc:
-            error = exc
-            b.refused[template.param_key()] = str(exc)
-            self._log("warning", f"{b.name} refused a job: {exc}")
-        except JobInterrupted as exc:
-            error = exc
-            outcome = "interrupted"
-        except JobFailed as exc:
-            error = exc
-            if "out of memory" in str(exc).lower() and len(items) > 1:
-                # the GPU is smaller than the batch: halve its batches and retry, no blame
-                b.batch_cap = max(1, len(items) // 2)
-                outcome = "cancelled"
-                self._log("warning", f"{b.name} ran out of memory at {len(items)} images; "
-                                     f"its batches are now at most {b.batch_cap}")
-            else:
-                self._log("warning", f"{b.name} failed a job: {exc}")
-        except Exception as exc:  # a bug or an odd worker: requeue, never lose the images
-            error = exc
-            log.exception("flight on %s failed", b.name)
-        finally:
-            b.running -= 1
-            if f in self._flights:
-                self._flights.remove(f)
-            for it in items:
-                it.flights -= 1
-        if self.trace is not None:
-            self.trace.append((b.name, len(items), f.started, time.monotonic(), outcome,
-                               f.copy_of is not None))
-        if outcome == "ok":
-            elapsed = time.monotonic() - f.started
-            # the worker's own run time: wall time would count waiting behind our other slot
-            st = last[0]
-            ran = st.run_s if st is not None and st.run_s > 0 else elapsed
-            waited = st.queued_s if st is not None else 0.0
-            b.note_job(len(items), ran, elapsed - waited, items[0].units)
-            b.images_done += len(items)
-            per = elapsed / len(items)
-            for it, img in zip(items, images, strict=True):
-                self._deliver(it, img, b.name, per)
-            self._cancel_losers(f)
-        else:
-            for it in items:
-                if it.done or it.flights > 0:
-                    continue
-                if outcome == "interrupted" and self._runs.get(it.run_id) is None:
-                    continue
-                self._requeue(it, b, None if outcome == "cancelled" else error,
-                              count=outcome != "cancelled")
-        self._emit(type="progress")
-        self._kick()
-
-    def _cancel_losers(self, winner: Flight) -> None:
-        for f in list(self._flights):
-            if f is winner or f.task is None:
-                continue
-            if all(it.done for it in f.items):
-                f.task.cancel(msg="a copy won")
-
-    def _requeue(self, it: Item, b: Backend, error: BaseException | None, count: bool) -> None:
-        if error is not None and not isinstance(error, InvalidRequest):
-            it.failed_on.add(b.name)
-        if count and error is not None and not isinstance(error, InvalidRequest):
-            it.attempts += 1
-        if it.attempts >= self.max_attempts:
-            self._fail_item(it, JobFailed(
-                f"Image with seed {it.seed} failed {it.attempts} times; last error: {error}. "
-                "Check the backends panel and the logs."
-            ))
-            return
-        self._queue.appendleft(it)
-        why = error if error is not None else (b.reason or "its job was called off")
-        self._log("info", f"seed {it.seed} goes back to the front of the queue ({b.name}: {why})")
-
-    def _fail_item(self, it: Item, exc: BaseException) -> None:
-        run = self._runs.get(it.run_id)
-        if it in self._queue:
-            self._queue.remove(it)
-        it.done = True
-        if run is not None and not run.future.done():
-            self._finish_run(run, exc)
-
-    def _deliver(self, it: Item, image: Image.Image, backend: str, seconds: float) -> None:
-        if it.done:
-            return
-        it.done = True
-        run = self._runs.get(it.run_id)
-        if run is None:
-            return
-        g = GeneratedImage(image=image, seed=it.seed, backend=backend, index=it.index,
-                           seconds=seconds, params=run.params)
-        run.results[it.index] = g
-        if run.save and self.output_dir is not None and run.kind == "generate":
-            try:
-                save_image(g, self.output_dir)
-            except OSError as exc:
-                self._log("warning", f"could not save image {it.seed}: {exc}")
-        if run.stream is not None:
-            run.stream.put_nowait(g)
-        if run.on_image is not None:
-            try:
-                run.on_image(g)
-            except Exception:
-                log.exception("on_image callback failed")
-        self._emit(type="image", run=run.id, image=g, done=len(run.results),
-                   total=len(run.items))
-        if len(run.results) == len(run.items):
-            self._finish_run(run, None)
-
-    def _finish_run(self, run: _Run, exc: BaseException | None) -> None:
-        self._runs.pop(run.id, None)
-        for it in run.items:
-            if not it.done:
-                it.done = True
-                if it in self._queue:
-                    self._queue.remove(it)
-        for f in list(self._flights):
-            if all(it.done for it in f.items) and f.task is not None:
-                f.task.cancel(msg="run finished")
-        if run.stream is not None:
-            run.stream.put_nowait(None)
-        if not run.future.done():
-            if exc is not None:
-                run.future.set_exception(exc)
-            else:
-                images = [run.results[i] for i in sorted(run.results)]
-                run.future.set_result(GenerationResult(
-                    images, run.params, time.monotonic() - run.started))
-        self._emit(type="run", run=run.id, kind=run.kind, total=len(run.items),
-                   done=len(run.results), finished=True, error=str(exc) if exc else None)
-
-    # ----- generation ----------------------------------------------------------------------
-    def _new_run(self, kind: str, template: JobRequest, seeds: list[int],
-                 params: dict[str, Any], on_image: Any, save: bool,
-                 init_pngs: list[bytes | None] | None = None,
-                 crops: list[tuple[int, int, int, int]] | None = None) -> _Run:
+    # ----- runs ----------------------------------------------------------------------------
+    def _start_run(self, kind: str, template: JobRequest, seeds: list[int],
+                   params: dict[str, Any], on_image: Any, save: bool,
+                   init_pngs: list[bytes | None] | None = None,
+                   crops: list[tuple[int, int, int, int]] | None = None
+                   ) -> tuple[int, asyncio.Future]:
+        """Queue a run's items; on the swarm's loop. Returns its id and a future of its
+        result."""
+        if self._closed:
+            raise ColabSwarmError("This swarm is closed; make a new Swarm().")
         rid = next(self._run_ids)
-        items = [Item(rid, i, s, template, (init_pngs[i] if init_pngs else None),
-                      crops[i] if crops else None)
-                 for i, s in enumerate(seeds)]
-        run = _Run(rid, kind, items, params, self._loop.create_future(), on_image, save)
+        run = _Run(rid, kind, len(seeds), params, self._loop.create_future(), on_image, save)
         self._runs[rid] = run
-        self._queue.extend(items)
-        self._kick()
-        self._emit(type="run", run=rid, kind=kind, total=len(items), done=0, finished=False,
+        self._emit(type="run", run=rid, kind=kind, total=len(seeds), done=0, finished=False,
                    error=None)
-        return run
+        self._feed(NewRun(rid, kind, template, tuple(seeds), time.monotonic(),
+                          tuple(init_pngs) if init_pngs else None,
+                          tuple(crops) if crops else None))
+        return rid, run.future
 
-    @staticmethod
-    def _template(prompt: str, negative_prompt: str, width: int, height: int, steps: int,
-                  cfg: float, model: str | None, **extra: Any) -> JobRequest:
-        try:
-            return JobRequest(prompt=prompt, negative_prompt=negative_prompt, width=width,
-                              height=height, steps=steps, cfg=cfg, model=model, seeds=[0],
-                              **extra)
-        except Exception as exc:  # pydantic's message, made one line
-            msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-                            for e in getattr(exc, "errors", lambda: [])()) or str(exc)
-            raise InvalidRequest(f"Bad generation parameters: {msg}") from None
+    async def arun_items(self, kind: str, template: JobRequest, seeds: list[int],
+                         params: dict[str, Any], *,
+                         init_pngs: list[bytes | None] | None = None,
+                         crops: list[tuple[int, int, int, int]] | None = None,
+                         on_image: Callable[[GeneratedImage], Any] | None = None,
+                         ) -> GenerationResult:
+        """Run one image per seed of `template` across the swarm and wait (no saving): the
+        interface the tiled upscaler uses. Results come in seed order."""
+        async def start() -> GenerationResult:
+            rid, future = self._start_run(kind, template, seeds, params, on_image, False,
+                                          init_pngs, crops)
+            try:
+                return await asyncio.shield(future)
+            except asyncio.CancelledError:  # the caller gave up: its items leave the queue
+                self.cancel_run(rid, JobInterrupted("called off by its caller"))
+                raise
 
-    def _prepare_generate(self, prompt: str, images: int, seed: int | None, kw: dict) -> tuple:
-        if images < 1:
-            raise InvalidRequest(f"images must be at least 1 (got {images}).")
+        return await self._acall(start())
+
+    def _generation(self, prompt: str, images: int, seed: int | None, negative_prompt: str,
+                    width: int, height: int, steps: int, cfg: float, model: str | None,
+                    ) -> tuple[JobRequest, list[int], dict[str, Any]]:
+        if not isinstance(images, int) or images < 1:
+            raise InvalidRequest(f"images must be a whole number, at least 1 (got {images!r}).")
         if images > 10000:
             raise InvalidRequest(f"images must be at most 10000 per request (got {images}).")
-        if seed is None:
+        if seed is None or seed == -1:
             seed = random.randrange(0, 2**32)
-        if not 0 <= seed <= MAX_SEED - images:
+        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - images:
             raise InvalidRequest(f"seed must be between 0 and {MAX_SEED - images}.")
-        width, height = kw.get("width", 512), kw.get("height", 512)
         for side, v in (("width", width), ("height", height)):
-            if v % 8:
+            if isinstance(v, int) and v % 8:
                 raise InvalidRequest(f"{side} must be a multiple of 8 (got {v}); try "
                                      f"{max(8, v // 8 * 8)} or {v // 8 * 8 + 8}.")
-        template = self._template(prompt, kw.get("negative_prompt", ""), width, height,
-                                  kw.get("steps", 20), kw.get("cfg", 7.0), kw.get("model"))
+        template = make_request(prompt=prompt, negative_prompt=negative_prompt, width=width,
+                                height=height, steps=steps, cfg=cfg, model=model, seeds=[0])
         params = template.model_dump(exclude={"seeds", "init_images", "upscaler", "scale",
-                                              "strength"})
+                                              "strength", "crops"})
         params.update(images=images, seed=seed)
         return template, [seed + i for i in range(images)], params
 
@@ -723,27 +593,34 @@ class Swarm:
                                     width=width, height=height, steps=steps, cfg=cfg,
                                     model=model, on_image=on_image, save=save).result()
 
-    async def agenerate(self, prompt: str, images: int = 1, seed: int | None = None,
-                        **kw: Any) -> GenerationResult:
-        return await asyncio.wrap_future(self.submit_generate(prompt, images, seed, **kw))
+    async def agenerate(self, prompt: str, images: int = 1, seed: int | None = None, *,
+                        negative_prompt: str = "", width: int = 512, height: int = 512,
+                        steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                        on_image: Callable[[GeneratedImage], Any] | None = None,
+                        save: bool = True) -> GenerationResult:
+        return await asyncio.wrap_future(self.submit_generate(
+            prompt, images, seed, negative_prompt=negative_prompt, width=width, height=height,
+            steps=steps, cfg=cfg, model=model, on_image=on_image, save=save))
 
-    def submit_generate(self, prompt: str, images: int = 1, seed: int | None = None,
-                        **kw: Any) -> concurrent.futures.Future:
+    def submit_generate(self, prompt: str, images: int = 1, seed: int | None = None, *,
+                        negative_prompt: str = "", width: int = 512, height: int = 512,
+                        steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                        on_image: Callable[[GeneratedImage], Any] | None = None,
+                        save: bool = True) -> concurrent.futures.Future:
         """Queue a generation and return at once; the future resolves to the result."""
-        on_image, save = kw.pop("on_image", None), kw.pop("save", True)
-        template, seeds, params = self._prepare_generate(prompt, images, seed, kw)
-
-        async def start() -> asyncio.Future:
-            return self._new_run("generate", template, seeds, params, on_image, save).future
+        template, seeds, params = self._generation(prompt, images, seed, negative_prompt,
+                                                    width, height, steps, cfg, model)
 
         async def wait() -> GenerationResult:
-            fut = await start()
-            return await fut
+            return await self._start_run("generate", template, seeds, params, on_image,
+                                         save)[1]
 
         return asyncio.run_coroutine_threadsafe(wait(), self._loop)
 
-    async def agenerate_iter(self, prompt: str, images: int = 1, seed: int | None = None,
-                             **kw: Any) -> AsyncIterator[GeneratedImage]:
+    async def agenerate_iter(self, prompt: str, images: int = 1, seed: int | None = None, *,
+                             negative_prompt: str = "", width: int = 512, height: int = 512,
+                             steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                             save: bool = True) -> AsyncIterator[GeneratedImage]:
         """Yield images as they arrive (arrival order, not seed order); raises if the run
         fails, after yielding what did arrive."""
         caller = asyncio.get_running_loop()
@@ -752,8 +629,9 @@ class Swarm:
         def forward(g: GeneratedImage) -> None:  # on the swarm's thread
             caller.call_soon_threadsafe(stream.put_nowait, g)
 
-        done = asyncio.wrap_future(self.submit_generate(prompt, images, seed, on_image=forward,
-                                                        **kw))
+        done = asyncio.wrap_future(self.submit_generate(
+            prompt, images, seed, negative_prompt=negative_prompt, width=width, height=height,
+            steps=steps, cfg=cfg, model=model, on_image=forward, save=save))
         received = 0
         while received < images:
             getter = asyncio.ensure_future(stream.get())
@@ -768,37 +646,45 @@ class Swarm:
         if done.done() and done.exception() is not None:
             raise done.exception()  # type: ignore[misc]
 
-    async def _run_items(self, kind: str, template: JobRequest, seeds: list[int],
-                         params: dict[str, Any], init_pngs: list[bytes | None],
-                         on_image: Any,
-                         crops: list[tuple[int, int, int, int]] | None = None,
-                         ) -> GenerationResult:
-        """Queue items for the tiled upscaler and wait; runs on the swarm's loop."""
-        return await self._new_run(kind, template, seeds, params, on_image, False,
-                                   init_pngs, crops).future
-
     # ----- tiled upscaling -----------------------------------------------------------------
     def upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos", tile: int = 512,
-                overlap: int = 64, denoise: float = 0.3, **kw: Any) -> UpscaleResult:
+                overlap: int = 64, denoise: float = 0.3, *, padding: int = 32,
+                prompt: str = "", negative_prompt: str = "", seed: int | None = None,
+                steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                on_tile: Callable[[int, int], Any] | None = None,
+                save: bool = True) -> UpscaleResult:
         """Upscale, then refine tiles across the swarm and blend them; blocks until done."""
-        return self.submit_upscale(image, scale, upscaler, tile, overlap, denoise,
-                                   **kw).result()
+        return self.submit_upscale(
+            image, scale, upscaler, tile, overlap, denoise, padding=padding, prompt=prompt,
+            negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, model=model,
+            on_tile=on_tile, save=save).result()
 
     async def aupscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos",
-                       tile: int = 512, overlap: int = 64, denoise: float = 0.3,
-                       **kw: Any) -> UpscaleResult:
-        return await asyncio.wrap_future(
-            self.submit_upscale(image, scale, upscaler, tile, overlap, denoise, **kw))
+                       tile: int = 512, overlap: int = 64, denoise: float = 0.3, *,
+                       padding: int = 32, prompt: str = "", negative_prompt: str = "",
+                       seed: int | None = None, steps: int = 20, cfg: float = 7.0,
+                       model: str | None = None,
+                       on_tile: Callable[[int, int], Any] | None = None,
+                       save: bool = True) -> UpscaleResult:
+        return await asyncio.wrap_future(self.submit_upscale(
+            image, scale, upscaler, tile, overlap, denoise, padding=padding, prompt=prompt,
+            negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg, model=model,
+            on_tile=on_tile, save=save))
 
     def submit_upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos",
-                       tile: int = 512, overlap: int = 64, denoise: float = 0.3,
-                       **kw: Any) -> concurrent.futures.Future:
-        """Start an upscale and return at once; kw: prompt, negative_prompt, seed, steps, cfg,
-        model, padding, on_tile(done, total), save."""
-        check_upscale_params(scale, denoise, kw.get("steps", 20))
+                       tile: int = 512, overlap: int = 64, denoise: float = 0.3, *,
+                       padding: int = 32, prompt: str = "", negative_prompt: str = "",
+                       seed: int | None = None, steps: int = 20, cfg: float = 7.0,
+                       model: str | None = None,
+                       on_tile: Callable[[int, int], Any] | None = None,
+                       save: bool = True) -> concurrent.futures.Future:
+        """Start an upscale and return at once; the future resolves to an UpscaleResult."""
+        check_upscale_params(scale, denoise, steps)
         return asyncio.run_coroutine_threadsafe(
             run_upscale(self, image, scale=scale, upscaler=upscaler, tile=tile,
-                        overlap=overlap, denoise=denoise, **kw), self._loop)
+                        overlap=overlap, padding=padding, denoise=denoise, prompt=prompt,
+                        negative_prompt=negative_prompt, seed=seed, steps=steps, cfg=cfg,
+                        model=model, on_tile=on_tile, save=save), self._loop)
 
     # ----- control and status --------------------------------------------------------------
     def interrupt(self) -> int:
@@ -809,42 +695,52 @@ class Swarm:
         return await self._acall(self._interrupt())
 
     async def _interrupt(self) -> int:
-        runs = list(self._runs.values())
-        for run in runs:
-            self._finish_run(run, JobInterrupted(
-                f"Interrupted with {len(run.results)} of {len(run.items)} images done."))
-        n = len(self._flights)
-        for f in list(self._flights):
-            if f.task is not None:
-                f.task.cancel(msg="interrupted")
-        self._queue.clear()
-        self._log("info", f"interrupted {len(runs)} request(s), {n} running job(s)")
-        return len(runs)
+        n = len(self._runs)
+        self._feed(InterruptAll(time.monotonic()))
+        return n
+
+    def cancel_run(self, run_id: int, error: ColabSwarmError) -> None:
+        """Call one run off (on the swarm's loop); its future gets `error`."""
+        self._feed(CancelRun(run_id, error, time.monotonic()))
 
     def status(self) -> SwarmStatus:
         return self._read(self._status_now)
 
+    async def astatus(self) -> SwarmStatus:
+        return await self._aread(self._status_now)
+
     def _status_now(self) -> SwarmStatus:
-        now = time.monotonic()
-        running = len({id(it) for f in self._flights for it in f.items if not it.done})
-        queued = sum(1 for it in self._queue if not it.done)
-        eta = estimate_eta(list(self._queue), self._backends, self._flights, now)
-        return SwarmStatus(running + queued, running, queued, eta,
-                           [b.snapshot() for b in self._backends])
+        running, queued = self._state.counts()
+        return SwarmStatus(running + queued, running, queued,
+                           self._state.eta(time.monotonic()), self._snapshots())
 
     def status_line(self) -> str:
         """'10 current generations, 4 running, 6 queued (est. 3m 50s)'"""
         return self.status().line
 
-    def _union(self, field: str, first: tuple[str, ...] = ()) -> list[str]:
+    async def astatus_line(self) -> str:
+        return (await self.astatus()).line
+
+    def _union(self, snaps: list[dict[str, Any]], key: str,
+               first: tuple[str, ...] = ()) -> list[str]:
         seen = dict.fromkeys(first)
-        for b in self.backends:
-            seen.update(dict.fromkeys(b[field]))
+        for b in snaps:
+            seen.update(dict.fromkeys(b[key]))
         return list(seen)
 
     def models(self) -> list[str]:
         """Every model some backend offers (for the model dropdown)."""
-        return self._union("models")
+        return self._union(self.backends, "models")
+
+    async def amodels(self) -> list[str]:
+        return self._union(await self.abackends(), "models")
+
+    def upscalers(self) -> list[str]:
+        """Every upscaler some backend offers, Lanczos first (for the upscaler dropdown)."""
+        return self._union(self.backends, "upscalers", ("lanczos",))
+
+    async def aupscalers(self) -> list[str]:
+        return self._union(await self.abackends(), "upscalers", ("lanczos",))
 
     def close(self) -> None:
         """Stop the loops and close connections; running jobs are interrupted."""
@@ -858,24 +754,27 @@ class Swarm:
             if not self._thread.is_alive():
                 self._loop.close()
 
+    async def aclose(self) -> None:
+        """Close from another event loop (the loop thread stops once this returns)."""
+        if self._closed:
+            return
+        await self._acall(self._close())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
     async def _close(self) -> None:
-        await self._interrupt()
+        self._feed(InterruptAll(time.monotonic()))
         self._closed = True
         me = asyncio.current_task()
         others = [t for t in asyncio.all_tasks() if t is not me]
         for t in others:
             t.cancel()
         await asyncio.gather(*others, return_exceptions=True)
-        for b in self._backends:
-            await b.client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
 
     @property
     def closed(self) -> bool:
         return self._closed
-
-    def upscalers(self) -> list[str]:
-        """Every upscaler some backend offers, Lanczos first (for the upscaler dropdown)."""
-        return self._union("upscalers", ("lanczos",))
 
     def __enter__(self) -> Swarm:
         return self
@@ -884,5 +783,4 @@ class Swarm:
         self.close()
 
     def __repr__(self) -> str:
-        return f"Swarm({len(self._backends)} backends)"
-
+        return f"Swarm({len(self._state.backends)} backends)"

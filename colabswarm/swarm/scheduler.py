@@ -20,14 +20,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from ..protocol import JobRequest
 from .backends import Backend
 
 __all__ = [
+    "ITEM_TRANSITIONS",
     "Flight",
     "Item",
+    "ItemStatus",
     "backlog_seconds",
     "batch_seconds",
     "estimate_eta",
@@ -49,6 +52,28 @@ def job_units(req: JobRequest) -> float:
     return max(steps, 1) * req.width * req.height / 1e6
 
 
+class ItemStatus(StrEnum):
+    """Where one image (or tile) is: waiting, in one or more flights (a copy may race it), or
+    finished one way or another (delivered, failed with a reason, dropped with its run)."""
+
+    QUEUED = "queued"
+    FLYING = "flying"
+    DONE = "done"
+    FAILED = "failed"
+    DROPPED = "dropped"
+
+
+_I = ItemStatus
+ITEM_TRANSITIONS: dict[ItemStatus, frozenset[ItemStatus]] = {
+    _I.QUEUED: frozenset({_I.FLYING, _I.FAILED, _I.DROPPED}),
+    _I.FLYING: frozenset({_I.QUEUED, _I.DONE, _I.FAILED, _I.DROPPED}),
+    _I.DONE: frozenset(),  # delivered exactly once: nothing follows
+    _I.FAILED: frozenset(),
+    _I.DROPPED: frozenset(),
+}
+_TERMINAL = frozenset({_I.DONE, _I.FAILED, _I.DROPPED})
+
+
 @dataclass(eq=False)
 class Item:
     """One image to make (or one tile to refine). It is delivered exactly once."""
@@ -60,7 +85,7 @@ class Item:
     init_png: bytes | None = None
     crop: tuple[int, int, int, int] | None = None  # a tile the worker cuts from init_png
     attempts: int = 0
-    done: bool = False
+    status: ItemStatus = ItemStatus.QUEUED
     failed_on: set[str] = field(default_factory=set)
     flights: int = 0
     key: tuple = ()
@@ -72,6 +97,18 @@ class Item:
         # tiles of different sources never share a job: a job carries one source
         self.batch_key = self.key if self.crop is None else (*self.key, id(self.init_png))
         self.units = job_units(self.template)
+
+    @property
+    def done(self) -> bool:
+        """Finished one way or another: nothing more is to be done for it."""
+        return self.status in _TERMINAL
+
+    def move(self, new: ItemStatus) -> None:
+        """The one place an item's status changes, along ITEM_TRANSITIONS."""
+        if new is not self.status and new not in ITEM_TRANSITIONS[self.status]:
+            raise AssertionError(f"item {self.seed}: {self.status.value} cannot become "
+                                 f"{new.value}")
+        self.status = new
 
 
 @dataclass(eq=False)
@@ -86,7 +123,8 @@ class Flight:
     has_copy: bool = False
     step: int = 0
     total_steps: int = 0
-    task: Any = None
+    id: int = 0
+    timeout: float = 600.0
 
     @property
     def units(self) -> float:
@@ -94,6 +132,21 @@ class Flight:
 
     def remaining(self, now: float) -> float:
         return max(self.started + self.estimate - now, 0.0)
+
+    def request(self) -> tuple[JobRequest, list[bytes] | None]:
+        """The job to send, and its init images (one shared, or one per seed)."""
+        items = self.items
+        template = items[0].template
+        update: dict[str, Any] = {"seeds": [it.seed for it in items]}
+        if items[0].crop is not None:
+            update["crops"] = [it.crop for it in items]
+        pngs: list[bytes] | None = None
+        if template.kind != "txt2img":
+            first = items[0].init_png
+            shared = all(it.init_png is first for it in items)
+            pngs = [first] if shared and first is not None else [it.init_png or b""
+                                                                  for it in items]
+        return template.model_copy(update=update), pngs
 
 
 def rates(backends: Iterable[Backend]) -> dict[str, float]:
@@ -185,10 +238,11 @@ def plan_dispatch(
     max_batch: int = 4,
     batching: bool = True,
     straggler_guard: bool = True,
-) -> tuple[list[tuple[Backend, list[Item]]], list[tuple[Backend, Item, str]]]:
-    """Assign queued items to free slots. Returns (assignments, skips with their reasons)."""
+) -> tuple[list[tuple[Backend, list[Item]]], list[tuple[Backend, Item, Any]]]:
+    """Assign queued items to free slots. Returns (assignments, skips with their reasons:
+    a backends.Why, or a str for the scheduler's own)."""
     assignments: list[tuple[Backend, list[Item]]] = []
-    skips: list[tuple[Backend, Item, str]] = []
+    skips: list[tuple[Backend, Item, Any]] = []
     usable = [b for b in backends if b.usable]
     if not usable:
         return assignments, skips
@@ -200,13 +254,13 @@ def plan_dispatch(
                      else min(b.free_slots, max(0, 1 - b.running))) for b in usable}
     groups: dict[tuple, list[Item]] = {}  # key -> pending items, queue order
     for it in queue:
-        if not it.done:
+        if it.status is ItemStatus.QUEUED:
             groups.setdefault(it.batch_key, []).append(it)
     order = list(groups)  # keys in order of their first item
-    why_cache: dict[tuple[str, tuple], str | None] = {}
+    why_cache: dict[tuple[str, tuple], Any] = {}
     planned: dict[Any, int] = {}  # images given out by this plan: per key, per (backend, key)
 
-    def why(b: Backend, key: tuple) -> str | None:
+    def why(b: Backend, key: tuple) -> Any:
         k = (b.name, key)
         if k not in why_cache:
             first = groups[key][0]
@@ -284,7 +338,7 @@ def pick_copies(
     margin: float = 0.85,
 ) -> list[tuple[Backend, Flight]]:
     """With the queue drained, let idle backends race the flights that would finish last."""
-    if any(not it.done for it in queue):
+    if any(it.status is ItemStatus.QUEUED for it in queue):
         return []
     rate = rates([b for b in backends if b.usable] + [f.backend for f in flights])
     candidates = sorted(
@@ -307,7 +361,9 @@ def pick_copies(
             # past its estimate, a flight's end is unknown: assume a quarter of it is left
             theirs = max(f.started + f.estimate - now, 0.25 * f.estimate)
             overdue = now - f.started > 2.0 * f.estimate + 5.0
-            if overdue or mine < margin * theirs:
+            # speeds known only from the workers' own warm-up figures must differ by 2x
+            timed = b.speed.measured and f.backend.speed.measured
+            if overdue or mine < (margin if timed else 0.5) * theirs:
                 picks.append((b, f))
                 busy.add(b.name)
                 break
@@ -318,12 +374,14 @@ def estimate_eta(queue: Sequence[Item], backends: Sequence[Backend],
                  flights: Sequence[Flight], now: float) -> float | None:
     """Seconds until everything queued and running is done, from measured speeds."""
     usable = [b for b in backends if b.usable]
-    pending = sum(it.units for it in queue if not it.done)
+    pending = sum(it.units for it in queue if it.status is ItemStatus.QUEUED)
     if not usable:
         return None if pending or flights else 0.0
     rate = rates(usable + [f.backend for f in flights])
     backlog = backlog_seconds(flights, now)
     total_rate = sum(rate[b.name] for b in usable)
+    if not total_rate > 0:
+        return None
     spread = (sum(backlog.get(b.name, 0.0) * rate[b.name] for b in usable) + pending) / total_rate
     longest = max(backlog.values(), default=0.0)
     return max(spread, longest if not pending else 0.0)

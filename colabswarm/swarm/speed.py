@@ -9,12 +9,21 @@ more, the line is fitted. Pure arithmetic: the controller feeds it observations.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
-__all__ = ["SpeedModel"]
+__all__ = ["SpeedModel", "plausible"]
 
 _PRIOR_SLOPE = 0.35  # b/a assumed until two batch sizes have been seen
+# seconds per unit (step x megapixel) any real device takes: an H200 ~0.002, a slow CPU ~50.
+# Figures outside are a worker's lie or a bug; believed, they would make the scheduler's
+# arithmetic overflow (an infinite time per image once stopped every dispatch).
+_MIN_UNIT_S, _MAX_UNIT_S = 1e-6, 1e4
+
+
+def plausible(seconds_per_unit: float) -> bool:
+    return math.isfinite(seconds_per_unit) and _MIN_UNIT_S <= seconds_per_unit <= _MAX_UNIT_S
 
 
 @dataclass
@@ -27,12 +36,12 @@ class SpeedModel:
 
     def seed(self, seconds_per_unit: float) -> None:
         """Start from a figure the worker reported (seconds per step-megapixel at batch 1)."""
-        if self._fit is None and seconds_per_unit > 0:
+        if self._fit is None and plausible(seconds_per_unit):
             a = seconds_per_unit / (1 + _PRIOR_SLOPE)
             self._fit = (a, a * _PRIOR_SLOPE)
 
     def observe(self, n: int, seconds: float, units_per_image: float) -> None:
-        if n < 1 or seconds <= 0 or units_per_image <= 0:
+        if n < 1 or not units_per_image > 0 or not plausible(seconds / units_per_image / n):
             return
         self._obs.append((n, seconds / units_per_image))
         self._refit()

@@ -6,6 +6,10 @@ requeue on failure, as any generation), and blend the tiles back with feathered 
 arrive. Where it can, every worker upscales the small source itself and cuts its own tiles
 (``JobRequest.crops``); an upscale model that not every worker has runs once on a worker that
 has it, and the controller cuts and sends the tiles so that every worker can refine them.
+
+It reaches the swarm only through `TileHost`, a small public interface the controller's Swarm
+implements (run items and wait, the workers' infos, a log line): this module imports nothing
+from the controller.
 """
 
 from __future__ import annotations
@@ -13,25 +17,40 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from PIL import Image
 
 from ..backend.png import encode_png
 from ..errors import InvalidRequest
-from ..protocol import JobRequest
+from ..protocol import Info, JobRequest, make_request
 from .outputs import GeneratedImage, save_image
 from .tiles import Blender, TilePlan, cut_tiles, plan_summary, plan_tiles, tile_seed
 
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterable
+__all__ = ["TileHost", "UpscaleResult", "check_upscale_params", "run_upscale"]
 
-    from .controller import Swarm
 
-__all__ = ["UpscaleResult", "check_upscale_params", "run_upscale"]
+class TileHost(Protocol):
+    """What the tiled upscaler needs from a swarm (colabswarm.Swarm is one)."""
+
+    output_dir: Path | None
+
+    async def arun_items(self, kind: str, template: JobRequest, seeds: list[int],
+                         params: dict[str, Any], *,
+                         init_pngs: list[bytes | None] | None = None,
+                         crops: list[tuple[int, int, int, int]] | None = None,
+                         on_image: Callable[[GeneratedImage], Any] | None = None) -> Any:
+        """Run one image per seed across the swarm; the result has `.images` in seed order."""
+
+    def worker_infos(self) -> list[Info]:
+        """The last /v1/info of every enabled worker that answered."""
+
+    def note(self, level: str, message: str) -> None:
+        """A line for the swarm's log."""
 
 _CHUNK = 8  # tiles whose PNGs are written before they are queued
 
@@ -80,7 +99,7 @@ def check_upscale_params(scale: int, denoise: float, steps: int) -> None:
 
 
 async def run_upscale(
-    swarm: Swarm,
+    swarm: TileHost,
     image: Any,
     *,
     scale: int = 2,
@@ -128,23 +147,27 @@ async def run_upscale(
         (worker_cuts) all with the source PNG and a box the worker cuts after upscaling it."""
         x0, y0, x1, y1 = plan.tiles[members[0]].crop
         cut = dict(upscaler=upscaler, scale=scale) if worker_cuts else {}
-        tpl = swarm._template(prompt, negative_prompt, x1 - x0, y1 - y0, steps, cfg, model,
-                              kind="img2img", strength=denoise, **cut)
-        return asyncio.ensure_future(swarm._run_items(
-            "upscale", tpl, [tile_seed(seed, i) for i in members], params, pngs,
-            lambda g: tile_done(members[g.index], g),
+        tpl = make_request(prompt=prompt, negative_prompt=negative_prompt, width=x1 - x0,
+                           height=y1 - y0, steps=steps, cfg=cfg, model=model, kind="img2img",
+                           strength=denoise, **cut)
+        return asyncio.ensure_future(swarm.arun_items(
+            "upscale", tpl, [tile_seed(seed, i) for i in members], params,
+            init_pngs=list(pngs), on_image=lambda g: tile_done(members[g.index], g),
             crops=[plan.tiles[i].crop for i in members] if worker_cuts else None))
 
+    runs: list[asyncio.Future] = []
     try:
         if _workers_cut(swarm, upscaler):
             runs = await _worker_cut(source, plan, queue)
         else:
             runs = await _controller_cut(swarm, source, plan, scale, upscaler, seed, params,
-                                         queue)
+                                         queue, runs)
         await asyncio.gather(*runs)
         await asyncio.to_thread(lambda: [f.result() for f in pending])
         out = await asyncio.to_thread(blender.result)
     finally:
+        for r in runs:  # one group of tiles failed: the others' items leave the queue too
+            r.cancel()
         blending.shutdown(wait=False, cancel_futures=True)
     result = UpscaleResult(out, total, sorted(set(owners.values())), time.monotonic() - t0,
                            params, tile_backends=owners)
@@ -154,17 +177,17 @@ async def run_upscale(
     return result
 
 
-def _workers_cut(swarm: Swarm, upscaler: str) -> bool:
+def _workers_cut(swarm: TileHost, upscaler: str) -> bool:
     """Whether the workers upscale the source and cut the tiles themselves.
 
     Lanczos: yes, unless every worker that has answered is from before tile jobs (then the
     controller cuts, as those workers expect). An upscale model: only when every worker that
     has answered has it and cuts tiles, so no worker is left out of the refining; otherwise it
     runs once on a worker that has it and the controller cuts and sends the tiles."""
-    known = [b.info for b in swarm._backends if b.enabled and b.info is not None]
+    known = swarm.worker_infos()
     cutters = [i for i in known if "tiles" in i.capabilities]
     if known and not cutters:
-        swarm._log("info", "no worker cuts tiles itself (older colabswarm); the controller "
+        swarm.note("info", "no worker cuts tiles itself (older colabswarm); the controller "
                            "cuts them and sends each one")
         return False
     if upscaler == "lanczos":
@@ -191,9 +214,10 @@ async def _worker_cut(source: Image.Image, plan: TilePlan,
             for members in _by_size(plan, range(len(plan.tiles))).values()]
 
 
-async def _controller_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, scale: int,
+async def _controller_cut(swarm: TileHost, source: Image.Image, plan: TilePlan, scale: int,
                           upscaler: str, seed: int, params: dict[str, Any],
-                          queue: Callable[..., asyncio.Future]) -> list[asyncio.Future]:
+                          queue: Callable[..., asyncio.Future],
+                          runs: list[asyncio.Future]) -> list[asyncio.Future]:
     """An upscale model may live on one worker only: run it there once, then cut the tiles
     here and send each one, so every worker can refine them. (Lanczos, for workers that do not
     cut tiles themselves, runs here.)"""
@@ -202,11 +226,10 @@ async def _controller_cut(swarm: Swarm, source: Image.Image, plan: TilePlan, sca
                                       Image.Resampling.LANCZOS)
     else:
         job = JobRequest(kind="upscale", upscaler=upscaler, scale=scale, seeds=[0])
-        done = await swarm._run_items("upscale-model", job, [seed], params,
-                                      [await asyncio.to_thread(_png, source)], None)
+        done = await swarm.arun_items("upscale-model", job, [seed], params,
+                                      init_pngs=[await asyncio.to_thread(_png, source)])
         big = done.images[0].image.convert("RGB")
     crops = await asyncio.to_thread(cut_tiles, big, plan)
-    runs = []
     # queue tiles a chunk at a time while the next chunk's PNGs are written
     for k in range(0, len(crops), _CHUNK):
         chunk = range(k, min(k + _CHUNK, len(crops)))
