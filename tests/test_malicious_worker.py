@@ -189,8 +189,8 @@ class FakeWorker(LoopbackServer):
 
 # mode -> what the controller's reason must say (None: no error needed, just no lost image)
 MISBEHAVIOURS = {
-    "oversized": "announced an image of",
-    "oversized_chunked": "sent an image over",
+    "oversized": "announced an answer of",
+    "oversized_chunked": "sent over",
     "truncated": "bad image",
     "jpeg": "format JPEG",
     "html": "bad image",

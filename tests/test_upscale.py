@@ -82,12 +82,11 @@ def test_who_cuts_the_tiles():
     from colabswarm.protocol import Info, Limits
     from colabswarm.swarm.upscale import _workers_cut
 
-    def swarm(*specs):
-        backends = [SimpleNamespace(enabled=True, info=Info(
-            name="w", version="0", device="cpu", models=["tiny"], capabilities=caps,
-            upscalers=ups, limits=Limits(), queue_depth=0, running=0, jobs_served=0))
-            for caps, ups in specs]
-        return SimpleNamespace(_backends=backends, _log=lambda *a: None)
+    def swarm(*specs):  # a TileHost with workers of these capabilities and upscalers
+        infos = [Info(name="w", version="0", device="cpu", models=["tiny"], capabilities=caps,
+                      upscalers=ups, limits=Limits(), queue_depth=0, running=0, jobs_served=0)
+                 for caps, ups in specs]
+        return SimpleNamespace(worker_infos=lambda: infos, note=lambda *a: None)
 
     new, old = ["txt2img", "img2img", "upscale", "tiles"], ["txt2img", "img2img", "upscale"]
     both = ["lanczos", "esrgan"]

@@ -251,7 +251,7 @@ class WorkerClient:
             hint = " (the tunnel timed out or lost the worker)" if code in _TUNNEL_STATUSES \
                 else ""
             return BackendUnavailable(f"{self.name} answered HTTP {code}{hint}: {detail}")
-        return error_for(kind, f"{self.name}: {detail}", retry)
+        return error_for(kind, f"{self.name} (HTTP {code}): {detail}", retry)
 
     def _model(self, cls: Any, answer: _Answer) -> Any:
         try:
@@ -307,14 +307,12 @@ class WorkerClient:
         cap = min(_MAX_IMAGE_BYTES, size[0] * size[1] * 8 + (1 << 20))
         try:
             answer = await self._request("GET", f"/jobs/{job_id}/images/{index}", cap=cap)
-        except WorkerMisbehaved:
+        except (WorkerMisbehaved, AuthError):
             raise
-        except BackendUnavailable as exc:
-            if exc.kind is not ErrorKind.UNREACHABLE:
-                raise
+        except ColabSwarmError as exc:  # it said the image was ready: now it is away
             raise BackendUnavailable(
-                f"{self.name}: the image download failed. Is the worker still running and, if "
-                "it has one, its tunnel open?"
+                f"The image download failed ({exc}). Is the worker still running and, if it "
+                "has one, its tunnel open?"
             ) from None
         given_seed = answer.headers.get("x-seed")
         if seed is not None and given_seed is not None and given_seed != str(seed):
