@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import secrets
 import struct
@@ -64,11 +65,15 @@ def _broken_stream_png() -> bytes:
 class FakeWorker(LoopbackServer):
     """A /v1 server on loopback that misbehaves in one chosen way."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, info_name: str | None = None,
+                 extra_capabilities: tuple[str, ...] = ()) -> None:
         self.mode = mode
+        self.info_name = info_name
+        self.extra_capabilities = list(extra_capabilities)
         self.token = secrets.token_urlsafe(24)
         self.jobs: dict[str, dict] = {}
         self.submits = 0
+        self.polls = 0
         super().__init__(self._app(), "fake-worker")
 
     @property
@@ -99,6 +104,13 @@ class FakeWorker(LoopbackServer):
             st["state"] = "exploded"
         elif m == "path_in_id":
             st["id"] = "../../v1/free"
+        elif m == "huge_run":  # finite, schema-valid, and impossible: longer than the job took
+            st["run_s"] = 5e5
+        elif m == "spin":  # "progress" at every poll, at once
+            st.update(state="running", step=min(polls, 999_999), total_steps=1_000_000,
+                      version=polls)
+        elif m == "long_error":
+            st.update(state="failed", error="E" * 100_000, images_ready=0)
         return st
 
     def _app(self) -> FastAPI:
@@ -112,18 +124,38 @@ class FakeWorker(LoopbackServer):
             return await call_next(request)
 
         @app.get("/v1/info")
-        async def info() -> dict:
+        async def info() -> Any:
             if fake.mode == "bad_info":
                 return {"name": "something else", "version": 3}
-            return Info(name=f"fake-{fake.mode}", version="0.1.0", device="cuda",
+            if fake.mode == "huge_info":  # an endless body: 400 MiB if read whole
+                async def endless():
+                    yield b'{"name": "'
+                    for _ in range(400 * 16):
+                        yield b"x" * 65536
+                return StreamingResponse(endless(), media_type="application/json")
+            name = fake.info_name or f"fake-{fake.mode}"
+            caps = ["txt2img", "img2img", "upscale"] + fake.extra_capabilities
+            return Info(name=name, version="0.1.0", device="cuda",
                         gpu_name="Totally Real GPU", models=["tiny"], model_loaded="tiny",
-                        capabilities=["txt2img", "img2img", "upscale"], upscalers=["lanczos"],
+                        capabilities=caps, upscalers=["lanczos"],
                         limits=Limits(), queue_depth=0, running=0, jobs_served=0,
                         step_seconds_per_mpix=0.001).model_dump()
 
+        @app.post("/v1/uploads", status_code=201)
+        async def upload(request: Request) -> dict:
+            with Image.open(io.BytesIO(await request.body())) as im:
+                w, h = im.size
+            if fake.mode == "wrong_upload":
+                w, h = w // 2, h // 2
+            return {"id": secrets.token_hex(8), "width": w, "height": h}
+
         @app.post("/v1/jobs", status_code=202)
-        async def submit(req: JobRequest) -> dict:
+        async def submit(req: JobRequest) -> Any:
             fake.submits += 1
+            if fake.mode == "busy_first" and fake.submits <= 2:
+                return JSONResponse({"detail": "This worker's queue is full.", "kind":
+                                     "queue_full", "retry_after_s": 1.0}, status_code=429,
+                                    headers={"retry-after": "1"})
             job_id = secrets.token_hex(8)
             fake.jobs[job_id] = {"seeds": req.seeds, "width": req.width, "height": req.height,
                                  "polls": 0}
@@ -136,9 +168,20 @@ class FakeWorker(LoopbackServer):
             if job is None:
                 return JSONResponse({"detail": "no such job"}, status_code=404)
             job["polls"] += 1
+            fake.polls += 1
             if fake.mode == "forever":
                 await asyncio.sleep(min(wait, 1.0))
-            return fake._status(job_id, job, job["polls"])
+            st = fake._status(job_id, job, job["polls"])
+            if fake.mode == "infinite_run":  # valid JSON whose number parses to infinity
+                body = json.dumps(st)[:-1] + ', "run_s": 1e999}'
+                return Response(body.encode(), media_type="application/json")
+            if fake.mode == "huge_status":  # an endless body: 300 MiB if read whole
+                async def endless():
+                    yield json.dumps(st)[:-1].encode() + b', "error": "'
+                    for _ in range(300 * 16):
+                        yield b"x" * 65536
+                return StreamingResponse(endless(), media_type="application/json")
+            return st
 
         @app.get("/v1/jobs/{job_id}/images/{index}")
         async def image(job_id: str, index: int) -> Response:
@@ -206,6 +249,9 @@ MISBEHAVIOURS = {
     "other_seeds": "inconsistent job status: seeds",
     "bad_status": "malformed JobStatus",
     "path_in_id": "malformed JobStatus",
+    "infinite_run": "malformed JobStatus",
+    "huge_run": "reported running",
+    "huge_status": "sent over",
     "forever": None,  # looks busy, never finishes: a copy on the honest worker wins
 }
 
@@ -251,8 +297,12 @@ def test_a_lying_worker_is_errored_and_its_images_are_made_elsewhere(mode, hones
         fake.stop()
 
 
+# a worker that is caught by the swarm's state (its figures do not add up), not by the client
+_STATE_VERDICTS = {"missing_image", "huge_run"}
+
+
 @pytest.mark.parametrize("mode", [m for m, why in MISBEHAVIOURS.items()
-                                  if why is not None and m != "missing_image"])
+                                  if why is not None and m not in _STATE_VERDICTS])
 async def test_the_client_names_a_lie_as_misbehaviour(mode):
     """The client raises WorkerMisbehaved (a BackendUnavailable) for answers no honest worker
     sends, so a controller can tell them from a dropped connection."""
@@ -289,6 +339,129 @@ def test_a_server_that_is_not_a_worker_cannot_be_added():
         with pytest.raises(BackendUnavailable, match="malformed Info"):
             swarm.add(fake.share)
         assert swarm.backends == []
+    finally:
+        swarm.close()
+        fake.stop()
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def test_an_endless_info_is_cut_off_at_add_and_costs_no_memory():
+    fake = FakeWorker("huge_info").start()
+    swarm = Swarm(output_dir=None)
+    try:
+        before = _rss()
+        with pytest.raises(WorkerMisbehaved, match="sent over"):
+            swarm.add(fake.share, name="bloat")
+        assert _rss() - before < 64 << 20, "a 400 MiB /v1/info was not read whole"
+        assert swarm.backends == []
+    finally:
+        swarm.close()
+        fake.stop()
+
+
+def test_a_worker_that_answers_long_polls_at_once_cannot_make_the_controller_spin(honest):
+    """Every poll answered at once with 'progress': the client paces itself (at most one poll
+    per progress interval), and the honest worker makes the images meanwhile."""
+    fake = FakeWorker("spin").start()
+    swarm = Swarm(output_dir=None, copies=False)
+    try:
+        swarm.add(fake.share, name="spinner")
+        t0 = time.monotonic()
+        future = swarm.submit_generate("spin", images=2, seed=1, width=SIZE, height=SIZE,
+                                       steps=2)
+        time.sleep(3.0)
+        elapsed = time.monotonic() - t0
+        polls = fake.polls
+        # progress_every is 0.5 s: ~2 polls a second, plus the few state changes
+        assert polls <= elapsed / 0.5 + 4, f"{polls} polls in {elapsed:.1f}s"
+        assert not future.done()
+        swarm.add(honest.share, name="honest")
+        swarm.disable("spinner")
+        result = future.result(timeout=60)
+        assert [g.seed for g in result.images] == [1, 2]
+    finally:
+        swarm.close()
+        fake.stop()
+
+
+def test_a_full_queue_is_waited_out_and_not_remembered():
+    """429 queue_full with Retry-After: the controller pauses that worker and tries again;
+    the same parameters are not refused for good (the only backend is the busy one)."""
+    fake = FakeWorker("busy_first").start()
+    swarm = Swarm(output_dir=None)
+    try:
+        swarm.add(fake.share, name="busy")
+        result = swarm.generate("wait for it", images=3, seed=50, width=SIZE, height=SIZE,
+                                steps=2)
+        assert [g.seed for g in result.images] == [50, 51, 52]
+        assert fake.submits >= 3, "it was asked again after saying busy"
+        busy = next(b for b in swarm.backends if b["name"] == "busy")
+        assert busy["status"] == "running", busy
+        assert any("is busy" in m for _, _, m in swarm.logs)
+        again = swarm.generate("wait for it", images=1, seed=9, width=SIZE, height=SIZE,
+                               steps=2)
+        assert [g.seed for g in again.images] == [9]
+    finally:
+        swarm.close()
+        fake.stop()
+
+
+def test_a_long_error_string_is_cut_where_it_is_logged(honest):
+    fake = FakeWorker("long_error").start()
+    swarm = Swarm(output_dir=None)
+    try:
+        swarm.add(fake.share, name="chatty")
+        swarm.add(honest.share, name="honest")
+        result = swarm.generate("quiet", images=4, seed=3, width=SIZE, height=SIZE, steps=2)
+        assert sorted(g.seed for g in result.images) == [3, 4, 5, 6]
+        mentions = [m for _, _, m in swarm.logs if "EEEE" in m]
+        assert mentions, "the worker's error is shown"
+        assert max(len(m) for _, _, m in swarm.logs) < 1000, "no log line carries it whole"
+    finally:
+        swarm.close()
+        fake.stop()
+
+
+def test_an_upload_reported_at_the_wrong_size_quarantines_and_tiles_run_elsewhere(honest):
+    fake = FakeWorker("wrong_upload", extra_capabilities=("tiles",)).start()
+    swarm = Swarm(output_dir=None)
+    try:
+        swarm.add(fake.share, name="liar")  # first in order: it gets tiles first
+        swarm.add(honest.share, name="honest")
+        src = Image.fromarray(np.random.default_rng(4).integers(0, 255, (64, 64, 3), np.uint8))
+        r = swarm.upscale(src, scale=2, tile=64, overlap=16, denoise=0.0, steps=2, seed=1,
+                          save=False)
+        assert r.image.size == (128, 128)
+        assert set(r.tile_backends.values()) == {"honest"}
+        liar = next(b for b in swarm.backends if b["name"] == "liar")
+        assert liar["status"] == "errored" and "quarantined" in liar["reason"], liar
+        assert "said the uploaded image is" in liar["reason"]
+    finally:
+        swarm.close()
+        fake.stop()
+
+
+def test_a_worker_name_with_terminal_escapes_is_cleaned_everywhere(tmp_path, honest):
+    evil = "\x1b[2J\x1b[31mpwned\nfake log line\u202e"
+    fake = FakeWorker("fine", info_name=evil).start()
+    swarm = Swarm(output_dir=tmp_path)
+    try:
+        snap = swarm.add(fake.share)
+        assert snap["name"] == "[2J [31mpwned fake log line", snap["name"]
+        result = swarm.generate("clean", images=2, seed=1, width=SIZE, height=SIZE, steps=2)
+        for _, _, message in swarm.logs:
+            assert not any(ord(c) < 32 or c == "\u202e" for c in message), repr(message)
+        from colabswarm.swarm import read_parameters
+
+        for g in result.images:
+            assert g.path is not None
+            text = read_parameters(g.path)
+            assert "\x1b" not in text and "\u202e" not in text
     finally:
         swarm.close()
         fake.stop()

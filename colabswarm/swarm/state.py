@@ -87,6 +87,7 @@ __all__ = [
 _MAX_PAUSE_S = 300.0       # a worker's "retry after" is believed up to this
 _QUARANTINE_S = 60.0       # first quarantine; doubles per offence up to an hour
 _SKIP_MEMORY = 2048        # distinct "skipped because" lines remembered (logged once each)
+_TIMED_DISPATCH_S = 0.25   # how often time alone is reason to look at the queue again
 _REFUSAL_S = 300.0         # a refusal is believed this long, or until the worker's info changes
 
 
@@ -344,6 +345,7 @@ class SwarmState:
         self._flight_ids = itertools.count(1)
         self._skips_logged: set[tuple[str, tuple, str]] = set()
         self._dirty = False
+        self._last_timed = float("-inf")
 
     # ----- reads (no change) -----------------------------------------------------------------
     def backend(self, name: str) -> Backend:
@@ -648,8 +650,11 @@ class SwarmState:
                 if 0 < b.paused_until <= now:
                     b.paused_until = 0.0
             self._dirty = True
-        if self.queue:
-            self._dirty = True  # a slot may have opened for a reason no event told (time)
+        if (self.queue or (self.config.copies and self.flights)) \
+                and now - self._last_timed >= _TIMED_DISPATCH_S:
+            # time alone may open a slot (a straggler guard's estimate) or make a copy pay
+            self._last_timed = now
+            self._dirty = True
 
     # ----- flights ---------------------------------------------------------------------------
     def _launch(self, b: Backend, items: list[Item], now: float, out: _Out,
