@@ -53,7 +53,8 @@ async def test_generation_travels_through_the_tunnel_hop(published):
     url, token = decode_share(handle.share)
     assert url.endswith(".trycloudflare.com") and token == handle.token
     before = proxy.connections
-    async with WorkerClient(handle.share, transport=_RouteTo(proxy.url)) as c:
+    # the client dials the proxy (the stand-in edge) with the worker's token
+    async with WorkerClient(f"{proxy.url}#token={token}") as c:
         images = await c.run(JobRequest(prompt="through", width=64, height=64, steps=2,
                                         seeds=[1, 2]))
     assert len(images) == 2 and images[0].size == (64, 64)
