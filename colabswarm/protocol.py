@@ -190,6 +190,11 @@ class Info(BaseModel):
     model_loaded: str | None = None
     capabilities: list[str]
     upscalers: list[str]
+    upscaler_scales: dict[str, int] = Field(
+        default_factory=dict,
+        description="each upscale model's own factor by name (4: a 4x model); asked for another "
+        "scale, the worker runs it at this one and resizes the result with Lanczos",
+    )
     limits: Limits
     queue_depth: int
     running: int

@@ -182,6 +182,7 @@ class WorkerApp:
             model_loaded=self.engine.loaded_model,
             capabilities=["txt2img", "img2img", "upscale", "tiles"],
             upscalers=self.engine.upscaler_names(),
+            upscaler_scales=self.engine.upscaler_scales(),
             limits=self.limits,
             queue_depth=queued,
             running=running,

@@ -47,6 +47,9 @@ class SimulatedEngine:
     def upscaler_names(self) -> list[str]:
         return ["lanczos"]
 
+    def upscaler_scales(self) -> dict[str, int]:
+        return {}
+
     def device_info(self) -> dict[str, Any]:
         return {"device": "sim", "gpu_name": f"simulated x{self.speed:g}"}
 
