@@ -160,6 +160,12 @@ class Engine:
 
         return upscaler_scales(self.upscalers_dir)
 
+    def upscaler_problem(self, name: str) -> str | None:
+        """Why a model file of that name in the owner's folder is not offered, if one is."""
+        from .upscalers import model_files
+
+        return next((m.problem for m in model_files(self.upscalers_dir) if m.name == name), None)
+
     def device_info(self) -> dict[str, Any]:
         import torch
 

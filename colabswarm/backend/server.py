@@ -278,9 +278,10 @@ class WorkerApp:
         if req.scale > lim.max_upscale:
             raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
         if req.upscaler and req.upscaler not in self.engine.upscaler_names():
+            why = self.engine.upscaler_problem(req.upscaler)
             raise InvalidRequest(
                 f"Unknown upscaler {req.upscaler!r}; this worker has "
-                f"{self.engine.upscaler_names()}."
+                f"{self.engine.upscaler_names()}." + (f" {why}" if why else "")
             )
         w, h = source.width * req.scale, source.height * req.scale
         if w * h > lim.max_init_pixels:

@@ -18,6 +18,7 @@ import os
 import pickle
 import sys
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +219,9 @@ def _load_descriptor(path: Path) -> Any:
     spandrel = import_spandrel()
     state = _read_state(path)
     try:
-        model = spandrel.ModelLoader().load_from_state_dict(state)
+        with warnings.catch_warnings():  # SwinIR's torch.meshgrid call, on every load
+            warnings.filterwarnings("ignore", "torch.meshgrid", UserWarning)
+            model = spandrel.ModelLoader().load_from_state_dict(state)
     except spandrel.UnsupportedModelError:
         raise ModelNotAvailable(
             f"{path.name}: spandrel {spandrel.__version__} knows no architecture with these "
@@ -245,22 +248,21 @@ def _load_descriptor(path: Path) -> Any:
 
 
 def _check(name: str, path: Path, key: tuple[str, int, int]) -> ModelFile:
-    with _checked_lock:
+    with _checked_lock:  # one check at a time: /v1/info and a job may list the folder at once
         hit = _checked.get(key)
-    if hit is not None:
-        return hit
-    try:
-        model = _load_descriptor(path)
-        verdict = ModelFile(name, path, model.architecture.id, int(model.scale))
-        del model
-        log.info("upscaler %s: %s %dx (%s)", name, verdict.architecture, verdict.scale,
-                 path.name)
-    except ModelNotAvailable as exc:
-        verdict = ModelFile(name, path, problem=str(exc))
-        log.warning("upscaler %s is not offered: %s", name, exc)
-    with _checked_lock:
+        if hit is not None:
+            return hit
+        try:
+            model = _load_descriptor(path)
+            verdict = ModelFile(name, path, model.architecture.id, int(model.scale))
+            del model
+            log.info("upscaler %s: %s %dx (%s)", name, verdict.architecture, verdict.scale,
+                     path.name)
+        except ModelNotAvailable as exc:
+            verdict = ModelFile(name, path, problem=str(exc))
+            log.warning("upscaler %s is not offered: %s", name, exc)
         _checked[key] = verdict
-    return verdict
+        return verdict
 
 
 def _name_problem(name: str) -> str | None:
@@ -326,9 +328,12 @@ def blend_weights(spans: list[tuple[int, int]], length: int, scale: int,
     Within a quarter of the overlap of a window's inner edge its weight is 0 (those pixels saw
     the window's edge, not the image), then it ramps linearly to 1 across the next half. A
     model that looks at most overlap/4 input pixels around each pixel therefore gives the same
-    result tiled as whole (up to float rounding); others blend without seams."""
-    margin = (max(0, overlap) // 4) * scale
-    ramp = max(1, max(0, overlap) * scale - 2 * margin)
+    result tiled as whole (up to float rounding); others blend without seams. The overlap used
+    is at most what neighbouring windows really share."""
+    shared = [a[1] - b[0] for a, b in zip(spans, spans[1:], strict=False)]
+    overlap = max(0, min([overlap, *shared]))
+    margin = (overlap // 4) * scale
+    ramp = max(1, overlap * scale - 2 * margin)
     raw = []
     for s, e in spans:
         d = np.arange((e - s) * scale, dtype=np.float64) + 0.5
