@@ -6,8 +6,8 @@ realesr-general-x4v3; SwinIR classical x4, 180-dim, 6 x 6 blocks, window 8) with
 classes, saves them as .safetensors and runs colabswarm's upscaler on a --size px source, in
 512 px windows (what a worker does; --tile) and in one pass, and prints time, peak CUDA
 memory and how far each is from the model alone in float32 over the whole image (on CUDA the
-worker runs float16 where spandrel says the model supports it). --small uses the test-sized models, for a
-smoke run on a CPU.
+worker runs float16 where spandrel says the model supports it). --small uses the test-sized
+models, for a smoke run on a CPU.
 
     .venv/bin/python -m bench.upscale_models [--device cuda] [--size 1024] [--tile 512] [--small]
 """
