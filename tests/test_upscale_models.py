@@ -192,6 +192,24 @@ def test_without_spandrel_models_are_not_offered_and_the_message_says_how_to_ins
     assert up.available_upscalers(str(tmp_path)) == ["lanczos", "tiny-upscaler"]
 
 
+def test_a_spandrel_that_does_not_import_is_reported_not_raised(models, tmp_path, monkeypatch):
+    """spandrel imports einops at module level (RGT, FDAT, Uformer): without it the worker
+    must still start, offer no model, and say what to install."""
+    shutil.copy(models[0] / "compact-4x.safetensors", tmp_path / "c2.safetensors")
+    saved = {k: v for k, v in sys.modules.items() if k.split(".")[0] == "spandrel"}
+    for k in saved:
+        del sys.modules[k]
+    monkeypatch.setitem(sys.modules, "einops", None)
+    try:
+        with pytest.raises(ModelNotAvailable, match="does not import"):
+            up.import_spandrel()
+        (only,) = up.model_files(str(tmp_path))
+        assert "einops" in only.problem and "pip install" in only.problem
+        assert not [k for k in sys.modules if k.split(".")[0] in ("spandrel", "torchvision")]
+    finally:
+        sys.modules.update(saved)
+
+
 @pytest.mark.parametrize("torchvision", ["broken", "working"])
 def test_spandrel_imports_beside_a_broken_or_working_torchvision(models, tmp_path, torchvision):
     """A PyPI torchvision beside a CPU torch fails at import (torchvision 0.28.0's wheel links

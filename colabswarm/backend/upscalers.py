@@ -149,20 +149,21 @@ def import_spandrel() -> ModuleType:
                 f"Upscale models need the 'spandrel' package on the worker: {SPANDREL_INSTALL}"
                 "; then restart the worker."
             )
-        if _torchvision_works():
-            import spandrel
-
-            return spandrel
-        finder = _TorchvisionPlaceholders()
-        sys.meta_path.insert(0, finder)
+        finder = None if _torchvision_works() else _TorchvisionPlaceholders()
+        if finder is not None:
+            sys.meta_path.insert(0, finder)
         try:
             import spandrel
-        except BaseException:
+        except Exception as exc:  # e.g. einops missing, or a spandrel that needs more
             _drop_modules("spandrel")
-            raise
+            raise ModelNotAvailable(
+                f"spandrel is installed but does not import ({type(exc).__name__}: {exc}); "
+                f"reinstall it: {SPANDREL_INSTALL}; then restart the worker."
+            ) from exc
         finally:
-            sys.meta_path.remove(finder)
-            _drop_modules("torchvision")
+            if finder is not None:
+                sys.meta_path.remove(finder)
+                _drop_modules("torchvision")
         return spandrel
 
 
@@ -258,9 +259,11 @@ def _check(name: str, path: Path, key: tuple[str, int, int]) -> ModelFile:
             del model
             log.info("upscaler %s: %s %dx (%s)", name, verdict.architecture, verdict.scale,
                      path.name)
-        except ModelNotAvailable as exc:
-            verdict = ModelFile(name, path, problem=str(exc))
-            log.warning("upscaler %s is not offered: %s", name, exc)
+        except Exception as exc:  # never let one bad file stop the worker
+            problem = str(exc) if isinstance(exc, ModelNotAvailable) else (
+                f"{path.name} could not be checked ({type(exc).__name__}: {exc}).")
+            verdict = ModelFile(name, path, problem=problem)
+            log.warning("upscaler %s is not offered: %s", name, problem)
         _checked[key] = verdict
         return verdict
 
