@@ -225,6 +225,12 @@ class Info(BaseModel):
     model_loaded: Name | None = None
     capabilities: list[Name] = Field(max_length=64)
     upscalers: list[Name] = Field(max_length=1000)
+    upscaler_scales: dict[Name, Annotated[int, Field(ge=1, le=64)]] = Field(
+        max_length=1000,
+        default_factory=dict,
+        description="each upscale model's own factor by name (4: a 4x model); asked for another "
+        "scale, the worker runs it at this one and resizes the result with Lanczos",
+    )
     limits: Limits
     queue_depth: int = Field(ge=0)
     running: int = Field(ge=0)

@@ -12,6 +12,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   .venv/bin/pip install -q "torch==${COLABSWARM_TORCH:-2.13.0}"
 fi
 .venv/bin/pip install -q -e ".[all]"
+# upscale models: spandrel without its torchvision requirement (PyPI's torchvision is a CUDA
+# build that pulls a CUDA torch, and does not import beside a CPU one); the worker imports
+# spandrel without torchvision (docs/ARCHITECTURE.md, "Installing upscale models")
+.venv/bin/pip install -q --no-deps "spandrel==0.4.2"
 .venv/bin/python -c "import colabswarm, torch, diffusers; print('colabswarm', colabswarm.__version__, '| torch', torch.__version__, '| diffusers', diffusers.__version__)"
 # tests/test_browser.py drives Debian's chromium through Playwright (never `playwright install`);
 # install it when missing and possible, else that test is skipped with the reason.

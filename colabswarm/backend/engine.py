@@ -155,6 +155,17 @@ class Engine:
 
         return available_upscalers(self.upscalers_dir)
 
+    def upscaler_scales(self) -> dict[str, int]:
+        from .upscalers import upscaler_scales
+
+        return upscaler_scales(self.upscalers_dir)
+
+    def upscaler_problem(self, name: str) -> str | None:
+        """Why a model file of that name in the owner's folder is not offered, if one is."""
+        from .upscalers import model_files
+
+        return next((m.problem for m in model_files(self.upscalers_dir) if m.name == name), None)
+
     def device_info(self) -> dict[str, Any]:
         import torch
 
@@ -203,6 +214,7 @@ class Engine:
             self.step_seconds_per_mpix = None
             if self.warmup:
                 self._warm_up(txt2img)
+            self.upscaler_names()  # check the owner's upscale models now, not in a request
             log.info("loaded %s (%s) in %.1fs on %s", src.name, src.kind,
                      time.perf_counter() - t0, self.device)
             return src.name

@@ -182,6 +182,7 @@ class WorkerApp:
             model_loaded=self.engine.loaded_model,
             capabilities=["txt2img", "img2img", "upscale", "tiles"],
             upscalers=self.engine.upscaler_names(),
+            upscaler_scales=self.engine.upscaler_scales(),
             limits=self.limits,
             queue_depth=queued,
             running=running,
@@ -277,9 +278,10 @@ class WorkerApp:
         if req.scale > lim.max_upscale:
             raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
         if req.upscaler and req.upscaler not in self.engine.upscaler_names():
+            why = self.engine.upscaler_problem(req.upscaler)
             raise InvalidRequest(
                 f"Unknown upscaler {req.upscaler!r}; this worker has "
-                f"{self.engine.upscaler_names()}."
+                f"{self.engine.upscaler_names()}." + (f" {why}" if why else "")
             )
         w, h = source.width * req.scale, source.height * req.scale
         if w * h > lim.max_init_pixels:

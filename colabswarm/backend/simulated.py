@@ -47,6 +47,12 @@ class SimulatedEngine:
     def upscaler_names(self) -> list[str]:
         return ["lanczos"]
 
+    def upscaler_scales(self) -> dict[str, int]:
+        return {}
+
+    def upscaler_problem(self, name: str) -> str | None:
+        return None
+
     def device_info(self) -> dict[str, Any]:
         return {"device": "sim", "gpu_name": f"simulated x{self.speed:g}"}
 

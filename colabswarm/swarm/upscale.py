@@ -127,7 +127,7 @@ async def run_upscale(
     params: dict[str, Any] = dict(
         kind="upscale", prompt=prompt, negative_prompt=negative_prompt, steps=steps, cfg=cfg,
         model=model, strength=denoise, width=target[0], height=target[1],
-        upscale=f"{upscaler} x{scale}, {plan_summary(plan)}",
+        upscale=f"{_upscaler_note(swarm, upscaler, scale)}, {plan_summary(plan)}",
     )
     blender = Blender(plan)
     total = len(plan.tiles)
@@ -175,6 +175,22 @@ async def run_upscale(
         g = GeneratedImage(out, seed, ",".join(result.backends), 0, result.seconds, params)
         result.path = await asyncio.to_thread(save_image, g, swarm.output_dir)
     return result
+
+
+def _upscaler_note(swarm: TileHost, upscaler: str, scale: int) -> str:
+    """The upscale step as the image's parameters tell it. A model of another factor than the
+    one asked for (a 4x model for 2x) runs at its own on the worker, which resizes the result
+    with Lanczos: the parameters say so."""
+    native = sorted({i.upscaler_scales[upscaler] for i in swarm.worker_infos()
+                     if upscaler in i.upscaler_scales})
+    if not native or native == [scale]:
+        return f"{upscaler} x{scale}"
+    factors = "/".join(f"{n}x" for n in native)
+    ran = f"x{native[0]}" if len(native) == 1 else "its own scale"
+    swarm.note("info", f"{upscaler} is a {factors} model: the workers run it at {ran} and "
+                       f"resize its result to x{scale} with Lanczos")
+    return f"{upscaler} x{scale} (a {factors} model: ran at {ran} then resized to x{scale} " \
+           "with Lanczos)"
 
 
 def _workers_cut(swarm: TileHost, upscaler: str) -> bool:
