@@ -125,6 +125,11 @@ class Flight:
     total_steps: int = 0
     id: int = 0
     timeout: float = 600.0
+    began: float = -1.0  # when the worker started on it, as far as the controller can tell
+
+    def __post_init__(self) -> None:
+        if self.began < 0:
+            self.began = self.started
 
     @property
     def units(self) -> float:
@@ -162,11 +167,15 @@ def batch_seconds(b: Backend, n: int, units_per_image: float, rate: dict[str, fl
     return t if t is not None else n * units_per_image / rate[b.name]
 
 
-def backlog_seconds(flights: Iterable[Flight], now: float) -> dict[str, float]:
+def backlog_seconds(flights: Iterable[Flight], now: float,
+                    rate: dict[str, float] | None = None) -> dict[str, float]:
     """Seconds of work each backend still has in flight.
 
     A worker runs its jobs one after another, so a second slot's job starts when the first
-    ends: the flights of one backend are laid end to end from the first one's start.
+    ends: the flights of one backend are laid end to end from when the first one began (a
+    flight that waited behind another one begins when that one landed, not when it was sent).
+    With `rate`, each flight's length comes from what is known of its backend now (its first
+    job may have been timed since it was sent), else from its estimate at launch.
     """
     per: dict[str, list[Flight]] = {}
     for f in flights:
@@ -175,7 +184,10 @@ def backlog_seconds(flights: Iterable[Flight], now: float) -> dict[str, float]:
     for name, fs in per.items():
         t = 0.0
         for f in sorted(fs, key=lambda f: f.started):
-            t = max(t, f.started) + f.estimate
+            length = f.estimate
+            if rate is not None and f.backend.name in rate:
+                length = batch_seconds(f.backend, len(f.items), f.items[0].units, rate)
+            t = max(t, f.began) + length
         out[name] = max(t - now, 0.0)
     return out
 
@@ -247,7 +259,7 @@ def plan_dispatch(
     if not usable:
         return assignments, skips
     rate = rates(usable)
-    backlog = backlog_seconds(flights, now)
+    backlog = backlog_seconds(flights, now, rate)
     # with the guard on, a backend we have not timed yet gets one job at a time until its first
     # one is measured: a warm-up figure is a hint, not enough to fill a second slot on
     free = {b.name: (b.free_slots if b.speed.measured or not straggler_guard
@@ -309,9 +321,13 @@ def plan_dispatch(
                 cap = max_batch if batching else 1
                 if batching:  # the makespan search below sizes the batch; share is a floor
                     n = max(n, min(limit, len(same)))
-                # speeds known only from workers' warm-up figures must differ by 2x to count
+                # speeds known only from workers' warm-up figures must differ by 2x to count;
+                # a backend already busy (its second slot) steps aside whenever the others
+                # would finish sooner: its order among equals is already honoured
                 timed = b.speed.measured and all(s.speed.measured for s in others)
                 margin, gain = (0.2, 0.25) if timed else (1.0, 1.0)
+                if timed and backlog.get(b.name, 0.0) > 0:
+                    margin, gain = 0.02, 0.0
                 n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin, gain)
                 if n == 0:
                     skips.append((b, same[0], "others would finish sooner (straggler guard)"))

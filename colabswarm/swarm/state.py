@@ -682,6 +682,12 @@ class SwarmState:
         f.backend.running -= 1
         for it in f.items:
             it.flights -= 1
+        # the worker runs one job at a time: the oldest job of this backend still out begins
+        # now, if it was sent earlier and waited behind this one
+        waiting = [g for g in self.flights.values() if g.backend is f.backend]
+        if waiting:
+            nxt = min(waiting, key=lambda g: g.started)
+            nxt.began = max(nxt.began, now)
         if self.trace is not None:
             self.trace.append((f.backend.name, len(f.items), f.started, now, outcome,
                                f.copy_of is not None))
