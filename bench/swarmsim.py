@@ -1,0 +1,111 @@
+"""A discrete-event simulation of the controller's pure state (colabswarm.swarm.state).
+
+No servers and no clock: simulated GPUs take `a + b*n` seconds for a job of n images (divided by
+their speed), run one job at a time in the order they got them, and report their run time as
+a worker does. The state's decisions are the real ones; only the wire is simulated. Used by
+tests (a short run splits evenly) and benchmarks (scheduling policies at any scale, in
+milliseconds).
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass, field
+
+from colabswarm.protocol import Info, JobRequest, Limits
+from colabswarm.swarm.backends import Backend
+from colabswarm.swarm.state import (
+    BackendAdded,
+    FinishRun,
+    FlightSucceeded,
+    NewRun,
+    StartFlight,
+    SwarmConfig,
+    SwarmState,
+    Tick,
+)
+
+__all__ = ["SimGPU", "SimResult", "simulate"]
+
+
+@dataclass
+class SimGPU:
+    """A simulated worker: a job of n images takes (a + b*n) / speed seconds, plus overhead."""
+
+    name: str
+    speed: float = 1.0
+    a: float = 0.12
+    b: float = 0.105
+    overhead: float = 0.02
+    slots: int = 2
+    max_images: int = 16
+
+    def job_seconds(self, n: int) -> float:
+        return (self.a + self.b * n) / self.speed
+
+
+@dataclass
+class SimResult:
+    makespan: float
+    images: dict[str, int]          # images made per GPU (copies included)
+    jobs: list[tuple[str, int, float, float]] = field(default_factory=list)  # who, n, start, end
+
+
+def _info(g: SimGPU) -> Info:
+    return Info(name=g.name, version="sim", device="sim", models=["m"],
+                capabilities=["txt2img", "img2img", "upscale", "tiles"], upscalers=["lanczos"],
+                limits=Limits(max_images=g.max_images), queue_depth=0, running=0, jobs_served=0)
+
+
+def simulate(gpus: list[SimGPU], images: int, *, template: JobRequest | None = None,
+             timed: bool = True, config: SwarmConfig | None = None) -> SimResult:
+    """Run `images` images of one request through a SwarmState over these GPUs.
+
+    timed: the controller knows each GPU's speed line already (as after a first run);
+    otherwise it knows nothing and learns from the first jobs."""
+    tpl = template or JobRequest(prompt="sim", width=512, height=512, steps=20)
+    state = SwarmState(config or SwarmConfig(health_every=1e9))
+    by_name = {g.name: g for g in gpus}
+    units = None
+    for g in gpus:
+        b = Backend(g.name, f"http://{g.name}", slots=g.slots)
+        state.handle(BackendAdded(b, 0.0, _info(g)))
+        if timed:
+            from colabswarm.swarm.scheduler import job_units
+
+            units = units or job_units(tpl)
+            for n in (1, 8):
+                b.speed.observe(n, g.job_seconds(n), units)
+            b.overhead_s = g.overhead
+    free_at = {g.name: 0.0 for g in gpus}
+    events: list[tuple[float, int, object, float]] = []
+    now = 0.0
+    finished: list[float] = []
+    jobs: list[tuple[str, int, float, float]] = []
+
+    def apply(actions: list) -> None:
+        for act in actions:
+            if isinstance(act, StartFlight):
+                f = act.flight
+                g = by_name[f.backend.name]
+                start = max(now, free_at[g.name])
+                end = start + g.job_seconds(len(f.items)) + g.overhead
+                free_at[g.name] = end
+                heapq.heappush(events, (end, f.id, f, start))
+                jobs.append((g.name, len(f.items), start, end))
+            elif isinstance(act, FinishRun):
+                finished.append(now)
+
+    apply(state.handle(NewRun(1, "generate", tpl, tuple(range(images)), 0.0)))
+    while events and not finished:
+        end, _, f, start = heapq.heappop(events)
+        now = end
+        g = by_name[f.backend.name]
+        apply(state.handle(FlightSucceeded(
+            f.id, tuple(("img", it.seed) for it in f.items), end - start - g.overhead,
+            max(start - f.started, 0.0), now)))
+        apply(state.handle(Tick(now)))
+    made: dict[str, int] = {}
+    for name, n, _, _ in jobs:
+        made[name] = made.get(name, 0) + n
+    return SimResult(finished[0] if finished else float("inf"), made, jobs)
