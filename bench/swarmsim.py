@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from dataclasses import dataclass, field
 
-from colabswarm.protocol import Info, JobRequest, Limits
+from colabswarm.protocol import CompiledShape, CompileInfo, Info, JobRequest, Limits
 from colabswarm.swarm.backends import Backend
 from colabswarm.swarm.state import (
     BackendAdded,
@@ -30,7 +30,8 @@ __all__ = ["SimGPU", "SimResult", "simulate"]
 
 @dataclass
 class SimGPU:
-    """A simulated worker: a job of n images takes (a + b*n) / speed seconds, plus overhead."""
+    """A simulated worker: a job of n images takes (a + b*n) / speed seconds, plus overhead;
+    a job for a model it does not have loaded first loads it (load_s)."""
 
     name: str
     speed: float = 1.0
@@ -39,6 +40,10 @@ class SimGPU:
     overhead: float = 0.02
     slots: int = 2
     max_images: int = 16
+    models: tuple[str, ...] = ("m",)
+    loaded: str | None = "m"
+    load_s: float = 10.0
+    buckets: tuple[int, ...] = ()  # compiled batch sizes (for 512x512), empty: any
 
     def job_seconds(self, n: int) -> float:
         return (self.a + self.b * n) / self.speed
@@ -49,34 +54,36 @@ class SimResult:
     makespan: float
     images: dict[str, int]          # images made per GPU (copies included)
     jobs: list[tuple[str, int, float, float]] = field(default_factory=list)  # who, n, start, end
+    loads: list[tuple[str, str, float]] = field(default_factory=list)  # who loaded what, when
 
 
 def _info(g: SimGPU) -> Info:
-    return Info(name=g.name, version="sim", device="sim", models=["m"],
+    compile_info = None
+    if g.buckets:
+        compile_info = CompileInfo(mode="reduce-overhead", state="ready", shapes=[
+            CompiledShape(width=512, height=512, batches=list(g.buckets))])
+    return Info(name=g.name, version="sim", device="sim", models=list(g.models),
+                model_loaded=g.loaded, load_seconds={m: g.load_s for m in g.models},
                 capabilities=["txt2img", "img2img", "upscale", "tiles"], upscalers=["lanczos"],
-                limits=Limits(max_images=g.max_images), queue_depth=0, running=0, jobs_served=0)
+                limits=Limits(max_images=g.max_images), queue_depth=0, running=0, jobs_served=0,
+                compile=compile_info)
 
 
-def simulate(gpus: list[SimGPU], images: int, *, template: JobRequest | None = None,
-             timed: bool = True, config: SwarmConfig | None = None) -> SimResult:
-    """Run `images` images of one request through a SwarmState over these GPUs.
+def simulate(gpus: list[SimGPU], images: int | list[tuple[str | None, int]], *,
+             template: JobRequest | None = None, timed: bool = True,
+             config: SwarmConfig | None = None) -> SimResult:
+    """Run requests through a SwarmState over these GPUs: `images` images of one request, or
+    (model, images) requests submitted one after the other at time 0. The makespan is when the
+    last one is done.
 
     timed: the controller knows each GPU's speed line already (as after a first run);
     otherwise it knows nothing and learns from the first jobs."""
     tpl = template or JobRequest(prompt="sim", width=512, height=512, steps=20)
+    requests = [(None, images)] if isinstance(images, int) else list(images)
     state = SwarmState(config or SwarmConfig(health_every=1e9))
     by_name = {g.name: g for g in gpus}
     units = None
-    for g in gpus:
-        b = Backend(g.name, f"http://{g.name}", slots=g.slots)
-        state.handle(BackendAdded(b, 0.0, _info(g)))
-        if timed:
-            from colabswarm.swarm.scheduler import job_units
-
-            units = units or job_units(tpl)
-            for n in (1, 8):
-                b.speed.observe(n, g.job_seconds(n), units)
-            b.overhead_s = g.overhead
+    pending: list[tuple[Backend, SimGPU]] = []
     free_at = {g.name: 0.0 for g in gpus}
     events: list[tuple[float, int, object, float]] = []
     now = 0.0
@@ -88,7 +95,13 @@ def simulate(gpus: list[SimGPU], images: int, *, template: JobRequest | None = N
             if isinstance(act, StartFlight):
                 f = act.flight
                 g = by_name[f.backend.name]
+                assert not g.buckets or len(f.items) in g.buckets, "outside its buckets"
                 start = max(now, free_at[g.name])
+                want = f.items[0].template.model or g.models[0]
+                if want != g.loaded:
+                    start += g.load_s
+                    g.loaded = want
+                    loads.append((g.name, want, start))
                 end = start + g.job_seconds(len(f.items)) + g.overhead
                 free_at[g.name] = end
                 heapq.heappush(events, (end, f.id, f, start))
@@ -96,8 +109,23 @@ def simulate(gpus: list[SimGPU], images: int, *, template: JobRequest | None = N
             elif isinstance(act, FinishRun):
                 finished.append(now)
 
-    apply(state.handle(NewRun(1, "generate", tpl, tuple(range(images)), 0.0)))
-    while events and not finished:
+    for g in gpus:
+        b = Backend(g.name, f"http://{g.name}", slots=g.slots)
+        pending.append((b, g))
+        if timed:
+            from colabswarm.swarm.scheduler import job_units
+
+            units = units or job_units(tpl)
+            for n in (1, 8):
+                b.speed.observe(n, g.job_seconds(n), units)
+            b.overhead_s = g.overhead
+    for b, g in pending:  # registered first, as in use; then the requests, one by one
+        apply(state.handle(BackendAdded(b, 0.0, _info(g))))
+    loads: list[tuple[str, str, float]] = []
+    for rid, (model, count) in enumerate(requests, 1):
+        req = tpl if model is None else tpl.model_copy(update={"model": model})
+        apply(state.handle(NewRun(rid, "generate", req, tuple(range(count)), 0.0)))
+    while events and len(finished) < len(requests):
         end, _, f, start = heapq.heappop(events)
         now = end
         g = by_name[f.backend.name]
@@ -108,4 +136,5 @@ def simulate(gpus: list[SimGPU], images: int, *, template: JobRequest | None = N
     made: dict[str, int] = {}
     for name, n, _, _ in jobs:
         made[name] = made.get(name, 0) + n
-    return SimResult(finished[0] if finished else float("inf"), made, jobs)
+    done = max(finished) if len(finished) == len(requests) else float("inf")
+    return SimResult(done, made, jobs, loads)

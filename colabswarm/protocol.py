@@ -17,6 +17,8 @@ from .errors import BadShareString, ErrorKind, InvalidRequest
 __all__ = [
     "API_PREFIX",
     "API_VERSION",
+    "CompileInfo",
+    "CompiledShape",
     "ErrorDetail",
     "ErrorKind",
     "KIND_OF_STATUS",
@@ -209,6 +211,28 @@ class UploadResult(BaseModel):
 WorkerState = Literal["loading", "ready", "error"]
 
 
+class CompiledShape(BaseModel):
+    """Image size and the batch sizes a compiled worker has graphs for (its buckets)."""
+
+    model_config = _WIRE
+
+    width: int = Field(ge=8, le=16384)
+    height: int = Field(ge=8, le=16384)
+    batches: list[Annotated[int, Field(ge=1, le=1024)]] = Field(max_length=64)
+
+
+class CompileInfo(BaseModel):
+    """What a worker's compiled fast path has: mode, state, and the shapes it has compiled.
+    The controller sends such a worker, for these image sizes, only these batch sizes."""
+
+    model_config = _WIRE
+
+    mode: Name = "off"
+    state: Literal["off", "compiling", "ready", "failed"] = "off"
+    detail: str | None = Field(None, max_length=300)
+    shapes: list[CompiledShape] = Field(default_factory=list, max_length=64)
+
+
 class Info(BaseModel):
     model_config = _WIRE
 
@@ -240,6 +264,11 @@ class Info(BaseModel):
         None, gt=0.0, le=_MAX_SECONDS,
         description="measured seconds for one denoising step of one 1-megapixel image"
     )
+    load_seconds: dict[Name, Annotated[float, Field(ge=0.0, le=86400.0)]] = Field(
+        default_factory=dict, max_length=1000,
+        description="measured seconds to load (switch to) each model, where measured",
+    )
+    compile: CompileInfo | None = None
     simulated: bool = False
 
     @field_validator("state_detail")

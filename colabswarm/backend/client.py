@@ -150,7 +150,7 @@ class WorkerClient:
         name: str | None = None,
         timeout: float = 30.0,
         connect_retries: int = 2,
-        progress_every: float = 0.5,
+        progress_every: float = 1.0,
     ) -> None:
         self.url, self.token = decode_share(url, token)
         self.name = clean_text(name or self.url, 120)

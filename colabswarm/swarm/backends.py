@@ -19,7 +19,10 @@ from ..errors import ErrorKind
 from ..protocol import Info, JobRequest
 from .speed import SpeedModel
 
+DEFAULT_LOAD_SECONDS = 15.0  # switching models, until a worker has measured it
+
 __all__ = [
+    "DEFAULT_LOAD_SECONDS",
     "Backend",
     "BackendStatus",
     "STATUS_COLOURS",
@@ -196,6 +199,25 @@ class Backend:
 
     def max_batch(self) -> int:
         return min(self.info.limits.max_images, self.batch_cap) if self.info else 1
+
+    def load_seconds(self, model: str) -> float:
+        """How long switching to `model` takes on this worker: measured for that model, else
+        its other loads' mean, else a prior (a Stable Diffusion pipeline from local disk)."""
+        times = self.info.load_seconds if self.info is not None else {}
+        if model in times:
+            return times[model]
+        return sum(times.values()) / len(times) if times else DEFAULT_LOAD_SECONDS
+
+    def batch_sizes(self, req: JobRequest) -> list[int] | None:
+        """The batch sizes a compiled worker runs for this job's image size (its buckets), or
+        None where any size goes."""
+        comp = self.info.compile if self.info is not None else None
+        if comp is None or comp.state not in ("compiling", "ready") or req.kind == "upscale":
+            return None
+        for shape in comp.shapes:
+            if (shape.width, shape.height) == (req.width, req.height) and shape.batches:
+                return sorted(set(shape.batches))
+        return None
 
     def snapshot(self) -> dict[str, Any]:
         """A plain dict for views (widgets, logs): no token."""

@@ -35,6 +35,8 @@ __all__ = [
     "batch_seconds",
     "estimate_eta",
     "job_units",
+    "loaded_model",
+    "model_of",
     "pick_copies",
     "plan_dispatch",
     "rates",
@@ -193,52 +195,95 @@ def backlog_seconds(flights: Iterable[Flight], now: float,
 
 
 def _others_finish(count: int, upi: float, others: Sequence[Backend], rate: dict[str, float],
-                   backlog: dict[str, float], max_batch: int) -> float:
+                   backlog: dict[str, float], max_batch: int,
+                   switch: dict[str, float] | None = None,
+                   sizes: dict[str, list[int]] | None = None) -> float:
     """When the other backends would be done if they ran `count` more images without b.
 
-    Greedy list scheduling, each backend taking its own full batches: this respects that a
-    batch is indivisible and that big batches are cheaper per image. A long queue is close to
-    the fluid bound, which is used there to stay cheap.
+    Greedy list scheduling, each backend taking its own full batches (of a size it allows: a
+    compiled worker's buckets) after loading the model if it must (`switch`): this respects
+    that a batch is indivisible and that big batches are cheaper per image. A long queue is
+    close to the fluid bound, which is used there to stay cheap.
     """
+    switch = switch or {}
     if count <= 0:
         return max((backlog.get(s.name, 0.0) for s in others), default=0.0)
     caps = {s.name: max(1, min(max_batch, s.max_batch())) for s in others}
     if count > 64 * max(caps.values()):
         total = sum(rate[s.name] for s in others)
-        return (sum(backlog.get(s.name, 0.0) * rate[s.name] for s in others)
-                + count * upi) / total
+        return (sum((backlog.get(s.name, 0.0) + switch.get(s.name, 0.0)) * rate[s.name]
+                    for s in others) + count * upi) / total
     finish = {s.name: backlog.get(s.name, 0.0) for s in others}
+    cold = {s.name for s in others if switch.get(s.name)}  # pays its load with its first batch
+
+    def take(s: Backend, left: int) -> int:
+        allowed = (sizes or {}).get(s.name)
+        if not allowed:
+            return min(caps[s.name], left)
+        fit = [n for n in allowed if n <= left]
+        return max(fit) if fit else min(allowed)
+
     left = count
     while left > 0:
-        ends = {s.name: finish[s.name] + batch_seconds(s, min(caps[s.name], left), upi, rate)
-                for s in others}
+        ends = {s.name: finish[s.name] + batch_seconds(s, take(s, left), upi, rate)
+                + (switch[s.name] if s.name in cold else 0.0) for s in others}
         best = min(others, key=lambda s: ends[s.name])
         finish[best.name] = ends[best.name]
-        left -= min(caps[best.name], left)
+        cold.discard(best.name)
+        left -= min(take(best, left), left)
     return max(finish.values())
 
 
 def _choose_batch(b: Backend, n_max: int, pending: int, upi: float, others: Sequence[Backend],
                   rate: dict[str, float], backlog: dict[str, float], max_batch: int,
-                  margin: float = 0.2, min_gain_s: float = 0.25) -> int:
+                  margin: float = 0.2, min_gain_s: float = 0.25,
+                  switch: dict[str, float] | None = None,
+                  sizes: dict[str, list[int]] | None = None) -> int:
     """How many of `pending` images b should take now (0: leave them to faster backends).
 
-    Picks the size that minimises when everything is done, b's batch against the others
-    finishing the rest (ties go to the bigger batch). b steps aside only when the others
-    would finish clearly sooner (by `margin`, and by `min_gain_s` seconds), so among backends
-    of about the same speed, and for jobs too small for speed to matter, the order the user
-    gave still decides.
+    Picks the size that minimises when everything is done, b's batch (after loading the
+    model, if b must) against the others finishing the rest (ties go to the bigger batch). b
+    steps aside only when the others would finish clearly sooner (by `margin`, and by
+    `min_gain_s` seconds), so among backends of about the same speed, and for jobs too small
+    for speed to matter, the order the user gave still decides. A model load counts like any
+    other time: b loads the model only when the queue is long enough that it pays.
     """
-    mine = backlog.get(b.name, 0.0)
+    mine = backlog.get(b.name, 0.0) + (switch or {}).get(b.name, 0.0)
+    allowed = (sizes or {}).get(b.name)
+    choices = [n for n in range(1, n_max + 1) if not allowed or n in allowed]
     best_n, best_t = 0, float("inf")
-    for n in range(1, n_max + 1):
+    for n in choices:
         t = max(mine + batch_seconds(b, n, upi, rate),
-                _others_finish(pending - n, upi, others, rate, backlog, max_batch))
+                _others_finish(pending - n, upi, others, rate, backlog, max_batch, switch,
+                               sizes))
         if t <= best_t * (1 + 1e-6):
             best_n, best_t = n, min(t, best_t)
-    skip_t = _others_finish(pending, upi, others, rate, backlog, max_batch)
+    if best_n == 0:
+        return 0
+    skip_t = _others_finish(pending, upi, others, rate, backlog, max_batch, switch, sizes)
     clearly = skip_t * (1 + margin) < best_t and best_t - skip_t > min_gain_s
     return 0 if clearly else best_n
+
+
+def loaded_model(b: Backend, flights: Iterable[Flight]) -> str | None:
+    """The model b will have loaded once its jobs in flight are done: the last one's, else the
+    one its /v1/info says."""
+    mine = [f for f in flights if f.backend is b]
+    if mine:
+        return model_of(b, max(mine, key=lambda f: f.started).items[0].template)
+    return b.info.model_loaded if b.info is not None else None
+
+
+def _needs_switch(b: Backend, req: JobRequest, loaded: str | None) -> bool:
+    want = model_of(b, req)
+    return want is not None and loaded is not None and want != loaded
+
+
+def model_of(b: Backend, req: JobRequest) -> str | None:
+    """The model a job runs on b: the one it names, else b's default (its first)."""
+    if req.model is not None:
+        return req.model
+    return b.info.models[0] if b.info is not None and b.info.models else None
 
 
 def plan_dispatch(
@@ -250,9 +295,17 @@ def plan_dispatch(
     max_batch: int = 4,
     batching: bool = True,
     straggler_guard: bool = True,
+    switching: str = "cost",
 ) -> tuple[list[tuple[Backend, list[Item]]], list[tuple[Backend, Item, Any]]]:
     """Assign queued items to free slots. Returns (assignments, skips with their reasons:
-    a backends.Why, or a str for the scheduler's own)."""
+    a backends.Why, or a str for the scheduler's own).
+
+    switching: how a model that a backend does not have loaded is weighed. "cost" (default):
+    its measured load time counts like any other time, so a backend loads a model only when
+    that makes everything finish sooner. "never": only backends that have the model loaded
+    take its jobs, while any has. "always": a free backend loads whatever is next in the
+    queue (SwarmUI's way). Compiled workers' batch sizes are kept to the sizes they compiled.
+    """
     assignments: list[tuple[Backend, list[Item]]] = []
     skips: list[tuple[Backend, Item, Any]] = []
     usable = [b for b in backends if b.usable]
@@ -271,6 +324,34 @@ def plan_dispatch(
     order = list(groups)  # keys in order of their first item
     why_cache: dict[tuple[str, tuple], Any] = {}
     planned: dict[Any, int] = {}  # images given out by this plan: per key, per (backend, key)
+    loaded = {b.name: loaded_model(b, flights) for b in usable}  # updated as the plan goes
+
+    def switch_costs(key: tuple, srv: Sequence[Backend]) -> dict[str, float]:
+        tpl = groups[key][0].template if groups[key] else None
+        if tpl is None or switching == "always":
+            return {}
+        out = {}
+        for s in srv:
+            want = model_of(s, tpl)
+            if want is not None and loaded[s.name] is not None and want != loaded[s.name]:
+                out[s.name] = s.load_seconds(want)
+        return out
+
+    def rank(b: Backend, key: tuple) -> int:
+        """Which of the queued groups b looks at first (queue order within a rank): a model
+        no backend has loaded (someone must load it, and the sooner the load overlaps other
+        work the better), then the model b has loaded, then models b would have to load."""
+        if not groups[key] or switching == "always":
+            return 0
+        tpl = groups[key][0].template
+        if tpl.model is not None and tpl.model not in loaded.values():
+            return 0
+        return 2 if _needs_switch(b, tpl, loaded[b.name]) else 1
+
+    def sizes_for(key: tuple, srv: Sequence[Backend]) -> dict[str, list[int]]:
+        tpl = groups[key][0].template
+        return {s.name: allowed for s in srv
+                if (allowed := s.batch_sizes(tpl)) is not None}
 
     def why(b: Backend, key: tuple) -> Any:
         k = (b.name, key)
@@ -290,7 +371,7 @@ def plan_dispatch(
         blocked: set[tuple] = set()
         while free[b.name] > 0:
             pick = None
-            for key in order:
+            for key in sorted(order, key=lambda k: rank(b, k)):
                 items = groups[key]
                 if not items or key in blocked:
                     continue
@@ -309,6 +390,13 @@ def plan_dispatch(
             srv = servers(pick, same[0])
             upi = same[0].units
             limit = max(1, min(max_batch, b.max_batch()))
+            switch = switch_costs(pick, srv)
+            sizes = sizes_for(pick, srv)
+            orphan = same[0].template.model not in loaded.values()
+            if switching == "never" and b.name in switch and not orphan:
+                skips.append((b, same[0], "has another model loaded (switching: never)"))
+                blocked.add(pick)
+                continue
             if batching:  # b's share of the queue by speed, counting what this plan gave it
                 share = rate[b.name] / sum(rate[s.name] for s in srv)
                 whole = len(same) + planned.get(pick, 0)
@@ -328,13 +416,24 @@ def plan_dispatch(
                 margin, gain = (0.2, 0.25) if timed else (1.0, 1.0)
                 if timed and backlog.get(b.name, 0.0) > 0:
                     margin, gain = 0.02, 0.0
-                n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin, gain)
+                n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin, gain,
+                                  switch, sizes)
                 if n == 0:
                     skips.append((b, same[0], "others would finish sooner (straggler guard)"))
                     blocked.add(pick)
                     continue
+            allowed = sizes.get(b.name)
+            if allowed and n not in allowed:  # a compiled worker runs only its buckets
+                fit = [k for k in allowed if k <= n]
+                n = max(fit) if fit else min(allowed)
+                if n > len(same):
+                    skips.append((b, same[0], f"compiled for batches {allowed} only"))
+                    blocked.add(pick)
+                    continue
             batch = same[:n]
-            finish_b = backlog.get(b.name, 0.0) + batch_seconds(b, n, upi, rate)
+            finish_b = (backlog.get(b.name, 0.0) + switch.get(b.name, 0.0)
+                        + batch_seconds(b, n, upi, rate))
+            loaded[b.name] = model_of(b, batch[0].template)
             planned[pick] = planned.get(pick, 0) + len(batch)
             planned[(b.name, pick)] = planned.get((b.name, pick), 0) + len(batch)
             chosen = {id(it) for it in batch}
@@ -374,6 +473,9 @@ def pick_copies(
             if b.why_not(f.items[0].template, f.items[0].key) is not None:
                 continue
             mine = batch_seconds(b, len(f.items), f.items[0].units, rate)
+            tpl = f.items[0].template
+            if _needs_switch(b, tpl, loaded_model(b, flights)):
+                mine += b.load_seconds(model_of(b, tpl) or "")  # it would load the model first
             # past its estimate, a flight's end is unknown: assume a quarter of it is left
             theirs = max(f.started + f.estimate - now, 0.25 * f.estimate)
             overdue = now - f.started > 2.0 * f.estimate + 5.0

@@ -50,6 +50,8 @@ from .scheduler import (
     ItemStatus,
     batch_seconds,
     estimate_eta,
+    loaded_model,
+    model_of,
     pick_copies,
     plan_dispatch,
     rates,
@@ -310,6 +312,7 @@ class SwarmConfig:
     max_attempts: int = 5
     health_every: float = 2.0
     flight_timeout_min: float = 60.0
+    switching: str = "cost"  # model switches: "cost" (when it pays), "never", "always"
 
 
 @dataclass(eq=False)
@@ -664,6 +667,9 @@ class SwarmState:
         known = b.job_seconds(len(items), items[0].units)
         timeout = min(max(self.config.flight_timeout_min,
                           8 * known + 30 if known else 600.0), 1800.0)
+        want = model_of(b, items[0].template)
+        if want is not None and want != loaded_model(b, self.flights.values()):
+            timeout = min(timeout + 2 * b.load_seconds(want), 3600.0)  # it loads first
         f = Flight(b, items, now, estimate, copy_of=copy_of, id=next(self._flight_ids),
                    timeout=timeout)
         for it in items:
@@ -778,11 +784,14 @@ class SwarmState:
             return
         self._fail_unservable(out)
         ready = [b for b in self.backends if b.paused_until <= now]
+        if not any(b.free_slots for b in ready):
+            return  # every slot is taken: nothing to plan until one lands
         flights = list(self.flights.values())
         cfg = self.config
         plan, skips = plan_dispatch(list(self.queue), ready, flights, now,
                                     max_batch=cfg.max_batch, batching=cfg.batching,
-                                    straggler_guard=cfg.straggler_guard)
+                                    straggler_guard=cfg.straggler_guard,
+                                    switching=cfg.switching)
         for b, it, why in skips:
             text = str(why)
             key = (b.name, it.key, text)
