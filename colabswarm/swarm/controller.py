@@ -93,12 +93,14 @@ class SwarmStatus:
     queued: int
     eta_s: float | None
     backends: list[dict[str, Any]]
+    loading: int = 0  # of `running`: images whose worker is loading their model first
 
     @property
     def line(self) -> str:
         est = "" if self.current == 0 else f" (est. {format_duration(self.eta_s)})"
+        wait = f", {self.loading} waiting on a model load" if self.loading else ""
         return (f"{self.current} current generations, {self.running} running, "
-                f"{self.queued} queued{est}")
+                f"{self.queued} queued{wait}{est}")
 
 
 @dataclass
@@ -147,13 +149,18 @@ class Swarm:
         flight_timeout_min: float = 60.0,
         log_lines: int = 500,
         trace: bool = False,
+        model_switching: str = "cost",
     ) -> None:
+        if model_switching not in ("cost", "never", "always"):
+            raise InvalidRequest(f"model_switching must be 'cost', 'never' or 'always' (got "
+                                 f"{model_switching!r}).")
         self.output_dir = Path(output_dir) if output_dir else None
         self.logs: deque[tuple[float, str, str]] = deque(maxlen=log_lines)
         self._state = SwarmState(SwarmConfig(
             max_batch=max_batch, batching=batching, copies=copies,
             straggler_guard=straggler_guard, max_attempts=max_attempts,
-            health_every=health_every, flight_timeout_min=flight_timeout_min))
+            health_every=health_every, flight_timeout_min=flight_timeout_min,
+            switching=model_switching))
         if trace:
             self._state.trace = []
         self._clients: dict[str, WorkerClient] = {}
@@ -274,7 +281,7 @@ class Swarm:
                 snap = None
                 if name is not None:
                     try:
-                        snap = self._state.backend(name).snapshot()
+                        snap = self._snapshot(self._state.backend(name))
                     except KeyError:
                         snap = None
                 self._emit(type="backend", backend=snap)
@@ -380,7 +387,10 @@ class Swarm:
         return await self._aread(self._snapshots)
 
     def _snapshots(self) -> list[dict[str, Any]]:
-        return [b.snapshot() for b in self._state.backends]
+        return [self._snapshot(b) for b in self._state.backends]
+
+    def _snapshot(self, b: Backend) -> dict[str, Any]:
+        return {**b.snapshot(), "activity": self._state.activity(b)}
 
     def flights(self) -> list[dict[str, Any]]:
         """The jobs running now: backend, seeds, step of total_steps, whether a copy."""
@@ -455,7 +465,7 @@ class Swarm:
         backend = Backend(name=final, url=url, allow_idle=allow_idle, slots=slots)
         self._clients[final] = client
         self._feed(BackendAdded(backend, time.monotonic(), info, error))
-        return backend.snapshot()
+        return self._snapshot(backend)
 
     def _check_new(self, url: str, name: str | None) -> None:
         if any(b.url == url for b in self._state.backends):
@@ -710,9 +720,9 @@ class Swarm:
         return await self._aread(self._status_now)
 
     def _status_now(self) -> SwarmStatus:
-        running, queued = self._state.counts()
+        running, queued, loading = self._state.counts()
         return SwarmStatus(running + queued, running, queued,
-                           self._state.eta(time.monotonic()), self._snapshots())
+                           self._state.eta(time.monotonic()), self._snapshots(), loading)
 
     def status_line(self) -> str:
         """'10 current generations, 4 running, 6 queued (est. 3m 50s)'"""

@@ -128,6 +128,7 @@ class Flight:
     id: int = 0
     timeout: float = 600.0
     began: float = -1.0  # when the worker started on it, as far as the controller can tell
+    loads_model: str | None = None  # a model the worker must load before it starts
 
     def __post_init__(self) -> None:
         if self.began < 0:

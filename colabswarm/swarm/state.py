@@ -366,10 +366,27 @@ class SwarmState:
                 return f"{base}-{i}"
         raise AssertionError
 
-    def counts(self) -> tuple[int, int]:
-        """(images running, images queued)."""
-        running = len({id(it) for f in self.flights.values() for it in f.items if not it.done})
-        return running, sum(1 for it in self.queue if it.status is ItemStatus.QUEUED)
+    def counts(self) -> tuple[int, int, int]:
+        """(images running, images queued, images of running jobs that wait on a model
+        load)."""
+        running: set[int] = set()
+        loading: set[int] = set()
+        for f in self.flights.values():
+            waiting = f.loads_model is not None and f.step == 0
+            for it in f.items:
+                if not it.done:
+                    running.add(id(it))
+                    if waiting:
+                        loading.add(id(it))
+        queued = sum(1 for it in self.queue if it.status is ItemStatus.QUEUED)
+        return len(running), queued, len(loading)
+
+    def activity(self, b: Backend) -> str | None:
+        """What a backend is doing beyond its status, for views: 'loading model M'."""
+        for f in self.flights.values():
+            if f.backend is b and f.loads_model is not None and f.step == 0:
+                return f"loading model {f.loads_model}"
+        return None
 
     def eta(self, now: float) -> float | None:
         return estimate_eta(list(self.queue), self.backends, list(self.flights.values()), now)
@@ -668,10 +685,12 @@ class SwarmState:
         timeout = min(max(self.config.flight_timeout_min,
                           8 * known + 30 if known else 600.0), 1800.0)
         want = model_of(b, items[0].template)
+        loads = None
         if want is not None and want != loaded_model(b, self.flights.values()):
+            loads = want
             timeout = min(timeout + 2 * b.load_seconds(want), 3600.0)  # it loads first
         f = Flight(b, items, now, estimate, copy_of=copy_of, id=next(self._flight_ids),
-                   timeout=timeout)
+                   timeout=timeout, loads_model=loads)
         for it in items:
             it.flights += 1
             if it.status is ItemStatus.QUEUED:
