@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .errors import BadShareString, ErrorKind
 
@@ -29,6 +29,7 @@ __all__ = [
     "SKIP_NGROK_WARNING",
     "TOKEN_ENV",
     "UploadResult",
+    "clean_name",
     "decode_share",
     "encode_share",
     "mask_token",
@@ -63,6 +64,15 @@ class Limits(BaseModel):
     max_uploads: int = 64
     max_upscale: int = 8
     result_ttl_s: float = 600.0
+    # connections (backend/connections.py, before the token is checked)
+    max_connections: int = 100      # open at once; past it: 429 queue_full at once, then closed
+    header_timeout_s: float = 10.0  # a request's headers, from connect or from their first byte
+    idle_timeout_s: float = 30.0    # a kept-alive connection between requests
+    stall_timeout_s: float = 15.0   # a request body (or an answer) that makes no progress
+    max_header_bytes: int = 16384
+    # uploads: PNG chunks other than IDAT / JPEG segments before the image data, PNG IDATs
+    max_image_segments: int = 256
+    max_png_data_chunks: int = 16384
 
 
 class JobRequest(BaseModel):
@@ -176,8 +186,23 @@ class UploadResult(BaseModel):
 WorkerState = Literal["loading", "ready", "error"]
 
 
+def clean_name(text: str, max_chars: int = 64, fallback: str = "worker") -> str:
+    """A worker's name as it may be printed, logged or saved: terminal escape sequences and
+    every control, format or line-breaking character removed, runs of spaces made one, at most
+    `max_chars` characters; `fallback` if nothing is left."""
+    text = _ESCAPES.sub("", text)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(text.split())[:max_chars].rstrip() or fallback
+
+
+# ANSI/VT sequences: CSI (ESC [ or 0x9b), OSC (ESC ] ... BEL or ESC \\), two-byte ESC sequences
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?|\x1b[ -~]?"
+)
+
+
 class Info(BaseModel):
-    name: str
+    name: Annotated[str, AfterValidator(clean_name)]
     state: WorkerState = "ready"
     state_detail: str | None = None
     api_version: str = API_VERSION
