@@ -57,7 +57,8 @@ class Limits(BaseModel):
     max_side: int = 4096
     max_steps: int = 150
     max_images: int = 16
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024  # an upload
+    max_json_bytes: int = 1024 * 1024       # any other request (a job is a few kB)
     max_init_pixels: int = 4096 * 4096
     max_prompt_chars: int = 4000
     max_queue: int = 256

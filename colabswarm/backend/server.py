@@ -69,7 +69,8 @@ _REASONS = {
     404: "No such job (finished and collected, expired, or never existed), or no such path "
          "(kind not_found)",
     409: "The job is not done yet (kind not_ready)",
-    413: "Request body over the worker's max_body_bytes (kind too_large)",
+    413: "Request body over the worker's max_body_bytes (uploads) or max_json_bytes (the rest) "
+         "(kind too_large)",
     422: "A parameter is invalid or over one of the worker's limits (kind invalid), or it names "
          "a model or upscaler this worker does not serve (kind model_not_available)",
     429: "The job queue is full, or the worker has as many open connections as it takes (kind "
@@ -117,10 +118,12 @@ class Freed(BaseModel):
 
 
 class _Gate:
-    """ASGI middleware: token check and body-size cap before the app sees a request."""
+    """ASGI middleware: token check and body-size cap before the app sees a request. Uploads
+    may be up to ``max_body`` bytes; every other route takes JSON of at most ``max_json``."""
 
-    def __init__(self, app: Any, token: str, max_body: int) -> None:
-        self.app, self._token, self.max_body = app, token.encode(), max_body
+    def __init__(self, app: Any, token: str, max_body: int, max_json: int) -> None:
+        self.app, self._token = app, token.encode()
+        self.max_upload, self.max_json = max_body, min(max_json, max_body)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["path"] == "/healthz":
@@ -137,16 +140,17 @@ class _Gate:
                 send, "Missing or wrong token. Send 'Authorization: Bearer <token>' with the "
                 "token from the worker's share string.", ErrorKind.UNAUTHORIZED, extra=extra,
             )
+        cap = self.max_upload if scope["path"] == _UPLOADS else self.max_json
         length = headers.get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_body
+                too_big = int(length) > cap
             except ValueError:
                 return await _send_error(
                     send, "Bad Content-Length header: send the body's size in bytes.",
                     ErrorKind.INVALID)
             if too_big:
-                return await _send_error(send, self._too_big(), ErrorKind.TOO_LARGE)
+                return await _send_error(send, _too_big(cap), ErrorKind.TOO_LARGE)
         seen = 0
 
         async def counted_receive() -> dict:
@@ -154,14 +158,19 @@ class _Gate:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise HTTPException(413, self._too_big())
+                if seen > cap:
+                    raise HTTPException(413, _too_big(cap))
             return message
 
         return await self.app(scope, counted_receive, send)
 
-    def _too_big(self) -> str:
-        return f"Request body too large: at most {self.max_body} bytes are accepted."
+
+_UPLOADS = f"{API_PREFIX}/uploads"
+
+
+def _too_big(cap: int) -> str:
+    return (f"Request body too large: at most {cap} bytes are accepted here (images: the "
+            "worker's max_body_bytes, JSON: its max_json_bytes).")
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:
@@ -367,7 +376,7 @@ class WorkerApp:
                     f"and lie inside the upscaled {w}x{h} image (rounded up to a multiple of 8)."
                 )
 
-    def add_upload(self, data: bytes) -> UploadResult:
+    def add_upload(self, data: bytes | bytearray) -> UploadResult:
         if not data:
             raise InvalidRequest("Empty upload: send the image bytes (PNG, JPEG or WebP) as body.")
         lim = self.limits
@@ -490,7 +499,11 @@ def create_app(worker: WorkerApp) -> Any:
         },
     )
     async def upload(request: Request) -> UploadResult:
-        data = await request.body()
+        # one growing buffer, not a list of chunks joined at the end: a body dropped half-way
+        # (stalled, over the cap) leaves one block to give back, not scattered pieces
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
         return await asyncio.to_thread(worker.add_upload, data)
 
     @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202,
@@ -573,4 +586,4 @@ def create_app(worker: WorkerApp) -> Any:
         await asyncio.to_thread(worker.engine.free)
         return Freed(freed=True)
 
-    return _Gate(app, worker.token, worker.limits.max_body_bytes)
+    return _Gate(app, worker.token, worker.limits.max_body_bytes, worker.limits.max_json_bytes)
