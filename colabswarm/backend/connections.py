@@ -105,13 +105,16 @@ class _Guarded(H11Protocol):
             self._request_started = self.loop.time()  # part of a pipelined request waits
 
     def pause_writing(self) -> None:
+        if self._refused:
+            return
         if self._write_paused_since is None:
             self._write_paused_since = self.loop.time()
         super().pause_writing()
 
     def resume_writing(self) -> None:
         self._write_paused_since = None
-        super().resume_writing()
+        if not self._refused:
+            super().resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:

@@ -32,6 +32,7 @@ from fastapi.security import HTTPBearer
 from PIL import Image
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..crops import fits_edge_rule
@@ -502,8 +503,13 @@ def create_app(worker: WorkerApp) -> Any:
         # one growing buffer, not a list of chunks joined at the end: a body dropped half-way
         # (stalled, over the cap) leaves one block to give back, not scattered pieces
         data = bytearray()
-        async for chunk in request.stream():
-            data += chunk
+        try:
+            async for chunk in request.stream():
+                data += chunk
+        except ClientDisconnect:  # gone, or dropped by the stall timeout: nobody to answer
+            del data
+            raise ColabSwarmError("The upload ended before its last byte; send it again.",
+                                  kind=ErrorKind.INVALID) from None
         return await asyncio.to_thread(worker.add_upload, data)
 
     @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202,
