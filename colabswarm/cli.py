@@ -29,6 +29,14 @@ def _worker(args: argparse.Namespace) -> int:
         limits.max_pixels = args.max_pixels
     if args.max_steps:
         limits.max_steps = args.max_steps
+    for key in ("max_connections", "header_timeout_s", "idle_timeout_s", "stall_timeout_s"):
+        value = getattr(args, key)
+        if value is not None:
+            if value <= 0:
+                print(f"error: --{key.removesuffix('_s').replace('_', '-')} must be > 0",
+                      file=sys.stderr, flush=True)
+                return 2
+            setattr(limits, key, value)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -168,6 +176,21 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--upscalers-dir", default=None, help="folder of ESRGAN-family upscalers")
     w.add_argument("--max-pixels", type=int, default=None)
     w.add_argument("--max-steps", type=int, default=None)
+    from .protocol import Limits
+
+    d0 = Limits()
+    w.add_argument("--max-connections", dest="max_connections", type=int, default=None,
+                   help="open HTTP connections at once; more are refused with 429 "
+                        f"(default {d0.max_connections})")
+    w.add_argument("--header-timeout", dest="header_timeout_s", type=float, default=None,
+                   help="seconds a connection has to send a request's headers "
+                        f"(default {d0.header_timeout_s:g})")
+    w.add_argument("--idle-timeout", dest="idle_timeout_s", type=float, default=None,
+                   help="seconds an idle kept-alive connection stays open "
+                        f"(default {d0.idle_timeout_s:g})")
+    w.add_argument("--stall-timeout", dest="stall_timeout_s", type=float, default=None,
+                   help="seconds a request body (or an answer) may make no progress "
+                        f"(default {d0.stall_timeout_s:g})")
     w.add_argument("--tunnel-deadline", type=float, default=60.0)
     w.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process goes away (set by start_local_workers)")

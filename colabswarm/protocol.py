@@ -10,7 +10,14 @@ import secrets
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from .errors import BadShareString, ErrorKind, InvalidRequest
 
@@ -31,6 +38,7 @@ __all__ = [
     "SKIP_NGROK_WARNING",
     "TOKEN_ENV",
     "UploadResult",
+    "clean_name",
     "clean_text",
     "decode_share",
     "make_request",
@@ -73,13 +81,23 @@ class Limits(BaseModel):
     max_side: int = 4096
     max_steps: int = 150
     max_images: int = 16
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024  # an upload
+    max_json_bytes: int = 1024 * 1024       # any other request (a job is a few kB)
     max_init_pixels: int = 4096 * 4096
     max_prompt_chars: int = 4000
     max_queue: int = 256
     max_uploads: int = 64
     max_upscale: int = 8
     result_ttl_s: float = 600.0
+    # connections (backend/connections.py, before the token is checked)
+    max_connections: int = 100      # open at once; past it: 429 queue_full at once, then closed
+    header_timeout_s: float = 10.0  # a request's headers, from connect or from their first byte
+    idle_timeout_s: float = 30.0    # a kept-alive connection between requests
+    stall_timeout_s: float = 15.0   # a request body (or an answer) that makes no progress
+    max_header_bytes: int = 16384
+    # uploads: PNG chunks other than IDAT / JPEG segments before the image data, PNG IDATs
+    max_image_segments: int = 256
+    max_png_data_chunks: int = 16384
 
 
 class JobRequest(BaseModel):
@@ -211,6 +229,21 @@ class UploadResult(BaseModel):
 WorkerState = Literal["loading", "ready", "error"]
 
 
+def clean_name(text: str, max_chars: int = 64, fallback: str = "worker") -> str:
+    """A worker's name as it may be printed, logged or saved: terminal escape sequences and
+    every control, format or line-breaking character removed, runs of spaces made one, at most
+    `max_chars` characters; `fallback` if nothing is left."""
+    text = _ESCAPES.sub("", text)
+    text = "".join(c if c.isprintable() else " " for c in text)
+    return " ".join(text.split())[:max_chars].rstrip() or fallback
+
+
+# ANSI/VT sequences: CSI (ESC [ or 0x9b), OSC (ESC ] ... BEL or ESC \\), two-byte ESC sequences
+_ESCAPES = re.compile(
+    r"(?:\x1b\[|\x9b)[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)?|\x1b[ -~]?"
+)
+
+
 class CompiledShape(BaseModel):
     """Image size and the batch sizes a compiled worker has graphs for (its buckets)."""
 
@@ -236,7 +269,7 @@ class CompileInfo(BaseModel):
 class Info(BaseModel):
     model_config = _WIRE
 
-    name: Name
+    name: Annotated[str, Field(max_length=1000), AfterValidator(clean_name)]
     state: WorkerState = "ready"
     state_detail: str | None = None
     api_version: Name = API_VERSION
@@ -283,9 +316,10 @@ _UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u2028-\u202e\u2066-\
 
 
 def clean_text(text: object, limit: int = 300) -> str:
-    """Text from the other side of the wire, made safe to print, log or save: unprintable
-    characters become one space, and it is cut to `limit` characters (with an ellipsis)."""
-    out = _UNPRINTABLE.sub(" ", str(text)).strip()
+    """Text from the other side of the wire, made safe to print, log or save: terminal escape
+    sequences go, other unprintable characters become one space, and it is cut to `limit`
+    characters (with an ellipsis). Names use clean_name."""
+    out = _UNPRINTABLE.sub(" ", _ESCAPES.sub("", str(text))).strip()
     return out if len(out) <= limit else out[: max(limit - 1, 0)] + "…"
 
 

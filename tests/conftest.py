@@ -38,9 +38,14 @@ class WorkerProcess:
     """A worker in its own process, as on a separate machine; kill() is a real SIGKILL."""
 
     def __init__(self, *args: str, name: str = "proc", token: str | None = None,
-                 port: int = 0, env: dict[str, str] | None = None) -> None:
+                 port: int = 0, env: dict[str, str] | None = None,
+                 cwd: Path | None = None) -> None:
         self.args, self.name, self.token, self.port = list(args), name, token, port
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.cwd = cwd or ROOT
+        if cwd is not None:  # this checkout's code, wherever the worker runs
+            self.env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (str(ROOT), self.env.get("PYTHONPATH")) if p)
         self.proc: subprocess.Popen[str] | None = None
         self.share = ""
         self.lines: list[str] = []
@@ -52,7 +57,7 @@ class WorkerProcess:
             cmd += [f"--token={self.token}"]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env,
-            cwd=ROOT,
+            cwd=self.cwd,
         )
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None

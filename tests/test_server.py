@@ -183,8 +183,13 @@ def test_full_queue_is_refused_with_a_hint(strict_worker):
     _, http = strict_worker
     body = {"prompt": "q", "width": 128, "height": 128, "steps": 10, "seeds": [1, 2, 3, 4]}
     codes = [http.post("/v1/jobs", json=body) for _ in range(5)]
-    refused = [r for r in codes if r.status_code == 422]
-    assert refused and "queue is full" in refused[0].json()["detail"]
+    refused = [r for r in codes if r.status_code == 429]
+    assert refused, [r.status_code for r in codes]
+    answer = refused[0].json()
+    assert answer["kind"] == "queue_full" and "queue is full" in answer["detail"]
+    # when to come back, in the body and as the standard header (whole seconds, rounded up)
+    assert 1 <= answer["retry_after_s"] <= 600
+    assert int(refused[0].headers["retry-after"]) >= answer["retry_after_s"]
     http.post("/v1/interrupt")
 
 

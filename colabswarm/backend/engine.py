@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image
 
 from ..crops import crop_edge
-from ..errors import InvalidRequest, ModelNotAvailable
+from ..errors import InvalidRequest, JobInterrupted, ModelNotAvailable
 from ..protocol import JobRequest
 from .tiny import TINY_MODELS, tiny_model_dir
 
@@ -36,8 +36,8 @@ _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 ProgressFn = Callable[[int, int], None]
 
 
-class Interrupted(Exception):
-    """Raised inside the denoising loop to stop between two steps."""
+class Interrupted(JobInterrupted):
+    """Raised inside the denoising loop to stop between two steps (kind ``interrupted``)."""
 
 
 @dataclass(frozen=True)
@@ -187,9 +187,8 @@ class Engine:
         if name in self._sources:
             return self._sources[name]
         if self.allow_downloads and name.count("/") == 1:
-            src = ModelSource(name, "hub", name)
-            self._sources[name] = src
-            return src
+            # listed in model_names only once it has loaded (load() adds it)
+            return ModelSource(name, "hub", name)
         raise ModelNotAvailable(
             f"This worker does not serve model {name!r}; it serves {self.model_names}. "
             "Its owner can add models when starting it."
@@ -205,6 +204,8 @@ class Engine:
             self.free()
             t0 = time.perf_counter()
             txt2img = self._load_pipeline(src)
+            if src.name not in self._sources:  # a requested hub model: listed once it works
+                self._sources = {**self._sources, src.name: src}
             from diffusers import AutoPipelineForImage2Image
 
             img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
@@ -248,15 +249,33 @@ class Engine:
                 else StableDiffusionPipeline
             )
             pipe = cls.from_single_file(src.location, **kwargs)
-        else:  # hub: safetensors weights only, never pickle
+        else:  # hub: safetensors weights only, never pickle, never a local path
             pipe = AutoPipelineForText2Image.from_pretrained(
-                src.location, use_safetensors=True, **kwargs
+                self._download(src.location), use_safetensors=True, **kwargs
             )
         if hasattr(pipe, "safety_checker"):
             pipe.safety_checker = None
         if not self.device_map:
             pipe = pipe.to(self.device)
         return pipe
+
+    @staticmethod
+    def _download(repo_id: str) -> str:
+        """A hub pipeline's files in the local cache. ``download`` takes its argument as a hub
+        id only, so a name that is also a folder here is never loaded from that folder (which
+        ``from_pretrained(name)`` would do). Every failure gives the same message, whatever the
+        file system holds; the worker's log has the cause."""
+        from diffusers import DiffusionPipeline
+
+        try:
+            return str(DiffusionPipeline.download(repo_id, use_safetensors=True))
+        except Exception:
+            log.warning("download of %r from the hub failed", repo_id, exc_info=True)
+            raise ModelNotAvailable(
+                f"Could not download model {repo_id!r} from the Hugging Face hub: it is not a "
+                "public pipeline with safetensors weights there, or this worker cannot reach "
+                "the hub. Check the id, or ask the worker's owner to add the model."
+            ) from None
 
     def _warm_up(self, pipe: Any) -> None:
         """Two short calls at the model's native size: the first pays one-off costs (kernel

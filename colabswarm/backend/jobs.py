@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import re
 import secrets
+import sys
 import threading
 import time
 from collections import deque
@@ -20,11 +23,12 @@ from typing import Any, Protocol
 
 from PIL import Image
 
-from ..errors import InvalidRequest
+from ..errors import Busy, ColabSwarmError, ErrorKind, JobInterrupted
 from ..protocol import JobRequest, JobStatus, Limits
 from .png import encode_png
 
-__all__ = ["Job", "JobManager", "Runner"]
+__all__ = ["Job", "JobManager", "Runner", "error_kind_of", "out_of_memory_types", "public_error",
+           "retry_after_s"]
 
 log = logging.getLogger("colabswarm.jobs")
 
@@ -33,6 +37,58 @@ class Runner(Protocol):
     """What the job thread needs from an engine (the real one or the bench simulator)."""
 
     def run(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any) -> list: ...
+
+
+def out_of_memory_types() -> tuple[type[BaseException], ...]:
+    """The exception types torch raises when a device runs out of memory: torch.OutOfMemoryError
+    (raised for CUDA, and for other devices whose allocator raises c10's OutOfMemoryError) and
+    its older name torch.cuda.OutOfMemoryError. torch is only looked up, never imported: if the
+    engine never imported it, nothing it ran can have raised one. An MPS out-of-memory that
+    torch raises as a plain RuntimeError is reported as a crash: no message text is read."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return ()
+    found = {getattr(torch, "OutOfMemoryError", None),
+             getattr(getattr(torch, "cuda", None), "OutOfMemoryError", None)}
+    return tuple(t for t in found if isinstance(t, type) and issubclass(t, BaseException))
+
+
+def error_kind_of(exc: BaseException) -> ErrorKind:
+    """The kind a failed job reports, decided by the exception's type alone."""
+    if isinstance(exc, ColabSwarmError):
+        return exc.kind  # JobInterrupted: interrupted; ModelNotAvailable: model_not_available
+    oom = out_of_memory_types()
+    if oom and isinstance(exc, oom):
+        return ErrorKind.OUT_OF_MEMORY
+    return ErrorKind.CRASH
+
+
+_ADDRESS = re.compile(r"<[^<>]{0,200}? at 0x[0-9A-Fa-f]+>|\b0x[0-9A-Fa-f]{6,}\b")
+_PUBLIC_CHARS = 300
+
+
+def public_error(exc: BaseException) -> str:
+    """An exception as one line a token holder may read: its type and message, with object
+    reprs and heap addresses taken out, control characters dropped, and the length bounded
+    (the worker's own log keeps the whole traceback)."""
+    text = str(exc) if isinstance(exc, ColabSwarmError) else f"{type(exc).__name__}: {exc}"
+    text = _ADDRESS.sub("<object>", text)
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    if len(text) > _PUBLIC_CHARS:
+        text = text[: _PUBLIC_CHARS - 1] + "…"
+    return text or type(exc).__name__
+
+
+def retry_after_s(steps_left: int, mpix: float, images: int,
+                  step_seconds_per_mpix: float | None, default: float = 5.0) -> float:
+    """When a full queue will probably take a job again: once the running job is done, from
+    its steps left and the engine's measured speed (the default when either is unknown),
+    within 1 s .. 10 min."""
+    if step_seconds_per_mpix is None or not math.isfinite(step_seconds_per_mpix) \
+            or steps_left <= 0:
+        return default
+    estimate = steps_left * mpix * max(images, 1) * step_seconds_per_mpix
+    return float(min(max(estimate, 1.0), 600.0)) if math.isfinite(estimate) else default
 
 
 @dataclass
@@ -45,6 +101,7 @@ class Job:
     step: int = 0
     total_steps: int = 0
     error: str | None = None
+    error_kind: ErrorKind | None = None
     started: float | None = None
     finished: float | None = None
     computed: float | None = None  # when the engine was done (PNG writing comes after)
@@ -74,6 +131,7 @@ class Job:
             images_ready=len(self.pngs),
             queue_position=position,
             error=self.error,
+            error_kind=self.error_kind,
             queued_s=round(started - self.created, 4),
             run_s=round((self.computed or now) - started, 4) if self.started else 0.0,
             version=self.version,
@@ -130,14 +188,34 @@ class JobManager:
             self._sweep()
             waiting = len(self._queue) + (1 if self.running else 0)
             if waiting >= self.limits.max_queue:
-                raise InvalidRequest(
-                    f"This worker's queue is full ({waiting} jobs); retry later or use another."
+                wait = round(self._next_slot_s(), 1)
+                if not self.ready.is_set():
+                    raise Busy(
+                        f"This worker is still loading its model and its queue is full "
+                        f"({waiting} jobs); retry in about {wait:g} s or use another worker.",
+                        kind=ErrorKind.LOADING, retry_after_s=wait,
+                    )
+                raise Busy(
+                    f"This worker's queue is full ({waiting} jobs); retry in about {wait:g} s "
+                    "or use another worker.",
+                    kind=ErrorKind.QUEUE_FULL, retry_after_s=wait,
                 )
             job = Job(secrets.token_hex(8), req, init_images)
             self._jobs[job.id] = job
             self._queue.append(job)
             self._lock.notify_all()
             return job.status(len(self._queue))
+
+    def _next_slot_s(self) -> float:
+        """Call with the lock held: seconds until the running job is probably done."""
+        job = self.running
+        if job is None:
+            return retry_after_s(0, 0.0, 0, None)
+        total = job.total_steps or job.req.steps
+        return retry_after_s(
+            total - job.step, job.req.width * job.req.height / 1e6, len(job.req.seeds),
+            getattr(self.runner, "step_seconds_per_mpix", None),
+        )
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
@@ -207,6 +285,7 @@ class JobManager:
                     self._queue.remove(j)
                     j.state = "interrupted"
                     j.error = "interrupted before it started"
+                    j.error_kind = ErrorKind.INTERRUPTED
                     j.finished = time.monotonic()
                     self._changed(j)
                     count += 1
@@ -274,13 +353,22 @@ class JobManager:
                 raise RuntimeError(
                     f"engine returned {len(images)} images for {len(job.req.seeds)} seeds"
                 )
-        except Exception as exc:  # Interrupted, a bad request, or a crash of the pipeline
-            if job.stop or type(exc).__name__ == "Interrupted":
+        except Exception as exc:  # interrupted, out of memory, a bad request, or a crash
+            kind = error_kind_of(exc)
+            if job.stop or isinstance(exc, JobInterrupted):
                 error = f"interrupted at step {job.step} of {job.total_steps}"
-                self._finish(job, [], "interrupted", error)
+                self._finish(job, [], "interrupted", error, ErrorKind.INTERRUPTED)
+            elif kind is ErrorKind.OUT_OF_MEMORY:
+                log.warning("job %s ran out of device memory: %s", job.id, public_error(exc))
+                req = job.req
+                self._free_memory()
+                self._finish(job, [], "failed",
+                             f"The device ran out of memory on this job ({len(req.seeds)} "
+                             f"images of {req.width}x{req.height}); fewer images per job or a "
+                             "smaller size may fit.", kind)
             else:
                 log.exception("job %s failed", job.id)
-                self._finish(job, [], "failed", f"{type(exc).__name__}: {exc}")
+                self._finish(job, [], "failed", public_error(exc), kind)
             return
         with self._lock:
             job.computed = time.monotonic()
@@ -292,14 +380,24 @@ class JobManager:
             pngs = list(self._png_pool.map(_rgb_png, images))
         except Exception as exc:
             log.exception("job %s: PNG encoding failed", job.id)
-            self._finish(job, [], "failed", f"PNG encoding failed: {exc}")
+            self._finish(job, [], "failed", f"PNG encoding failed: {public_error(exc)}",
+                         error_kind_of(exc))
             return
         self._finish(job, pngs, "done", None)
 
-    def _finish(self, job: Job, pngs: list[bytes], state: str, error: str | None) -> None:
+    def _free_memory(self) -> None:
+        free = getattr(self.runner, "free", None)
+        if free is not None:
+            try:
+                free()
+            except Exception:
+                log.exception("freeing memory after an out-of-memory error failed")
+
+    def _finish(self, job: Job, pngs: list[bytes], state: str, error: str | None,
+                kind: ErrorKind | None = None) -> None:
         with self._lock:
             job.pngs = pngs if job.id in self._jobs else []
-            job.state, job.error = state, error
+            job.state, job.error, job.error_kind = state, error, kind
             job.finished = time.monotonic()
             job.computed = job.computed or job.finished
             job.init_images = []

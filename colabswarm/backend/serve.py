@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ColabSwarmError, TunnelError
-from ..protocol import Limits, encode_share, mask_token, new_token
+from ..protocol import Limits, clean_name, encode_share, mask_token, new_token
+from .connections import guarded_protocol
 from .server import WorkerApp, create_app
 
 __all__ = ["WorkerHandle", "make_engine", "start_worker"]
@@ -47,9 +48,10 @@ def make_engine(
     )
 
 
-@dataclass
+@dataclass(repr=False)
 class WorkerHandle:
-    """A running worker: its addresses, token, share string, tunnel, and stop()."""
+    """A running worker: its addresses, token, share string, tunnel, and stop(). Its repr
+    shows the token masked (``mask_token``), never whole."""
 
     worker: WorkerApp
     host: str
@@ -61,6 +63,17 @@ class WorkerHandle:
     tunnel_provider: str = "none"
     tunnel_deadline_s: float = 60.0
     tunnel_authtoken: str | None = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        tunnel = self.tunnel.public_url if self.tunnel is not None else None
+        return (f"WorkerHandle(name={self.worker.name!r}, local_url={self.local_url!r}, "
+                f"tunnel={self.tunnel_provider!r}, public_url={tunnel!r}, "
+                f"token={mask_token(self.token)!r}, running={self.running})")
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections open now (at most ``limits.max_connections``)."""
+        return len(self._server.server_state.connections)
 
     @property
     def local_url(self) -> str:
@@ -168,7 +181,7 @@ def start_worker(
         simulate_step_seconds=simulate_step_seconds,
     )
     worker = WorkerApp(
-        eng, token, limits, name=name or socket.gethostname(),
+        eng, token, limits, name=clean_name(name or socket.gethostname()),
         simulated=simulate_speed is not None,
     )
     # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are
@@ -183,9 +196,14 @@ def start_worker(
         raise ColabSwarmError(
             f"Cannot listen on {host}:{port} ({exc.strerror}); pick another port or port=0."
         ) from None
+    lim = worker.limits
+    # uvicorn's own settings where it has them (keep-alive, header size); the header and stall
+    # timeouts and the connection cap come with the protocol class (connections.py). No
+    # WebSockets: an upgraded connection would leave that protocol's watch.
     config = uvicorn.Config(
         create_app(worker), log_level="warning", access_log=False, lifespan="on",
-        timeout_keep_alive=30,
+        http=guarded_protocol(lim), ws="none", timeout_keep_alive=lim.idle_timeout_s,
+        h11_max_incomplete_event_size=lim.max_header_bytes,
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(

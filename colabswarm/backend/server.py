@@ -2,6 +2,10 @@
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>``, checked in constant time
 by an ASGI gate that runs before any body is parsed, so a stranger learns nothing but 401.
+Every error answer is an ``ErrorDetail``: a sentence for people and a ``kind`` for code, with
+the HTTP status that ``protocol.STATUS_OF_KIND`` gives that kind (and ``Retry-After`` for the
+transient ones). Connection-level limits (header, idle and stall timeouts, the connection cap)
+are in ``connections.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import hmac
 import io
 import json
 import logging
+import math
 import re
 import secrets
 import threading
@@ -26,20 +31,27 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from PIL import Image
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..crops import fits_edge_rule
-from ..errors import ColabSwarmError, InvalidRequest
+from ..errors import Busy, ColabSwarmError, ErrorKind, InvalidRequest, ModelNotAvailable
 from ..protocol import (
     API_PREFIX,
+    KIND_OF_STATUS,
+    STATUS_OF_KIND,
     ErrorDetail,
     Info,
     JobRequest,
     JobStatus,
     Limits,
     UploadResult,
+    clean_name,
+    mask_token,
 )
-from .jobs import JobManager
+from .imagescan import scan_image
+from .jobs import JobManager, public_error
 
 __all__ = ["WorkerApp", "create_app"]
 
@@ -52,19 +64,46 @@ _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,256}$")  # as in a share string
 # a hub id "owner/name", never a path ("../x", "/etc", "C:") or a URL
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}$")
 _REASONS = {
-    400: "Malformed request (a bad Content-Length header, or a body that is not JSON)",
-    401: "Missing or wrong bearer token",
-    404: "No such job (finished and collected, expired, or never existed)",
-    409: "The job is not done yet",
-    413: "Request body over the worker's max_body_bytes",
-    422: "A parameter is invalid or over one of the worker's limits",
-    503: "The worker's model failed to load",
+    400: "Malformed request: a bad Content-Length header, or a body that is not JSON "
+         "(kind invalid)",
+    401: "Missing or wrong bearer token (kind unauthorized)",
+    404: "No such job (finished and collected, expired, or never existed), or no such path "
+         "(kind not_found)",
+    409: "The job is not done yet (kind not_ready)",
+    413: "Request body over the worker's max_body_bytes (uploads) or max_json_bytes (the rest) "
+         "(kind too_large)",
+    422: "A parameter is invalid or over one of the worker's limits (kind invalid), or it names "
+         "a model or upscaler this worker does not serve (kind model_not_available)",
+    429: "The job queue is full, or the worker has as many open connections as it takes (kind "
+         "queue_full): retry after Retry-After seconds",
+    500: "The worker failed on this request (kind crash)",
+    503: "The worker's model failed to load (kind model_failed), or it is still loading and its "
+         "queue is full (kind loading, with Retry-After)",
 }
+_RETRY_AFTER = {"retry-after": {"description": "seconds until the same request may succeed",
+                                "schema": {"type": "string", "pattern": "^[0-9]+$"}}}
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for error answers: every one is {"detail": "<what to do>"}."""
-    return {c: {"model": ErrorDetail, "description": _REASONS[c]} for c in codes}
+    """OpenAPI entries for error answers: every one is an ErrorDetail, {"detail": "<what to
+    do>", "kind": "<ErrorKind>"}, plus Retry-After where a retry may succeed."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for c in codes:
+        out[c] = {"model": ErrorDetail, "description": _REASONS[c]}
+        if c in (429, 503):
+            out[c]["headers"] = _RETRY_AFTER
+    return out
+
+
+def _error_body(detail: str, kind: ErrorKind,
+                retry_after_s: float | None = None) -> tuple[int, dict, list[tuple[str, str]]]:
+    """(status, body, headers) of an error answer: the status from the one table."""
+    body = ErrorDetail(detail=detail, kind=kind, retry_after_s=retry_after_s)
+    headers = []
+    if retry_after_s is not None:
+        headers.append(("retry-after", str(max(1, math.ceil(retry_after_s)))))
+    return (STATUS_OF_KIND.get(kind, 500), body.model_dump(mode="json", exclude_none=True),
+            headers)
 
 
 class Deleted(BaseModel):
@@ -80,10 +119,12 @@ class Freed(BaseModel):
 
 
 class _Gate:
-    """ASGI middleware: token check and body-size cap before the app sees a request."""
+    """ASGI middleware: token check and body-size cap before the app sees a request. Uploads
+    may be up to ``max_body`` bytes; every other route takes JSON of at most ``max_json``."""
 
-    def __init__(self, app: Any, token: str, max_body: int) -> None:
-        self.app, self._token, self.max_body = app, token.encode(), max_body
+    def __init__(self, app: Any, token: str, max_body: int, max_json: int) -> None:
+        self.app, self._token = app, token.encode()
+        self.max_upload, self.max_json = max_body, min(max_json, max_body)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http" or scope["path"] == "/healthz":
@@ -92,19 +133,25 @@ class _Gate:
         auth = headers.get(b"authorization", b"")
         scheme, _, given = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
-            return await _send_json(
-                send, 401, {"detail": "Missing or wrong token. Send 'Authorization: Bearer "
-                            "<token>' with the token from the worker's share string."},
-                extra=[(b"www-authenticate", b"Bearer")],
+            extra = [(b"www-authenticate", b"Bearer")]
+            if not _has_body(headers):
+                # a stranger's connection is not kept alive: it cannot sit on a slot
+                extra.append((b"connection", b"close"))
+            return await _send_error(
+                send, "Missing or wrong token. Send 'Authorization: Bearer <token>' with the "
+                "token from the worker's share string.", ErrorKind.UNAUTHORIZED, extra=extra,
             )
+        cap = self.max_upload if scope["path"] == _UPLOADS else self.max_json
         length = headers.get(b"content-length")
         if length is not None:
             try:
-                too_big = int(length) > self.max_body
+                too_big = int(length) > cap
             except ValueError:
-                return await _send_json(send, 400, {"detail": "Bad Content-Length header."})
+                return await _send_error(
+                    send, "Bad Content-Length header: send the body's size in bytes.",
+                    ErrorKind.INVALID)
             if too_big:
-                return await _send_json(send, 413, {"detail": self._too_big()})
+                return await _send_error(send, _too_big(cap), ErrorKind.TOO_LARGE)
         seen = 0
 
         async def counted_receive() -> dict:
@@ -112,17 +159,28 @@ class _Gate:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_body:
-                    raise HTTPException(413, self._too_big())
+                if seen > cap:
+                    raise HTTPException(413, _too_big(cap))
             return message
 
         return await self.app(scope, counted_receive, send)
 
-    def _too_big(self) -> str:
-        return f"Request body too large: at most {self.max_body} bytes are accepted."
+
+_UPLOADS = f"{API_PREFIX}/uploads"
 
 
-async def _send_json(send: Callable, status: int, body: dict, extra: list | None = None) -> None:
+def _too_big(cap: int) -> str:
+    return (f"Request body too large: at most {cap} bytes are accepted here (images: the "
+            "worker's max_body_bytes, JSON: its max_json_bytes).")
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return b"transfer-encoding" in headers or headers.get(b"content-length", b"0") != b"0"
+
+
+async def _send_error(send: Callable, detail: str, kind: ErrorKind,
+                      extra: list | None = None) -> None:
+    status, body, _ = _error_body(detail, kind)
     data = json.dumps(body).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
     headers += extra or []
@@ -149,7 +207,7 @@ class WorkerApp:
         self.engine = engine
         self.token = token
         self.limits = limits or Limits()
-        self.name = name
+        self.name = clean_name(name)
         self.simulated = simulated
         self.jobs = JobManager(engine, self.limits)
         self.uploads: OrderedDict[str, tuple[float, Image.Image]] = OrderedDict()
@@ -157,13 +215,17 @@ class WorkerApp:
         self.state = "loading"
         self.state_detail: str | None = None
 
+    def __repr__(self) -> str:
+        return (f"WorkerApp(name={self.name!r}, state={self.state!r}, "
+                f"token={mask_token(self.token)!r})")
+
     def _warmup(self) -> None:
         try:
             if hasattr(self.engine, "load"):
                 self.engine.load()
             self.state, self.state_detail = "ready", None
         except Exception as exc:
-            self.state, self.state_detail = "error", f"{type(exc).__name__}: {exc}"
+            self.state, self.state_detail = "error", public_error(exc)
             raise
 
     def info(self) -> Info:
@@ -235,7 +297,7 @@ class WorkerApp:
         if req.model is not None and req.model not in self.engine.model_names:
             allowed = getattr(self.engine, "allow_downloads", False)
             if not allowed or not _HUB_ID.match(req.model) or ".." in req.model:
-                raise InvalidRequest(
+                raise ModelNotAvailable(
                     f"This worker does not serve model {req.model!r}; it serves "
                     f"{self.engine.model_names}."
                 )
@@ -279,7 +341,7 @@ class WorkerApp:
             raise InvalidRequest(f"scale {req.scale} is over this worker's {lim.max_upscale}.")
         if req.upscaler and req.upscaler not in self.engine.upscaler_names():
             why = self.engine.upscaler_problem(req.upscaler)
-            raise InvalidRequest(
+            raise ModelNotAvailable(
                 f"Unknown upscaler {req.upscaler!r}; this worker has "
                 f"{self.engine.upscaler_names()}." + (f" {why}" if why else "")
             )
@@ -317,30 +379,44 @@ class WorkerApp:
                     f"and lie inside the upscaled {w}x{h} image (rounded up to a multiple of 8)."
                 )
 
-    def add_upload(self, data: bytes) -> UploadResult:
+    def add_upload(self, data: bytes | bytearray) -> UploadResult:
         if not data:
             raise InvalidRequest("Empty upload: send the image bytes (PNG, JPEG or WebP) as body.")
+        lim = self.limits
+        scan = scan_image(data, lim.max_image_segments, lim.max_png_data_chunks)
+        if not scan.ok:  # refused on the chunk headers alone, before Pillow parses any
+            what = ("image data (IDAT) chunks" if scan.over == "max_png_data_chunks"
+                    else "metadata chunks or segments")
+            limit = getattr(lim, scan.over or "max_image_segments")
+            raise InvalidRequest(
+                f"This {scan.format} has more than {limit} {what}, this worker's limit; save "
+                "it again without extra metadata (any image editor or PIL does) and retry."
+            )
         try:
             with Image.open(io.BytesIO(data)) as probe:
                 fmt, (w, h) = probe.format, probe.size
                 if fmt not in _ALLOWED_FORMATS:
                     raise InvalidRequest(f"Image format {fmt} refused; send PNG, JPEG or WebP.")
-                if w * h > self.limits.max_init_pixels:
+                if w * h > lim.max_init_pixels:
                     raise InvalidRequest(
-                        f"Image {w}x{h} is over this worker's {self.limits.max_init_pixels} pixels."
+                        f"Image {w}x{h} is over this worker's {lim.max_init_pixels} pixels."
                     )
                 image = probe.convert("RGB")
         except InvalidRequest:
             raise
         except Exception as exc:
-            raise InvalidRequest(f"Cannot read the uploaded image ({exc}); send a PNG.") from None
+            # Pillow's messages can hold object reprs with heap addresses: name the type only
+            raise InvalidRequest(
+                f"Cannot read the uploaded image ({type(exc).__name__}): it is not a whole PNG, "
+                "JPEG or WebP file. Send the file's bytes as they are, as a PNG if in doubt."
+            ) from None
         uid = secrets.token_hex(8)
         with self._uploads_lock:
             now = time.monotonic()
             for key in [k for k, (t, _) in self.uploads.items()
-                        if now - t > self.limits.result_ttl_s]:
+                        if now - t > lim.result_ttl_s]:
                 del self.uploads[key]
-            while len(self.uploads) >= self.limits.max_uploads:
+            while len(self.uploads) >= lim.max_uploads:
                 self.uploads.popitem(last=False)
             self.uploads[uid] = (now, image)
         return UploadResult(id=uid, width=w, height=h)
@@ -363,12 +439,17 @@ def create_app(worker: WorkerApp) -> Any:
         openapi_url=f"{API_PREFIX}/openapi.json",
         lifespan=lifespan,
         dependencies=[Security(HTTPBearer(auto_error=False))],
-        responses=_errors(400, 401, 413),
+        responses=_errors(400, 401, 413, 429, 500),
     )
 
-    @app.exception_handler(InvalidRequest)
-    async def _invalid(_: Request, exc: InvalidRequest) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=422)
+    def answer(detail: str, kind: ErrorKind, retry_after_s: float | None = None) -> JSONResponse:
+        status, body, headers = _error_body(detail, kind, retry_after_s)
+        return JSONResponse(body, status_code=status, headers=dict(headers))
+
+    @app.exception_handler(ColabSwarmError)
+    async def _refused(_: Request, exc: ColabSwarmError) -> JSONResponse:
+        retry = exc.retry_after_s if isinstance(exc, Busy) else None
+        return answer(str(exc), exc.kind, retry)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -376,7 +457,26 @@ def create_app(worker: WorkerApp) -> Any:
         for err in exc.errors():
             where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("body", "query"))
             parts.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
-        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+        return answer("; ".join(parts)[:2000] or "invalid request", ErrorKind.INVALID)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own (unknown path, wrong method) and FastAPI's (unparsable body, the
+        # streamed-body cap): the kind from the one table
+        kind = KIND_OF_STATUS.get(exc.status_code,
+                                  ErrorKind.INVALID if exc.status_code < 500 else ErrorKind.CRASH)
+        detail = exc.detail if isinstance(exc.detail, str) else "invalid request"
+        response = answer(detail, kind)
+        response.status_code = exc.status_code
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, exc: Exception) -> JSONResponse:
+        log.error("request failed: %s", public_error(exc))
+        return answer(f"The worker failed on this request ({type(exc).__name__}); its log has "
+                      "the details. Retrying elsewhere may help.", ErrorKind.CRASH)
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict:
@@ -402,22 +502,33 @@ def create_app(worker: WorkerApp) -> Any:
         },
     )
     async def upload(request: Request) -> UploadResult:
-        data = await request.body()
+        # one growing buffer, not a list of chunks joined at the end: a body dropped half-way
+        # (stalled, over the cap) leaves one block to give back, not scattered pieces
+        data = bytearray()
+        try:
+            async for chunk in request.stream():
+                data += chunk
+        except ClientDisconnect:  # gone, or dropped by the stall timeout: nobody to answer
+            del data
+            raise ColabSwarmError("The upload ended before its last byte; send it again.",
+                                  kind=ErrorKind.INVALID) from None
         return await asyncio.to_thread(worker.add_upload, data)
 
     @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202,
-              responses=_errors(422, 503))
+              responses=_errors(422, 429, 503))
     async def submit(req: JobRequest) -> JobStatus:
         if worker.state == "error":
-            raise HTTPException(503, f"The worker's model failed to load: {worker.state_detail}")
+            raise ColabSwarmError(
+                f"The worker's model failed to load ({worker.state_detail}); its owner must "
+                "restart it. Use another worker.", kind=ErrorKind.MODEL_FAILED)
         images = worker.check(req)
         return worker.jobs.submit(req, images)
 
     def _job(job_id: str) -> Any:
         job = worker.jobs.get(job_id)
         if job is None:
-            raise HTTPException(404, f"No job {job_id}: it finished and was collected, expired, "
-                                     "or never existed on this worker.")
+            raise ColabSwarmError(f"No job {job_id}: it finished and was collected, expired, "
+                                  "or never existed on this worker.", kind=ErrorKind.NOT_FOUND)
         return job
 
     @app.get(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobStatus,
@@ -450,9 +561,11 @@ def create_app(worker: WorkerApp) -> Any:
     async def job_image(job_id: str = _ID, index: int = Path(ge=0, le=1023)) -> Response:
         job = _job(job_id)
         if job.state != "done":
-            raise HTTPException(409, f"Job {job_id} is {job.state}; images come when it is done.")
+            raise ColabSwarmError(f"Job {job_id} is {job.state}; images come when it is done.",
+                                  kind=ErrorKind.NOT_READY)
         if index >= len(job.pngs):
-            raise HTTPException(404, f"Job {job_id} has {len(job.pngs)} images; no index {index}.")
+            raise ColabSwarmError(f"Job {job_id} has {len(job.pngs)} images; no index {index}.",
+                                  kind=ErrorKind.NOT_FOUND)
         return Response(
             job.pngs[index], media_type="image/png",
             headers={"x-seed": str(job.req.seeds[index])},
@@ -462,7 +575,7 @@ def create_app(worker: WorkerApp) -> Any:
                 responses=_errors(404, 422))
     async def job_delete(job_id: str = _ID) -> Deleted:
         if not worker.jobs.delete(job_id):
-            raise HTTPException(404, f"No job {job_id}.")
+            raise ColabSwarmError(f"No job {job_id}.", kind=ErrorKind.NOT_FOUND)
         return Deleted(deleted=job_id)
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/interrupt", response_model=JobStatus,
@@ -481,4 +594,4 @@ def create_app(worker: WorkerApp) -> Any:
         await asyncio.to_thread(worker.engine.free)
         return Freed(freed=True)
 
-    return _Gate(app, worker.token, worker.limits.max_body_bytes)
+    return _Gate(app, worker.token, worker.limits.max_body_bytes, worker.limits.max_json_bytes)

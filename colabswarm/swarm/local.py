@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import ColabSwarmError
-from ..protocol import TOKEN_ENV, new_token
+from ..protocol import TOKEN_ENV, mask_token, new_token
 
 __all__ = ["LocalWorker", "LocalWorkers", "detect_gpus", "start_local_workers"]
 
@@ -51,9 +51,10 @@ def detect_gpus() -> list[int]:
         return []
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, repr=False)
 class LocalWorker:
-    """One worker process; its output is kept so the controller can show its log."""
+    """One worker process; its output is kept so the controller can show its log. Its repr
+    masks the token and leaves out the share string and the environment."""
 
     gpu: int | None
     model: list[str]
@@ -66,6 +67,10 @@ class LocalWorker:
     share: str | None = None
     log: deque[str] = field(default_factory=lambda: deque(maxlen=500))
     restarts: int = 0
+
+    def __repr__(self) -> str:
+        return (f"LocalWorker(name={self.name!r}, gpu={self.gpu!r}, port={self.port}, "
+                f"pid={self.pid}, alive={self.alive}, token={mask_token(self.token)!r})")
 
     def start(self, timeout: float = 300.0) -> str:
         """Start the process and wait for its share string."""
