@@ -317,7 +317,13 @@ def _start(binary: _Binary, cmd: list[str], deadline: _Deadline) -> subprocess.P
                 problem=TunnelProblem.BINARY_CORRUPT, provider="cloudflare") from None
         log.warning("cloudflared at %s cannot run (%s); downloading it again from %s",
                     binary.path, exc.strerror, binary.url)
-    _fetch(binary, deadline, replace=True)
+    try:
+        _fetch(binary, deadline, replace=True)
+    except TunnelFailure as exc:
+        raise TunnelFailure(
+            f"cloudflared at {binary.path} cannot run on this machine (a damaged or foreign "
+            f"file), and getting a new one failed: {exc}", problem=TunnelProblem.BINARY_CORRUPT,
+            provider="cloudflare") from None
     try:
         return _spawn(binary.path, cmd)
     except OSError as exc:
