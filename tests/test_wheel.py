@@ -23,6 +23,9 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))
+from install_cell import install_requirement  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 pytest.importorskip("build", reason="the `build` package (test extra) is needed to build")
@@ -105,9 +108,11 @@ def test_wheel_in_a_clean_venv_runs_the_demo(dists: dict[str, Path], tmp_path: P
     venv = tmp_path / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], cwd=tmp_path)
     python = venv / "bin" / "python"
-    # pip from the test environment installs into the new one (--python); no index, no deps
+    # the requirement the worker notebook's install cell makes for a wheel (COLABSWARM_SOURCE),
+    # installed by the test environment's pip into the new one (--python); no index, no deps
+    requirement = install_requirement("worker.ipynb", str(dists["wheel"]))
     _run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps",
-          "--no-index", str(dists["wheel"])], cwd=tmp_path, env=_clean_env())
+          "--no-index", requirement], cwd=tmp_path, env=_clean_env())
     purelib = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()"
                          "['purelib'])"], cwd=tmp_path, env=_clean_env()).stdout.strip())
     (purelib / "_colabswarm_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
