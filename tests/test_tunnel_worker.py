@@ -1,6 +1,7 @@
 """A real worker published through the (fake) cloudflared: the health check and a generation
-travel through a second hop (a local TCP proxy standing in for Cloudflare's edge), and a dead
-tunnel is noticed and reopened with a new URL and the same token.
+travel through a second hop (a local TCP proxy standing in for Cloudflare's edge), a dead
+tunnel is noticed and reopened with a new URL and the same token, and a tunnel that cannot be
+opened stops the start with its TunnelProblem and no token in sight.
 
 Only name resolution is routed by hand: the fake prints a real-looking
 ``https://<name>.trycloudflare.com`` that no resolver here knows, so requests for it are sent to
@@ -9,9 +10,12 @@ the proxy, keeping their Host header (tests/test_tunnel.py's _RouteTo).
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import socket
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ from colabswarm.backend.client import WorkerClient
 from colabswarm.backend.serve import start_worker
 from colabswarm.errors import TunnelError
 from colabswarm.protocol import JobRequest, decode_share
+from colabswarm.tunnel import TunnelFailure, TunnelProblem
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tcpproxy import TcpProxy  # noqa: E402
@@ -80,3 +85,22 @@ def test_reopen_without_a_tunnel_says_so():
             handle.reopen()
     finally:
         handle.stop()
+
+
+def test_worker_start_stops_with_the_tunnels_problem_and_no_token(
+    cf, monkeypatch, caplog  # noqa: F811
+):
+    monkeypatch.setenv("FAKE_CLOUDFLARED_MODE", "rate-limited")
+    caplog.set_level(logging.DEBUG)
+    token = "Zq8_Lm3xT7vRk2NwPq9YbC4Hd6Js1FgA"
+    with socket.socket() as s:  # a port we know, to see that the worker let it go
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(TunnelFailure) as err:
+        start_worker("tiny", tunnel="cloudflare", port=port, token=token, tunnel_deadline_s=5)
+    assert err.value.problem is TunnelProblem.RATE_LIMITED
+    assert "Wait a few minutes" in str(err.value)
+    shown = str(err.value) + repr(err.value) + "".join(traceback.format_exception(err.value))
+    assert token not in shown + caplog.text
+    with socket.socket() as s:  # the worker that could not be published was stopped
+        s.bind(("127.0.0.1", port))

@@ -102,23 +102,18 @@ class WorkerHandle:
 
     def open_tunnel(self, provider: str | None = None) -> str:
         """Open (or re-open) the tunnel and check the worker through it; returns the share."""
-        from .._sync import run_sync
-        from ..tunnel import open_tunnel, wait_until_reachable
+        from ..tunnel import publish
 
         provider = provider or self.tunnel_provider
         self.close_tunnel()
         self.tunnel_provider = provider
         if provider == "none":
             return self.share
-        tunnel = open_tunnel(
-            provider, self.port, host="127.0.0.1", deadline_s=self.tunnel_deadline_s,
-            authtoken=self.tunnel_authtoken,
+        # one deadline (tunnel_deadline_s) for opening the tunnel and checking it
+        tunnel = publish(
+            provider, self.port, self.token, host="127.0.0.1",
+            deadline_s=self.tunnel_deadline_s, authtoken=self.tunnel_authtoken,
         )
-        try:
-            run_sync(wait_until_reachable(tunnel.public_url, self.token, self.tunnel_deadline_s))
-        except BaseException:
-            tunnel.close()
-            raise
         self.tunnel = tunnel
         log.info("worker published at %s (token %s)", tunnel.public_url, mask_token(self.token))
         return self.share
