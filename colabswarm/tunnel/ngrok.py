@@ -23,6 +23,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import threading
 from typing import Any
 
@@ -103,6 +105,8 @@ class NgrokTunnel(Tunnel):
                 proc.wait(5)
         except (PyngrokError, OSError) as exc:
             log.debug("closing ngrok tunnel %s: %s", self.public_url, exc)
+        if last:  # the agent is gone: its private config (the authtoken) goes too
+            _remove_private_config(self._config.config_path)
         log.info("ngrok tunnel %s closed", self.public_url)
 
 
@@ -241,6 +245,26 @@ def _config_authtoken(config_path: str) -> str | None:
     return str(value) if value else None
 
 
+def _private_config(token: str) -> str:
+    """An ngrok config file holding only the authtoken, readable by this user alone (a fresh
+    0700 folder, the file created 0600 with O_EXCL); removed when the agent stops."""
+    folder = tempfile.mkdtemp(prefix="colabswarm-ngrok-")
+    path = os.path.join(folder, "ngrok.yml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"version: 3\nagent:\n  authtoken: {token}\n")  # ngrok's v3 config format
+    return path
+
+
+def _remove_private_config(path: str | None) -> None:
+    """Remove a config file _private_config made (pyngrok may have rewritten it meanwhile),
+    and its folder; anything else is left alone."""
+    if path is None or not os.path.basename(os.path.dirname(path)).startswith(
+            "colabswarm-ngrok-"):
+        return
+    shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
 def _resolve_authtoken(explicit: str | None, config_path: str) -> str | None:
     """The authtoken from the argument, NGROK_AUTHTOKEN, or Colab secrets, in that order.
 
@@ -360,12 +384,16 @@ def open_ngrok(port: int, *, host: str = "127.0.0.1", deadline_s: float = 60.0,
             + _INSTEAD + ".", problem=TunnelProblem.MISSING_PACKAGE, provider="ngrok") from None
 
     token = _resolve_authtoken(authtoken, conf.get_config_path(conf.PyngrokConfig()))
+    # pyngrok would put the authtoken on ngrok's command line (`--authtoken T`), which every
+    # user of the machine can read in /proc; ngrok reads it from a private config file instead
+    private = _private_config(token) if token else None
     config = conf.PyngrokConfig(
-        auth_token=token,
+        config_path=private,
         # ours is the deadline that counts: pyngrok's own only runs between two log lines
         startup_timeout=max(1, math.ceil(deadline.remaining()) + 5),
         request_timeout=max(1.0, min(10.0, deadline.remaining())),
     )
+    config.auth_token = None  # pyngrok takes $NGROK_AUTHTOKEN onto the command line itself
     target = f"http://{_tunnel_target(host, port)}"
     path = config.ngrok_path
     secrets = (token,)
@@ -373,7 +401,11 @@ def open_ngrok(port: int, *, host: str = "127.0.0.1", deadline_s: float = 60.0,
     # Every pyngrok exception is re-raised "from None": their text can carry the authtoken
     # (ERR_NGROK_105/107), and a chained exception is printed in full by notebooks.
     try:
-        endpoint, agent = _start(config, target, deadline, seen)
+        try:
+            endpoint, agent = _start(config, target, deadline, seen)
+        except BaseException:
+            _remove_private_config(private)
+            raise
     except TimeoutError:
         error = seen.get("error")
         what = (f"ngrok ({path}) did not open a tunnel within {_seconds(deadline.total)} "
