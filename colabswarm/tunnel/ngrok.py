@@ -106,7 +106,8 @@ class NgrokTunnel(Tunnel):
         except (PyngrokError, OSError) as exc:
             log.debug("closing ngrok tunnel %s: %s", self.public_url, exc)
         if last:  # the agent is gone: its private config (the authtoken) goes too
-            _remove_private_config(self._config.config_path)
+            agent_config = getattr(self._agent, "pyngrok_config", None)
+            _remove_private_config(getattr(agent_config, "config_path", None))
         log.info("ngrok tunnel %s closed", self.public_url)
 
 
@@ -406,6 +407,9 @@ def open_ngrok(port: int, *, host: str = "127.0.0.1", deadline_s: float = 60.0,
         except BaseException:
             _remove_private_config(private)
             raise
+        agent_config = getattr(agent, "pyngrok_config", None)
+        if getattr(agent_config, "config_path", None) != private:
+            _remove_private_config(private)  # an agent already running took the endpoint
     except TimeoutError:
         error = seen.get("error")
         what = (f"ngrok ({path}) did not open a tunnel within {_seconds(deadline.total)} "
