@@ -24,6 +24,7 @@ from .errors import BadShareString, ErrorKind, InvalidRequest
 __all__ = [
     "API_PREFIX",
     "API_VERSION",
+    "BUNDLE_TYPE",
     "CompileInfo",
     "CompiledShape",
     "ErrorDetail",
@@ -52,6 +53,9 @@ API_VERSION = "1"
 API_PREFIX = "/v1"
 SKIP_NGROK_WARNING = {"ngrok-skip-browser-warning": "1"}
 TOKEN_ENV = "COLABSWARM_TOKEN"  # a worker's token from the environment (kept off argv)
+# a job's PNGs in one answer: per image a 4-byte big-endian length, then the PNG (capability
+# "bundle"; older workers serve one image per request)
+BUNDLE_TYPE = "application/x-colabswarm-pngs"
 MAX_SEED = 2**63 - 1
 
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9_\-]{16,256}$")

@@ -135,6 +135,8 @@ class FakeWorker(LoopbackServer):
                 return StreamingResponse(endless(), media_type="application/json")
             name = fake.info_name or f"fake-{fake.mode}"
             caps = ["txt2img", "img2img", "upscale"] + fake.extra_capabilities
+            if fake.mode.startswith("bundle_"):
+                caps.append("bundle")
             return Info(name=name, version="0.1.0", device="cuda",
                         gpu_name="Totally Real GPU", models=["tiny"], model_loaded="tiny",
                         capabilities=caps, upscalers=["lanczos"],
@@ -182,6 +184,26 @@ class FakeWorker(LoopbackServer):
                         yield b"x" * 65536
                 return StreamingResponse(endless(), media_type="application/json")
             return st
+
+        @app.get("/v1/jobs/{job_id}/images")
+        async def bundle(job_id: str) -> Response:
+            job = fake.jobs.get(job_id)
+            if job is None:
+                return JSONResponse({"detail": "no such job"}, status_code=404)
+            seeds = list(job["seeds"])
+            pngs = [_png(seed=s) for s in seeds]
+            m = fake.mode
+            if m == "bundle_short":
+                pngs = pngs[:-1]
+            elif m == "bundle_jpeg":
+                pngs[0] = _jpeg()
+            elif m == "bundle_wrong_seeds":
+                seeds = [s + 1 for s in seeds]
+            body = b"".join(len(p).to_bytes(4, "big") + p for p in pngs)
+            if m == "bundle_overlong":  # a frame that says it is far longer than the body
+                body = (1 << 30).to_bytes(4, "big") + body[4:]
+            return Response(body, media_type="application/x-colabswarm-pngs",
+                            headers={"x-seeds": ",".join(map(str, seeds))})
 
         @app.get("/v1/jobs/{job_id}/images/{index}")
         async def image(job_id: str, index: int) -> Response:
@@ -252,6 +274,10 @@ MISBEHAVIOURS = {
     "infinite_run": "malformed JobStatus",
     "huge_run": "reported running",
     "huge_status": "sent over",
+    "bundle_short": "images for",
+    "bundle_jpeg": "format JPEG",
+    "bundle_wrong_seeds": "images of seeds",
+    "bundle_overlong": "with an image of",
     "forever": None,  # looks busy, never finishes: a copy on the honest worker wins
 }
 
@@ -309,6 +335,7 @@ async def test_the_client_names_a_lie_as_misbehaviour(mode):
     fake = FakeWorker(mode).start()
     try:
         async with WorkerClient(fake.share) as client:
+            await client.info()  # as a controller does: learns whether it sends bundles
             with pytest.raises(WorkerMisbehaved, match=re.escape(MISBEHAVIOURS[mode])):
                 await client.run(JobRequest(width=SIZE, height=SIZE, steps=2, seeds=[1, 2]),
                                  timeout=20)

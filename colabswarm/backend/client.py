@@ -162,6 +162,8 @@ class WorkerClient:
         self._headers = {"Authorization": f"Bearer {self.token}", "Accept-Encoding": "identity",
                          **SKIP_NGROK_WARNING}
         self._session: aiohttp.ClientSession | None = None
+        # what the worker said it can do, from its last /v1/info (empty until asked)
+        self.capabilities: frozenset[str] = frozenset()
 
     def _http(self) -> aiohttp.ClientSession:
         """The connection pool, made on first use inside the caller's event loop. aiohttp, not
@@ -281,7 +283,9 @@ class WorkerClient:
 
     # ----- the API ---------------------------------------------------------------------------
     async def info(self) -> Info:
-        return self._model(Info, await self._request("GET", "/info", cap=_INFO_CAP))
+        info = self._model(Info, await self._request("GET", "/info", cap=_INFO_CAP))
+        self.capabilities = frozenset(info.capabilities)
+        return info
 
     async def upload(self, png: bytes) -> UploadResult:
         answer = await self._request(
@@ -336,6 +340,48 @@ class WorkerClient:
                 f"{seed}.")
         # checked and decoded on a thread: the controller's loop serves every worker meanwhile
         return await asyncio.to_thread(self._decode, answer.body, size)
+
+    async def images(self, job_id: str, size: tuple[int, int], seeds: list[int],
+                     ) -> list[Image.Image]:
+        """Every image of a job in one answer (a worker with the 'bundle' capability), each
+        checked as `image` checks one."""
+        if not 0 < size[0] * size[1] <= _MAX_RESULT_PIXELS:
+            raise WorkerMisbehaved(f"{self.name} announced an image of {size[0]}x{size[1]}.")
+        one = min(_MAX_IMAGE_BYTES, size[0] * size[1] * 8 + (1 << 20))
+        cap = min(len(seeds) * (one + 4), 4 * _MAX_IMAGE_BYTES)
+        try:
+            answer = await self._request("GET", f"/jobs/{job_id}/images", cap=cap)
+        except (WorkerMisbehaved, AuthError):
+            raise
+        except ColabSwarmError as exc:  # it said the images were ready: now it is away
+            raise BackendUnavailable(
+                f"The image download failed ({exc}). Is the worker still running and, if it "
+                "has one, its tunnel open?"
+            ) from None
+        given = answer.headers.get("x-seeds")
+        if given is not None and given != ",".join(str(s) for s in seeds):
+            raise WorkerMisbehaved(
+                f"{self.name} sent the images of seeds {clean_text(given, 60)!r} for seeds "
+                f"{seeds[:8]}.")
+        return await asyncio.to_thread(self._decode_bundle, answer.body, size, len(seeds), one)
+
+    def _decode_bundle(self, data: bytes, size: tuple[int, int], count: int,
+                       cap: int) -> list[Image.Image]:
+        out, pos = [], 0
+        while pos < len(data):
+            if len(data) - pos < 4:
+                raise WorkerMisbehaved(f"{self.name} sent a cut bundle of images.")
+            n = int.from_bytes(data[pos:pos + 4], "big")
+            if n > cap or pos + 4 + n > len(data):
+                raise WorkerMisbehaved(f"{self.name} sent a bundle with an image of {n} bytes "
+                                       f"(at most {cap}, {len(data) - pos - 4} left).")
+            out.append(self._decode(data[pos + 4:pos + 4 + n], size))
+            pos += 4 + n
+            if len(out) > count:
+                break
+        if len(out) != count:
+            raise WorkerMisbehaved(f"{self.name} sent {len(out)} images for {count} seeds.")
+        return out
 
     def _decode(self, data: bytes, size: tuple[int, int]) -> Image.Image:
         try:
@@ -468,8 +514,11 @@ class WorkerClient:
             )
         if req.kind == "upscale" and not init_pngs:
             expected = (status.width, status.height)
-        images = await _all([lambda i=i, seed=seed: self.image(job_id, i, expected, seed)
-                             for i, seed in enumerate(req.seeds)], _PARALLEL_DOWNLOADS)
+        if "bundle" in self.capabilities:  # one request for all of them
+            images = await self.images(job_id, expected, list(req.seeds))
+        else:
+            images = await _all([lambda i=i, seed=seed: self.image(job_id, i, expected, seed)
+                                 for i, seed in enumerate(req.seeds)], _PARALLEL_DOWNLOADS)
         if on_progress:
             maybe = on_progress(status)
             if asyncio.iscoroutine(maybe):

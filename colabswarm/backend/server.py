@@ -39,6 +39,7 @@ from ..crops import fits_edge_rule
 from ..errors import Busy, ColabSwarmError, ErrorKind, InvalidRequest, ModelNotAvailable
 from ..protocol import (
     API_PREFIX,
+    BUNDLE_TYPE,
     KIND_OF_STATUS,
     STATUS_OF_KIND,
     ErrorDetail,
@@ -242,7 +243,7 @@ class WorkerApp:
             gpu_memory_free=dev.get("gpu_memory_free"),
             models=self.engine.model_names,
             model_loaded=self.engine.loaded_model,
-            capabilities=["txt2img", "img2img", "upscale", "tiles"],
+            capabilities=["txt2img", "img2img", "upscale", "tiles", "bundle"],
             upscalers=self.engine.upscaler_names(),
             upscaler_scales=self.engine.upscaler_scales(),
             limits=self.limits,
@@ -545,6 +546,32 @@ def create_app(worker: WorkerApp) -> Any:
         if wait <= 0:
             return worker.jobs.status(job)
         return await worker.jobs.wait(job, since, wait, progress_every)
+
+    @app.get(
+        f"{API_PREFIX}/jobs/{{job_id}}/images",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Every image of the job in one answer (one request instead of "
+                "one per image): for each, a 4-byte big-endian length, then that many bytes of "
+                "PNG; the header x-seeds holds their seeds, comma-separated, in order",
+                "content": {BUNDLE_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+                "headers": {"x-seeds": {"schema": {"type": "string",
+                                                   "pattern": "^[0-9]+(,[0-9]+)*$"}}},
+            },
+            **_errors(404, 409, 422),
+        },
+    )
+    async def job_images(job_id: str = _ID) -> Response:
+        job = _job(job_id)
+        if job.state != "done":
+            raise ColabSwarmError(f"Job {job_id} is {job.state}; images come when it is done.",
+                                  kind=ErrorKind.NOT_READY)
+        pngs = list(job.pngs)
+        return Response(
+            b"".join(len(p).to_bytes(4, "big") + p for p in pngs), media_type=BUNDLE_TYPE,
+            headers={"x-seeds": ",".join(str(s) for s in job.req.seeds[:len(pngs)])},
+        )
 
     @app.get(
         f"{API_PREFIX}/jobs/{{job_id}}/images/{{index}}",
