@@ -137,6 +137,24 @@ def _text_layers(pipe: Any) -> int:
 
 
 @contextmanager
+def _text_model_alias(pipe: Any) -> Iterator[None]:
+    """diffusers 0.42's SD pipelines reach the final layer norm for ``clip_skip`` through
+    ``text_encoder.text_model``, which transformers 5 folded into CLIPTextModel itself: for the
+    length of one call, the text encoder answers to that name too (an attribute, not a
+    submodule, so weights and module names are untouched)."""
+    enc = getattr(pipe, "text_encoder", None)
+    alias = (enc is not None and not hasattr(enc, "text_model")
+             and hasattr(enc, "final_layer_norm"))
+    if alias:
+        object.__setattr__(enc, "text_model", enc)
+    try:
+        yield
+    finally:
+        if alias:
+            enc.__dict__.pop("text_model", None)
+
+
+@contextmanager
 def _quiet_lora_loading() -> Iterator[None]:
     """diffusers, transformers and peft narrate every adapter load (a 'LOAD REPORT' listing
     the base weights as MISSING, 'no LoRA keys for the text encoder', 'multiple adapters'):
@@ -435,7 +453,7 @@ class Engine:
             on_step(0, total)
         t0 = time.perf_counter()
         with self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras):
-            with torch.inference_mode():
+            with torch.inference_mode(), _text_model_alias(pipe):
                 images = pipe(**common, callback_on_step_end=_callback).images
         self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)
         return list(images)
