@@ -52,8 +52,10 @@ SCHEDULER_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
     "Heun": ("HeunDiscreteScheduler", {}),
     "LMS": ("LMSDiscreteScheduler", {}),
     "LMS Karras": ("LMSDiscreteScheduler", _K),
-    "DDIM": ("DDIMScheduler", {}),
-    "DDPM": ("DDPMScheduler", {}),
+    # latents are not images in [-1, 1]: clipping them (these classes' default, which a model
+    # whose own config comes from another class inherits) is wrong for latent diffusion
+    "DDIM": ("DDIMScheduler", {"clip_sample": False}),
+    "DDPM": ("DDPMScheduler", {"clip_sample": False}),
     "PLMS": ("PNDMScheduler", {"skip_prk_steps": True}),
     "UniPC": ("UniPCMultistepScheduler", {}),
     "DEIS": ("DEISMultistepScheduler", {}),
@@ -61,6 +63,9 @@ SCHEDULER_TABLE: dict[str, tuple[str, dict[str, Any]]] = {
 assert tuple(SCHEDULER_TABLE) == SAMPLERS, "samplers.SAMPLERS and this table must agree"
 
 _BROWNIAN = "DPMSolverSDEScheduler"  # needs torchsde; seeds per image instead of generators
+# torchsde's Brownian interval warns when diffusers asks for a time a float's rounding below
+# its start (harmless, and on every DPM++ SDE step)
+warnings.filterwarnings("ignore", message="Should have ta>=t0", category=UserWarning)
 
 
 def _scheduler_class(name: str) -> Any | None:
