@@ -88,7 +88,7 @@ def parse_lora_tags(prompt: str) -> tuple[str, dict[str, float]]:
         parts = m.group(1).split(":")
         name = parts[0].strip()
         _check_name(name, f"In {tag!r}")
-        if len(parts) > 2 or "=" in m.group(1):
+        if len(parts) > 2 or any("=" in p for p in parts[1:]):
             raise InvalidRequest(
                 f"{tag!r} sets separate text-encoder/UNet weights, which this swarm does not "
                 f"do; write one weight, e.g. <lora:{name}:0.8>."
