@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import struct
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 from pydantic import ValidationError
 
 from colabswarm.backend.client import WorkerClient
@@ -174,6 +176,17 @@ def test_weights_apply_per_job_and_nothing_stays_active(lora_worker, lora_files)
             batch = await _one(c, _req(seeds=(3, 5), loras=[ref("alpha")]))
             assert_same_picture(batch[1], full, "seed 5 with alpha, alone vs batched")
             assert_different(batch[0], batch[1], "seeds 3 and 5 with alpha")
+            # img2img shares the UNet and text encoder: the LoRA applies there too
+            init = io.BytesIO()
+            Image.fromarray(before.astype(np.uint8)).save(init, format="PNG")
+
+            async def img2img(loras: list[LoraRef]) -> np.ndarray:
+                req = _req(kind="img2img", steps=6, strength=0.6, loras=loras)
+                return np.asarray((await c.run(req, init_pngs=[init.getvalue()]))[0], np.int16)
+
+            plain = await img2img([])
+            assert_different(await img2img([ref("alpha")]), plain, "img2img with alpha")
+            assert_identical(await img2img([]), plain, "img2img without a LoRA, again")
 
     asyncio.run(main())
 

@@ -236,8 +236,8 @@ class Engine:
             return min(MAX_CLIP_SKIP, loaded.text_layers + 1)
         src = self._sources.get(name)
         folder = None
-        if src is not None and src.kind == "tiny":
-            folder = tiny_model_dir(src.location)
+        if src is not None and src.kind == "tiny":  # its path only: never built on a request
+            folder = tiny_model_dir(src.location, build=False)
         elif src is not None and src.kind == "folder":
             folder = Path(src.location)
         layers = []

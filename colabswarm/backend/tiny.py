@@ -133,11 +133,12 @@ def _cache_root() -> Path:
     return Path(root)
 
 
-def tiny_model_dir(kind: str = "tiny", build_seed: int = 0) -> Path:
-    """The folder of a tiny model, built on first use and reused afterwards."""
+def tiny_model_dir(kind: str = "tiny", build_seed: int = 0, *, build: bool = True) -> Path:
+    """The folder of a tiny model, built on first use and reused afterwards (with
+    ``build=False`` its path only, which may not exist yet)."""
     folder = _cache_root() / f"{kind}-seed{build_seed}-f{_FORMAT}"
     marker = folder / "colabswarm-tiny.json"
-    if not marker.exists():
+    if build and not marker.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         build_tiny(folder, kind, build_seed)
     return folder
