@@ -82,6 +82,11 @@ def _serve_gpus(args: argparse.Namespace) -> int:
     extra: list[str] = ["--tunnel", args.tunnel, "--host", args.host]
     if args.simulate_speed is not None:
         extra += ["--simulate-speed", str(args.simulate_speed)]
+    for lora in args.lora or []:
+        extra += ["--lora", lora]
+    if args.loras_dir:
+        extra += ["--loras-dir", args.loras_dir]
+    extra += ["--lora-cache", str(args.lora_cache)]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
