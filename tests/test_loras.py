@@ -257,5 +257,9 @@ def test_sdxl_loras_on_unet_and_both_text_encoders(lora_worker, lora_files):
             with pytest.raises(JobFailed, match="does not fit"):
                 await c.run(xl(LoraRef(name="beta", hash=h["beta"])))
             assert_identical((await _one(c, xl()))[0], before, "SDXL after a LoRA that failed")
+            # from then on the worker refuses it up front (422), and still runs it on SD
+            with pytest.raises(InvalidRequest, match="does not fit"):
+                await c.submit(xl(LoraRef(name="beta", hash=h["beta"])))
+            await _one(c, _req(loras=[LoraRef(name="beta", hash=h["beta"])]))
 
     asyncio.run(main())

@@ -192,6 +192,8 @@ class Engine:
             raise InvalidRequest("lora_cache must be at least 1 (adapters kept loaded).")
         # found and hashed now: a bad file stops the worker at start, not at a stranger's job
         self._lora_files: dict[str, LoraFile] = find_loras(self.loras)
+        # (model, LoRA hash) pairs that failed to load: refused up front from then on
+        self._unfit: dict[tuple[str, str], str] = {}
         self._samplers = available_samplers()
         self._sources: dict[str, ModelSource] = {}
         for spec in self.models:
@@ -471,8 +473,9 @@ class Engine:
         finally:
             pipe.scheduler = own
 
-    def lora_for(self, ref: LoraRef) -> LoraFile:
-        """The file a job's LoRA names, if its hash matches; ModelNotAvailable otherwise."""
+    def lora_for(self, ref: LoraRef, model: str | None = None) -> LoraFile:
+        """The file a job's LoRA names, if its hash matches and it is not known to fail on
+        ``model`` (None: the default model); ModelNotAvailable otherwise."""
         found = self._lora_files.get(ref.name)
         if found is None:
             offered = ", ".join(sorted(self._lora_files)[:20]) or "none"
@@ -485,6 +488,9 @@ class Engine:
                 f"This worker's LoRA {ref.name!r} is a different file (hash {found.hash[:12]}, "
                 f"the job wants {ref.hash[:12]}): the job runs where that file is."
             )
+        unfit = self._unfit.get((model or self.default_model, found.hash))
+        if unfit is not None:
+            raise ModelNotAvailable(unfit)
         return found
 
     def _set_loras(self, loaded: _Loaded, refs: list[LoraRef]) -> None:
@@ -493,7 +499,7 @@ class Engine:
             if loaded.adapters:
                 pipe.disable_lora()
             return
-        files = [self.lora_for(ref) for ref in refs]
+        files = [self.lora_for(ref, loaded.name) for ref in refs]
         keep = {f.hash for f in files}
         names = [self._adapter(loaded, f, keep) for f in files]
         pipe.enable_lora()
@@ -521,11 +527,11 @@ class Engine:
                     pipe.delete_adapters(adapter)
             except Exception:  # noqa: BLE001 - the load error below is the one to report
                 log.exception("could not remove the half-loaded LoRA %s", lora.name)
-            raise InvalidRequest(
-                f"LoRA {lora.name!r} does not fit model {loaded.name!r} "
-                f"({type(exc).__name__}: {str(exc)[:300]}). Is it made for this model family "
-                "(SD 1.x, SDXL)?"
-            ) from None
+            why = (f"LoRA {lora.name!r} does not fit model {loaded.name!r} "
+                   f"({type(exc).__name__}: {str(exc)[:300]}). Is it made for this model family "
+                   "(SD 1.x, SDXL)?")
+            self._unfit[(loaded.name, lora.hash)] = why
+            raise ModelNotAvailable(why) from None
         loaded.adapters[lora.hash] = adapter
         log.info("loaded LoRA %s in %.2fs", lora.name, time.perf_counter() - t0)
         return adapter

@@ -298,7 +298,7 @@ class WorkerApp:
             if lora_for is None:
                 raise ModelNotAvailable(f"This worker offers no LoRAs (the job asks for "
                                         f"{ref.name!r}).")
-            lora_for(ref)  # ModelNotAvailable: no such LoRA, or another file of that name
+            lora_for(ref, req.model)  # ModelNotAvailable: none, another file, does not fit
         clip_max = getattr(self.engine, "clip_skip_max", None)
         limit = clip_max(req.model) if clip_max is not None else 1
         if req.clip_skip > limit:
