@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import io
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -115,6 +116,25 @@ def test_what_an_owner_may_offer(lora_files, tmp_path, caplog):
         find_loras(twice)
     with pytest.raises(InvalidRequest, match="No such"):
         find_loras(tmp_path / "missing.safetensors")
+
+
+def test_hashes_are_kept_and_redone_only_for_changed_files(lora_files, tmp_path, monkeypatch):
+    monkeypatch.setenv("COLABSWARM_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "kept.safetensors"
+    path.write_bytes(lora_files["beta"].read_bytes())
+    first = find_loras(path)["kept"].hash
+    cache = tmp_path / "cache" / "lora-hashes.json"
+    kept = json.loads(cache.read_text())
+    assert list(kept.values()) == [first]
+    # a restart reads the hash back instead of reading the file (seen here by planting one)
+    cache.write_text(json.dumps({k: "f" * 64 for k in kept}))
+    assert find_loras(path)["kept"].hash == "f" * 64
+    before = path.stat().st_mtime_ns
+    path.write_bytes(lora_files["gamma"].read_bytes())  # changed: hashed again
+    os.utime(path, ns=(before + 10**9, before + 10**9))  # whatever the clock's granularity
+    assert find_loras(path)["kept"].hash == addnet_hash(lora_files["gamma"])
+    cache.write_text("{not json")
+    assert find_loras(path)["kept"].hash == addnet_hash(lora_files["gamma"])
 
 
 def test_start_worker_refuses_a_pickled_lora(tmp_path):

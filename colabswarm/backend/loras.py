@@ -10,6 +10,10 @@ give instead.
 Only ``.safetensors`` files are read, and only their header here (no tensor is loaded until a
 job asks for the LoRA): pickle formats (.ckpt, .pt, .bin, ...) can run code when loaded and are
 refused.
+
+Hashing reads every byte (a folder of 50 LoRAs is several GB), so hashes are kept in
+``<cache>/lora-hashes.json`` by path, size and modification time, as A1111 keeps its own: a
+restarted worker rehashes only files that changed.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pathlib import Path
 
 from ..errors import InvalidRequest
 from ..protocol import LORA_NAME_PATTERN, MAX_LORA_NAME, MAX_LORAS_OFFERED
+from .tiny import cache_root
 
 __all__ = ["SHORT_HASH", "LoraFile", "addnet_hash", "find_loras"]
 
@@ -34,6 +39,9 @@ SHORT_HASH = 12  # hex digits A1111 writes in "Lora hashes"
 _PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on a header
 _NAME_RE = re.compile(LORA_NAME_PATTERN)
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+_CACHE_FILE = "lora-hashes.json"
+_CACHE_ENTRIES = 10_000
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,50 @@ def addnet_hash(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
+class _HashCache:
+    """Known hashes by (absolute path, size, mtime in ns); a file that cannot be read or
+    written just means hashing again."""
+
+    def __init__(self) -> None:
+        self.path = cache_root() / _CACHE_FILE
+        self.known: dict[str, str] = {}
+        self.changed = False
+        try:
+            data = json.loads(self.path.read_text())
+            if isinstance(data, dict):
+                self.known = {k: v for k, v in data.items()
+                              if isinstance(k, str) and isinstance(v, str) and _HASH_RE.match(v)}
+        except (OSError, ValueError):
+            pass
+
+    @staticmethod
+    def _key(path: Path) -> str:
+        st = path.stat()
+        return f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+
+    def hash(self, path: Path) -> str:
+        _header_size(path)  # a known file must still be a valid one
+        key = self._key(path)
+        found = self.known.get(key)
+        if found is None:
+            found = self.known[key] = addnet_hash(path)
+            self.changed = True
+        return found
+
+    def save(self) -> None:
+        if not self.changed:
+            return
+        entries = dict(list(self.known.items())[-_CACHE_ENTRIES:])
+        tmp = self.path.with_name(f"{_CACHE_FILE}.{os.getpid()}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps(entries))
+            os.replace(tmp, self.path)  # atomic: workers started together may race here
+        except OSError as exc:
+            log.info("could not keep LoRA hashes in %s (%s)", self.path, exc.strerror)
+            tmp.unlink(missing_ok=True)
+
+
 def _refuse_pickle(path: Path) -> None:
     raise InvalidRequest(
         f"Refusing LoRA {str(path)!r}: pickle formats (.ckpt/.pt/.bin) can run arbitrary code "
@@ -111,6 +163,7 @@ def find_loras(spec: str | os.PathLike[str] | list[str | os.PathLike[str]] | Non
         return {}
     items = [spec] if isinstance(spec, str | os.PathLike) else list(spec)
     found: dict[str, LoraFile] = {}
+    hashes = _HashCache()
 
     def add(path: Path) -> None:
         name = _check_name(path)
@@ -119,7 +172,7 @@ def find_loras(spec: str | os.PathLike[str] | list[str | os.PathLike[str]] | Non
                 f"Two LoRA files are named {name!r}: {str(found[name].path)!r} and "
                 f"{str(path)!r}. Rename one: a LoRA is asked for by its file name."
             )
-        found[name] = LoraFile(name, path, addnet_hash(path))
+        found[name] = LoraFile(name, path, hashes.hash(path))
         if len(found) > MAX_LORAS_OFFERED:
             raise InvalidRequest(
                 f"More than {MAX_LORAS_OFFERED} LoRAs: offer a smaller folder or a list of files."
@@ -149,4 +202,5 @@ def find_loras(spec: str | os.PathLike[str] | list[str | os.PathLike[str]] | Non
             raise InvalidRequest(f"No such LoRA file: {str(path)!r}.")
         else:
             add(path)
+    hashes.save()
     return found

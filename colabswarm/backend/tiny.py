@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TINY_MODELS", "build_tiny", "build_tiny_lora", "tiny_model_dir"]
+__all__ = ["TINY_MODELS", "build_tiny", "build_tiny_lora", "cache_root", "tiny_model_dir"]
 
 TINY_MODELS = ("tiny", "tiny-xl")
 _FORMAT = "3"  # bump when the configs below change, so stale caches are rebuilt
@@ -126,7 +126,8 @@ def build_tiny(folder: str | os.PathLike[str], kind: str = "tiny", build_seed: i
     return folder
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """colabswarm's cache folder: $COLABSWARM_CACHE, else $XDG_CACHE_HOME/colabswarm."""
     root = os.environ.get("COLABSWARM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "colabswarm"
     )
@@ -136,7 +137,7 @@ def _cache_root() -> Path:
 def tiny_model_dir(kind: str = "tiny", build_seed: int = 0, *, build: bool = True) -> Path:
     """The folder of a tiny model, built on first use and reused afterwards (with
     ``build=False`` its path only, which may not exist yet)."""
-    folder = _cache_root() / f"{kind}-seed{build_seed}-f{_FORMAT}"
+    folder = cache_root() / f"{kind}-seed{build_seed}-f{_FORMAT}"
     marker = folder / "colabswarm-tiny.json"
     if build and not marker.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
