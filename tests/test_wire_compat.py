@@ -89,6 +89,7 @@ def test_an_old_worker_runs_wire_json_jobs_and_refuses_new_features(worker):
         assert r.status_code == 422 and old.refused == 1
         info = httpx.get(f"{base}/info", headers=auth, timeout=30).json()
         assert info["samplers"], "a new worker advertises its samplers (an old one does not)"
+        assert {"samplers", "loras", "clip_skip"} <= set(info["capabilities"])
     finally:
         old.stop()
 
