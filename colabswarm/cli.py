@@ -49,6 +49,8 @@ def _worker(args: argparse.Namespace) -> int:
             upscalers_dir=args.upscalers_dir, simulate_speed=args.simulate_speed,
             simulate_step_seconds=args.simulate_step_seconds,
             tunnel_deadline_s=args.tunnel_deadline,
+            loras=(args.lora or []) + ([args.loras_dir] if args.loras_dir else []) or None,
+            lora_cache=args.lora_cache,
         )
     except ColabSwarmError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -88,6 +90,11 @@ def _serve_gpus(args: argparse.Namespace) -> int:
     extra: list[str] = ["--tunnel", args.tunnel, "--host", args.host]
     if args.simulate_speed is not None:
         extra += ["--simulate-speed", str(args.simulate_speed)]
+    for lora in args.lora or []:
+        extra += ["--lora", lora]
+    if args.loras_dir:
+        extra += ["--loras-dir", args.loras_dir]
+    extra += ["--lora-cache", str(args.lora_cache)]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -174,6 +181,12 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--allow-downloads", action="store_true",
                    help="let token holders ask for hub models this worker does not have")
     w.add_argument("--upscalers-dir", default=None, help="folder of ESRGAN-family upscalers")
+    w.add_argument("--lora", action="append", default=None, metavar="FILE",
+                   help="a .safetensors LoRA to offer, asked for by its file name; repeatable")
+    w.add_argument("--loras-dir", default=None, metavar="FOLDER",
+                   help="offer every .safetensors LoRA in this folder (and its subfolders)")
+    w.add_argument("--lora-cache", type=int, default=4, metavar="N",
+                   help="LoRAs kept loaded between jobs (default 4)")
     w.add_argument("--max-pixels", type=int, default=None)
     w.add_argument("--max-steps", type=int, default=None)
     from .protocol import Limits

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 import secrets
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -30,12 +30,19 @@ __all__ = [
     "ErrorDetail",
     "ErrorKind",
     "KIND_OF_STATUS",
+    "LORA_NAME_PATTERN",
+    "MAX_LORA_NAME",
+    "MAX_LORAS_OFFERED",
+    "MAX_LORAS_PER_JOB",
+    "MAX_LORA_WEIGHT",
     "STATUS_OF_KIND",
     "Info",
     "JobRequest",
     "JobState",
     "JobStatus",
     "Limits",
+    "LoraInfo",
+    "LoraRef",
     "SKIP_NGROK_WARNING",
     "TOKEN_ENV",
     "UploadResult",
@@ -63,6 +70,37 @@ _SHARE_EXAMPLE = "https://example.trycloudflare.com#token=Qx3...long-secret...9a
 
 JobState = Literal["queued", "running", "done", "failed", "interrupted"]
 JobKind = Literal["txt2img", "img2img", "upscale"]
+
+# A LoRA's name is its file stem, written as <lora:name:weight> in prompts and as "name: hash"
+# in A1111's "Lora hashes": none of ':' ',' '<' '>' quotes, slashes, control characters, and no
+# space at either end. (No look-arounds: pydantic checks patterns with Rust's regex.)
+_LORA_CHAR = r"[^\s:<>,\"\\/|\x00-\x1f\x7f]"
+_LORA_INNER = r"[^:<>,\"\\/|\x00-\x1f\x7f]"
+LORA_NAME_PATTERN = rf"^{_LORA_CHAR}(?:{_LORA_INNER}*{_LORA_CHAR})?$"
+MAX_LORA_NAME = 128
+MAX_LORA_WEIGHT = 4.0  # A1111 accepts any number; past +-4 a LoRA only burns the image
+MAX_LORAS_PER_JOB = 8
+MAX_LORAS_OFFERED = 2000  # what one worker may advertise in /v1/info
+
+
+class LoraRef(BaseModel):
+    """One LoRA a job asks for: by name, with its weight, and the content hash the controller
+    expects (the worker refuses the job if its file of that name has another hash, so two
+    workers with different files of one name never mix). The hash is the full 64 hex digits
+    from /v1/info, or at least the 12 that A1111 writes in "Lora hashes"."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=MAX_LORA_NAME, pattern=LORA_NAME_PATTERN)
+    weight: float = Field(1.0, ge=-MAX_LORA_WEIGHT, le=MAX_LORA_WEIGHT, allow_inf_nan=False)
+    hash: str = Field(pattern=r"^[0-9a-f]{12,64}$")
+
+
+class LoraInfo(BaseModel):
+    """A LoRA a worker offers: its name and the SHA-256 of its tensor data (A1111's hash)."""
+
+    name: str = Field(min_length=1, max_length=MAX_LORA_NAME, pattern=LORA_NAME_PATTERN)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
 # What a worker sends is bounded where it is parsed: no infinities or NaNs (one infinite run
@@ -131,11 +169,47 @@ class JobRequest(BaseModel):
         "worker from the one shared init image after `upscaler` x `scale`; each box is width x "
         "height and may pass the right/bottom edge by < 8 px (edge pixels repeat)",
     )
+    sampler: str | None = Field(
+        None, min_length=1, max_length=64,
+        description="an A1111 sampler name such as 'DPM++ 2M Karras' (see Info.samplers); "
+        "None: the worker's default, Euler",
+    )
+    loras: list[LoraRef] = Field(
+        default_factory=list, max_length=MAX_LORAS_PER_JOB,
+        description="LoRAs by name, weight and content hash (see Info.loras), each at most once",
+    )
+    clip_skip: int = Field(
+        1, ge=1, le=12,
+        description="A1111's 'Clip skip': 1 = the text encoder's last layer, 2 = the one before",
+    )
+
+    # Fields added after the first /v1 workers, which answer 422 to any field they do not
+    # know: wire_json() leaves each out while it has its default value. Add every new
+    # JobRequest field here.
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("crops", "sampler", "loras", "clip_skip")
+
+    @field_validator("loras")
+    @classmethod
+    def _each_lora_once(cls, loras: list[LoraRef]) -> list[LoraRef]:
+        names = [lo.name for lo in loras]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"LoRA {twice[0]!r} is listed twice; give each LoRA once")
+        return loras
+
+    def wire_json(self) -> str:
+        """The JSON body for POST /v1/jobs that workers of every /v1 version accept: fields in
+        ADDED_FIELDS are left out while they have their default value."""
+        fields = type(self).model_fields
+        skip = {name for name in self.ADDED_FIELDS
+                if getattr(self, name) == fields[name].get_default(call_default_factory=True)}
+        return self.model_dump_json(exclude=skip)
 
     def param_key(self) -> tuple:
         """Jobs with equal keys can share one pipeline call: all but seeds, init images and
-        tile boxes."""
-        d = self.model_dump(exclude={"seeds", "init_images", "crops"})
+        tile boxes (hashable: LoRAs become (name, weight, hash) tuples, in the job's order)."""
+        d = self.model_dump(exclude={"seeds", "init_images", "crops", "loras"})
+        d["loras"] = tuple((lo.name, lo.weight, lo.hash) for lo in self.loras)
         return tuple(sorted(d.items()))
 
 
@@ -171,6 +245,9 @@ class JobStatus(BaseModel):
     version: int = Field(0, ge=0)
     width: int = Field(0, ge=0, le=65536)
     height: int = Field(0, ge=0, le=65536)
+    sampler: str | None = Field(
+        None, max_length=64, description="the sampler the worker runs the job with"
+    )
 
     @field_validator("error")
     @classmethod
@@ -307,6 +384,22 @@ class Info(BaseModel):
     )
     compile: CompileInfo | None = None
     simulated: bool = False
+    samplers: list[str] = Field(
+        default_factory=list, max_length=64,
+        description="sampler names this worker runs (empty from workers before samplers: "
+        "those run Euler only)",
+    )
+    loras: list[LoraInfo] = Field(
+        default_factory=list, max_length=MAX_LORAS_OFFERED,
+        description="LoRAs this worker offers, by name and content hash",
+    )
+
+    @field_validator("samplers")
+    @classmethod
+    def _short_names(cls, names: list[str]) -> list[str]:
+        if any(not 0 < len(n) <= 64 for n in names):
+            raise ValueError("sampler names are 1-64 characters")
+        return names
 
     @field_validator("state_detail")
     @classmethod

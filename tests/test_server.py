@@ -140,7 +140,7 @@ def strict_worker():
         ({"kind": "img2img"}, ["init_images", "POST /v1/uploads"]),
         ({"kind": "img2img", "init_images": ["00000000deadbeef"]}, ["upload"]),
         ({"strength": 1.5}, ["strength"]),
-        ({"sampler": "dpm"}, ["sampler", "Extra inputs"]),
+        ({"scheduler": "dpm"}, ["scheduler", "Extra inputs"]),  # not a field: refused
     ],
 )
 def test_each_limit_has_a_clear_4xx(strict_worker, body, words):

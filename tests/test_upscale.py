@@ -8,6 +8,7 @@ from PIL import Image
 
 from colabswarm.errors import InvalidRequest
 from colabswarm.swarm import Swarm, read_parameters
+from colabswarm.swarm.outputs import parse_parameters
 from tests.imagecheck import assert_same_picture
 
 
@@ -45,7 +46,8 @@ def test_4x_with_denoise_0_equals_the_plain_upscale_and_uses_every_worker(tmp_pa
         assert [d for d, _ in progress] == list(range(1, 26)), "progress counts tiles"
         assert set(r.backends) == {"u0", "u1", "u2"}, "tiles ran on every worker"
         assert max(n for _, n, *_ in s.trace) > 1, "equal-size tiles were batched"
-        assert "Upscale: lanczos x4" in read_parameters(r.path)
+        # A1111 quotes a value with commas: read it back by A1111's rules
+        assert parse_parameters(read_parameters(r.path))["Upscale"].startswith("lanczos x4, ")
     finally:
         s.close()
 

@@ -302,7 +302,7 @@ class WorkerClient:
     async def submit(self, req: JobRequest) -> JobStatus:
         # fields added since the first /v1 workers go out only when used: those workers
         # refuse unknown fields, and still serve every job that does not need them
-        body = req.model_dump_json(exclude=set() if req.crops else {"crops"})
+        body = req.wire_json()
         answer = await self._request("POST", "/jobs", data=body.encode(),
                                      headers={"content-type": "application/json"})
         return self._model(JobStatus, answer)

@@ -1,22 +1,31 @@
-"""Diffusers pipelines on one device: load, txt2img, img2img, upscale, interrupt, free memory.
+"""Diffusers pipelines on one device: load, txt2img, img2img, upscale, interrupt, free memory;
+per job a sampler, LoRAs and clip skip.
 
 The engine is synchronous and single-threaded on purpose: one GPU runs one pipeline call at a
 time, and the server's job thread owns it. Several images of one job run as one batched call
 with one generator per image, so the image for seed s is the same picture alone or inside a
 batch: exactly the same at the same batch size, up to kernel rounding across batch sizes
 (docs/ARCHITECTURE.md, "Same seed, same image").
+
+Nothing of one job stays on the pipeline for the next: each job runs with its own copy of its
+sampler's scheduler (the model's own one is put back after), and LoRAs are switched per job on
+a small LRU of loaded adapters; a job without LoRAs runs with every adapter disabled, which is
+the pipeline's computation from before any LoRA was loaded.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import logging
 import os
 import threading
 import time
+import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +34,10 @@ from PIL import Image
 
 from ..crops import crop_edge
 from ..errors import InvalidRequest, JobInterrupted, ModelNotAvailable
-from ..protocol import JobRequest
+from ..protocol import JobRequest, LoraRef
+from ..samplers import MAX_CLIP_SKIP, diffusers_clip_skip
+from .loras import LoraFile, find_loras
+from .schedulers import SchedulerBank, available_samplers
 from .tiny import TINY_MODELS, tiny_model_dir
 
 __all__ = ["Engine", "Interrupted", "ModelSource", "resolve_model"]
@@ -111,6 +123,55 @@ class _Loaded:
     name: str
     txt2img: Any
     img2img: Any
+    schedulers: SchedulerBank
+    sdxl: bool
+    text_layers: int  # layers of the shallowest text encoder
+    # LoRA content hash -> adapter name, least recently used first
+    adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
+
+
+def _text_layers(pipe: Any) -> int:
+    encoders = (getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
+    layers = [int(enc.config.num_hidden_layers) for enc in encoders if enc is not None]
+    return min(layers) if layers else MAX_CLIP_SKIP
+
+
+@contextmanager
+def _text_model_alias(pipe: Any) -> Iterator[None]:
+    """diffusers 0.42's SD pipelines reach the final layer norm for ``clip_skip`` through
+    ``text_encoder.text_model``, which transformers 5 folded into CLIPTextModel itself: for the
+    length of one call, the text encoder answers to that name too (an attribute, not a
+    submodule, so weights and module names are untouched)."""
+    enc = getattr(pipe, "text_encoder", None)
+    alias = (enc is not None and not hasattr(enc, "text_model")
+             and hasattr(enc, "final_layer_norm"))
+    if alias:
+        object.__setattr__(enc, "text_model", enc)
+    try:
+        yield
+    finally:
+        if alias:
+            enc.__dict__.pop("text_model", None)
+
+
+@contextmanager
+def _quiet_lora_loading() -> Iterator[None]:
+    """diffusers, transformers and peft narrate every adapter load (a 'LOAD REPORT' listing
+    the base weights as MISSING, 'no LoRA keys for the text encoder', 'multiple adapters'):
+    all expected here, and alarming in an owner's log."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    d_level, t_level = dlog.get_verbosity(), tlog.get_verbosity()
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        dlog.set_verbosity(d_level)
+        tlog.set_verbosity(t_level)
 
 
 @dataclass
@@ -123,8 +184,17 @@ class Engine:
     device_map: str | None = None
     upscalers_dir: str | None = None
     warmup: bool = True
+    loras: list[str] | str | None = None
+    lora_cache: int = 4
 
     def __post_init__(self) -> None:
+        if self.lora_cache < 1:
+            raise InvalidRequest("lora_cache must be at least 1 (adapters kept loaded).")
+        # found and hashed now: a bad file stops the worker at start, not at a stranger's job
+        self._lora_files: dict[str, LoraFile] = find_loras(self.loras)
+        # (model, LoRA hash) pairs that failed to load: refused up front from then on
+        self._unfit: dict[tuple[str, str], str] = {}
+        self._samplers = available_samplers()
         self._sources: dict[str, ModelSource] = {}
         for spec in self.models:
             src = resolve_model(spec)
@@ -149,6 +219,38 @@ class Engine:
     @property
     def loaded_model(self) -> str | None:
         return self._loaded.name if self._loaded else None
+
+    def sampler_names(self) -> list[str]:
+        """The A1111 sampler names this worker runs."""
+        return list(self._samplers)
+
+    @property
+    def lora_files(self) -> dict[str, LoraFile]:
+        """The owner's LoRAs by name (each with its content hash)."""
+        return dict(self._lora_files)
+
+    def clip_skip_max(self, model: str | None = None) -> int:
+        """The largest clip skip a model takes: one per layer of its text encoder(s) and one
+        more for the token embeddings (12 at most; 12 where it cannot be known unloaded)."""
+        loaded = self._loaded
+        name = model or self.default_model
+        if loaded is not None and loaded.name == name:
+            return min(MAX_CLIP_SKIP, loaded.text_layers + 1)
+        src = self._sources.get(name)
+        folder = None
+        if src is not None and src.kind == "tiny":  # its path only: never built on a request
+            folder = tiny_model_dir(src.location, build=False)
+        elif src is not None and src.kind == "folder":
+            folder = Path(src.location)
+        layers = []
+        for enc in ("text_encoder", "text_encoder_2"):
+            try:
+                cfg = json.loads(((folder or Path("/nonexistent")) / enc / "config.json")
+                                 .read_text())
+                layers.append(int(cfg["num_hidden_layers"]))
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+        return min(MAX_CLIP_SKIP, min(layers) + 1) if layers else MAX_CLIP_SKIP
 
     def upscaler_names(self) -> list[str]:
         from .upscalers import available_upscalers
@@ -211,7 +313,11 @@ class Engine:
             img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
             for p in (txt2img, img2img):
                 p.set_progress_bar_config(disable=True)
-            self._loaded = _Loaded(src.name, txt2img, img2img)
+            self._loaded = _Loaded(
+                src.name, txt2img, img2img, SchedulerBank(txt2img.scheduler.config),
+                sdxl=getattr(txt2img, "text_encoder_2", None) is not None,
+                text_layers=_text_layers(txt2img),
+            )
             self.step_seconds_per_mpix = None
             if self.warmup:
                 self._warm_up(txt2img)
@@ -324,7 +430,13 @@ class Engine:
         import torch
 
         self.load(req.model)
-        assert self._loaded is not None
+        loaded = self._loaded
+        assert loaded is not None
+        if req.clip_skip > min(MAX_CLIP_SKIP, loaded.text_layers + 1):
+            raise InvalidRequest(
+                f"clip skip {req.clip_skip} is more than model {loaded.name!r} has layers for "
+                f"(at most {min(MAX_CLIP_SKIP, loaded.text_layers + 1)})."
+            )
         gens = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
         common: dict[str, Any] = dict(
             prompt=req.prompt,
@@ -333,6 +445,7 @@ class Engine:
             guidance_scale=req.cfg,
             num_images_per_prompt=n,
             generator=gens,
+            clip_skip=diffusers_clip_skip(req.clip_skip, loaded.sdxl),
         )
         if req.kind == "img2img":
             size = (req.width, req.height)
@@ -345,17 +458,24 @@ class Engine:
                 if on_step:
                     on_step(0, 0)
                 return [im.copy() for im in inits]
-            pipe = self._loaded.img2img
+            pipe = loaded.img2img
             total = int(req.steps * req.strength)
             common.update(image=inits, strength=req.strength)
         else:
-            pipe = self._loaded.txt2img
+            pipe = loaded.txt2img
             total = req.steps
             common.update(width=req.width, height=req.height)
+        scheduler = loaded.schedulers.for_job(req.sampler, req.seeds)
+        # second-order samplers call back twice per step: progress counts pipeline iterations
+        order = int(getattr(scheduler, "order", 1))
+        total = max(total * order - (order - 1), 0)
+        calls = 0
 
         def _callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict:
+            nonlocal calls
+            calls += 1
             if on_step:
-                on_step(step + 1, total)
+                on_step(step + 1, max(int(getattr(p, "num_timesteps", total) or total), step + 1))
             if should_stop and should_stop():
                 raise Interrupted()
             return kwargs
@@ -365,10 +485,87 @@ class Engine:
         if on_step:
             on_step(0, total)
         t0 = time.perf_counter()
-        with self._lock, torch.inference_mode():
-            images = pipe(**common, callback_on_step_end=_callback).images
-        self._note_speed(time.perf_counter() - t0, total * n * req.width * req.height / 1e6)
+        with self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras):
+            with torch.inference_mode(), _text_model_alias(pipe):
+                images = pipe(**common, callback_on_step_end=_callback).images
+        self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)
         return list(images)
+
+    # ----- per-job sampler and LoRAs -----------------------------------------------------
+    @contextmanager
+    def _job_pipeline(self, loaded: _Loaded, pipe: Any, scheduler: Any,
+                      loras: list[LoraRef]) -> Iterator[None]:
+        """The pipeline with this job's scheduler and LoRAs; its own scheduler is back after."""
+        self._set_loras(loaded, loras)
+        own = pipe.scheduler
+        pipe.scheduler = scheduler
+        try:
+            yield
+        finally:
+            pipe.scheduler = own
+
+    def lora_for(self, ref: LoraRef, model: str | None = None) -> LoraFile:
+        """The file a job's LoRA names, if its hash matches and it is not known to fail on
+        ``model`` (None: the default model); ModelNotAvailable otherwise."""
+        found = self._lora_files.get(ref.name)
+        if found is None:
+            offered = ", ".join(sorted(self._lora_files)[:20]) or "none"
+            raise ModelNotAvailable(
+                f"This worker has no LoRA {ref.name!r} (it offers: {offered}). Its owner adds "
+                "LoRAs when starting it (--lora FILE or --loras-dir FOLDER)."
+            )
+        if not found.matches(ref.hash):
+            raise ModelNotAvailable(
+                f"This worker's LoRA {ref.name!r} is a different file (hash {found.hash[:12]}, "
+                f"the job wants {ref.hash[:12]}): the job runs where that file is."
+            )
+        unfit = self._unfit.get((model or self.default_model, found.hash))
+        if unfit is not None:
+            raise ModelNotAvailable(unfit)
+        return found
+
+    def _set_loras(self, loaded: _Loaded, refs: list[LoraRef]) -> None:
+        pipe = loaded.txt2img  # img2img shares the UNet and text encoders (from_pipe)
+        if not refs:
+            if loaded.adapters:
+                pipe.disable_lora()
+            return
+        files = [self.lora_for(ref, loaded.name) for ref in refs]
+        keep = {f.hash for f in files}
+        names = [self._adapter(loaded, f, keep) for f in files]
+        pipe.enable_lora()
+        pipe.set_adapters(names, adapter_weights=[float(ref.weight) for ref in refs])
+
+    def _adapter(self, loaded: _Loaded, lora: LoraFile, keep: set[str]) -> str:
+        """The adapter name of a LoRA on the loaded model, loading it (and unloading the least
+        recently used ones past ``lora_cache``) if needed."""
+        pipe = loaded.txt2img
+        if lora.hash in loaded.adapters:
+            loaded.adapters.move_to_end(lora.hash)
+            return loaded.adapters[lora.hash]
+        for old in [h for h in loaded.adapters if h not in keep]:
+            if len(loaded.adapters) < self.lora_cache:
+                break
+            pipe.delete_adapters(loaded.adapters.pop(old))
+        adapter = f"lora_{lora.hash[:16]}"
+        t0 = time.perf_counter()
+        try:
+            with _quiet_lora_loading():
+                pipe.load_lora_weights(str(lora.path), adapter_name=adapter)
+        except Exception as exc:
+            try:  # a half-loaded adapter must not stay behind
+                if adapter in {a for names in pipe.get_list_adapters().values() for a in names}:
+                    pipe.delete_adapters(adapter)
+            except Exception:  # noqa: BLE001 - the load error below is the one to report
+                log.exception("could not remove the half-loaded LoRA %s", lora.name)
+            why = (f"LoRA {lora.name!r} does not fit model {loaded.name!r} "
+                   f"({type(exc).__name__}: {str(exc)[:300]}). Is it made for this model family "
+                   "(SD 1.x, SDXL)?")
+            self._unfit[(loaded.name, lora.hash)] = why
+            raise ModelNotAvailable(why) from None
+        loaded.adapters[lora.hash] = adapter
+        log.info("loaded LoRA %s in %.2fs", lora.name, time.perf_counter() - t0)
+        return adapter
 
     def _note_speed(self, seconds: float, step_mpix: float) -> None:
         if step_mpix <= 0:

@@ -137,6 +137,7 @@ class Job:
             version=self.version,
             width=self.out_size[0],
             height=self.out_size[1],
+            sampler=self.req.sampler if self.req.kind != "upscale" else None,
         )
 
 

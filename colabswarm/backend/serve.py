@@ -7,6 +7,7 @@ another, and the handle returned here is all a notebook cell needs.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -32,8 +33,13 @@ def make_engine(
     upscalers_dir: str | None = None,
     simulate_speed: float | None = None,
     simulate_step_seconds: float = 0.1,
+    loras: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
+    lora_cache: int = 4,
 ) -> Any:
-    """The real diffusers engine, or the bench-only simulator when simulate_speed is set."""
+    """The real diffusers engine, or the bench-only simulator when simulate_speed is set.
+
+    ``loras``: .safetensors LoRA files and/or folders of them (searched recursively), offered
+    by file name; ``lora_cache``: how many stay loaded between jobs."""
     models = [model] if isinstance(model, str) else list(model)
     if simulate_speed is not None:
         from .simulated import SimulatedEngine
@@ -42,9 +48,13 @@ def make_engine(
                                models=tuple(models))
     from .engine import Engine
 
+    if isinstance(loras, str | os.PathLike):
+        loras = [loras]
     return Engine(
         models=models, device=device, allow_downloads=allow_downloads,
         device_map=device_map, upscalers_dir=upscalers_dir,
+        loras=[os.fspath(p) for p in loras] if loras is not None else None,
+        lora_cache=lora_cache,
     )
 
 
@@ -161,11 +171,15 @@ def start_worker(
     ngrok_authtoken: str | None = None,
     wait_ready: bool = True,
     engine: Any = None,
+    loras: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
+    lora_cache: int = 4,
 ) -> WorkerHandle:
     """Serve a model from this process on a background thread; returns at once with a handle.
 
     The model loads in the background (the worker reports 'loading' until then); with
-    wait_ready it returns once the model is loaded or failed.
+    wait_ready it returns once the model is loaded or failed. ``loras`` lists .safetensors
+    LoRA files and/or folders of them (pickle files are refused); each is offered by its file
+    name and content hash, and ``lora_cache`` of them stay loaded between jobs.
     """
     import uvicorn
 
@@ -173,7 +187,7 @@ def start_worker(
     eng = engine or make_engine(
         model, device=device, allow_downloads=allow_downloads, device_map=device_map,
         upscalers_dir=upscalers_dir, simulate_speed=simulate_speed,
-        simulate_step_seconds=simulate_step_seconds,
+        simulate_step_seconds=simulate_step_seconds, loras=loras, lora_cache=lora_cache,
     )
     worker = WorkerApp(
         eng, token, limits, name=clean_name(name or socket.gethostname()),

@@ -47,10 +47,12 @@ from ..protocol import (
     JobRequest,
     JobStatus,
     Limits,
+    LoraInfo,
     UploadResult,
     clean_name,
     mask_token,
 )
+from ..samplers import DEFAULT_SAMPLER, canonical_sampler
 from .imagescan import scan_image
 from .jobs import JobManager, public_error
 
@@ -243,7 +245,8 @@ class WorkerApp:
             gpu_memory_free=dev.get("gpu_memory_free"),
             models=self.engine.model_names,
             model_loaded=self.engine.loaded_model,
-            capabilities=["txt2img", "img2img", "upscale", "tiles", "bundle"],
+            capabilities=["txt2img", "img2img", "upscale", "tiles", "bundle", "samplers",
+                          "loras", "clip_skip"],
             upscalers=self.engine.upscaler_names(),
             upscaler_scales=self.engine.upscaler_scales(),
             limits=self.limits,
@@ -253,7 +256,15 @@ class WorkerApp:
             results_held=held,
             step_seconds_per_mpix=self.engine.step_seconds_per_mpix,
             simulated=self.simulated,
+            samplers=self._samplers(),
+            loras=[LoraInfo(name=f.name, hash=f.hash)
+                   for f in getattr(self.engine, "lora_files", {}).values()],
         )
+
+    def _samplers(self) -> list[str]:
+        """What the engine runs (an engine that does not say runs the default only)."""
+        names = getattr(self.engine, "sampler_names", None)
+        return names() if names is not None else [DEFAULT_SAMPLER]
 
     # ----- checks ----------------------------------------------------------------------------
     def check(self, req: JobRequest) -> list[Image.Image]:
@@ -302,6 +313,8 @@ class WorkerApp:
                     f"This worker does not serve model {req.model!r}; it serves "
                     f"{self.engine.model_names}."
                 )
+        if req.kind != "upscale":
+            self._check_generation(req)
         if req.kind != "img2img" and req.crops:
             raise InvalidRequest(f"{req.kind} takes no crops; tiles are img2img jobs.")
         if req.kind == "txt2img":
@@ -334,6 +347,30 @@ class WorkerApp:
         else:
             self._check_upscale(req, image)
         return images
+
+    def _check_generation(self, req: JobRequest) -> None:
+        """Sampler, LoRAs and clip skip. The sampler becomes its canonical name (None: the
+        default), which the job's status reports."""
+        name = DEFAULT_SAMPLER if req.sampler is None else canonical_sampler(req.sampler)
+        offered = self._samplers()
+        if name not in offered:
+            raise ModelNotAvailable(
+                f"This worker does not run the sampler {name!r}; it runs {', '.join(offered)}."
+            )
+        req.sampler = name
+        lora_for = getattr(self.engine, "lora_for", None)
+        for ref in req.loras:
+            if lora_for is None:
+                raise ModelNotAvailable(f"This worker offers no LoRAs (the job asks for "
+                                        f"{ref.name!r}).")
+            lora_for(ref, req.model)  # ModelNotAvailable: none, another file, does not fit
+        clip_max = getattr(self.engine, "clip_skip_max", None)
+        limit = clip_max(req.model) if clip_max is not None else 1
+        if req.clip_skip > limit:
+            raise InvalidRequest(
+                f"clip skip {req.clip_skip} is over the {limit} that model "
+                f"{req.model or self.engine.model_names[0]!r} has text-encoder layers for."
+            )
 
     def _check_upscale(self, req: JobRequest, source: Image.Image) -> tuple[int, int]:
         """Scale, upscaler and output size of an upscale (or of a tile job's source)."""

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["TINY_MODELS", "build_tiny", "tiny_model_dir"]
+__all__ = ["TINY_MODELS", "build_tiny", "build_tiny_lora", "cache_root", "tiny_model_dir"]
 
 TINY_MODELS = ("tiny", "tiny-xl")
 _FORMAT = "3"  # bump when the configs below change, so stale caches are rebuilt
@@ -126,18 +126,97 @@ def build_tiny(folder: str | os.PathLike[str], kind: str = "tiny", build_seed: i
     return folder
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """colabswarm's cache folder: $COLABSWARM_CACHE, else $XDG_CACHE_HOME/colabswarm."""
     root = os.environ.get("COLABSWARM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "colabswarm"
     )
     return Path(root)
 
 
-def tiny_model_dir(kind: str = "tiny", build_seed: int = 0) -> Path:
-    """The folder of a tiny model, built on first use and reused afterwards."""
-    folder = _cache_root() / f"{kind}-seed{build_seed}-f{_FORMAT}"
+def tiny_model_dir(kind: str = "tiny", build_seed: int = 0, *, build: bool = True) -> Path:
+    """The folder of a tiny model, built on first use and reused afterwards (with
+    ``build=False`` its path only, which may not exist yet)."""
+    folder = cache_root() / f"{kind}-seed{build_seed}-f{_FORMAT}"
     marker = folder / "colabswarm-tiny.json"
-    if not marker.exists():
+    if build and not marker.exists():
         folder.parent.mkdir(parents=True, exist_ok=True)
         build_tiny(folder, kind, build_seed)
     return folder
+
+
+_UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+_TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _lora_pairs(model: object, targets: tuple[str, ...], rank: int, strength: float,
+                gen: object, prefix: str = "") -> list[tuple[str, object, object]]:
+    """(module name, A [rank x in], B [out x rank]) for every targeted Linear of a model."""
+    import torch
+
+    pairs = []
+    for name, module in model.named_modules():  # type: ignore[attr-defined]
+        if isinstance(module, torch.nn.Linear) and name.endswith(targets):
+            down = torch.randn(rank, module.in_features, generator=gen) / module.in_features**0.5
+            up = torch.randn(module.out_features, rank, generator=gen) * strength / rank**0.5
+            pairs.append((prefix + name, down, up))
+    return pairs
+
+
+def build_tiny_lora(
+    path: str | os.PathLike[str],
+    kind: str = "tiny",
+    seed: int = 0,
+    *,
+    rank: int = 4,
+    strength: float = 1.0,
+    text_encoder: bool = True,
+    layout: str = "peft",
+) -> Path:
+    """Write a random LoRA for a tiny model as a .safetensors file, as trainers write them.
+
+    ``layout="peft"`` is the diffusers/peft layout that diffusers' training scripts save
+    (``unet.<module>.lora_A.weight``, ``text_encoder.<module>.lora_B.weight``, and
+    ``text_encoder_2.`` for SDXL); ``layout="kohya"`` is the layout of kohya's sd-scripts, the
+    one most LoRAs shared for A1111 use (``lora_unet_<module_with_underscores>.lora_down.weight``,
+    ``.lora_up.weight``, ``.alpha``; SD 1.x only here). Text-encoder modules are named as in
+    the files people share (``text_model.encoder.layers.N...``), whatever the installed
+    transformers calls them. The weights are random (seeded), strong enough that weight 1
+    changes the tiny model's images clearly.
+    """
+    import torch
+    from diffusers import UNet2DConditionModel
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    if layout not in ("peft", "kohya"):
+        raise ValueError(f"Unknown LoRA layout {layout!r}; choose 'peft' or 'kohya'.")
+    if layout == "kohya" and kind != "tiny":
+        raise ValueError("The kohya layout is built for the SD 1.x tiny model only.")
+    folder = tiny_model_dir(kind)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet")
+    parts = [("unet", _lora_pairs(unet, _UNET_TARGETS, rank, strength, gen))]
+    if text_encoder:
+        encoders = ["text_encoder"] + (["text_encoder_2"] if kind == "tiny-xl" else [])
+        for enc in encoders:
+            model = CLIPTextModel.from_pretrained(folder / enc)
+            inner = "" if hasattr(model, "text_model") else "text_model."
+            parts.append((enc, _lora_pairs(model, _TEXT_TARGETS, rank, strength, gen, inner)))
+    tensors: dict[str, object] = {}
+    kohya_prefix = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+    for part, pairs in parts:
+        for name, down, up in pairs:
+            if layout == "peft":
+                tensors[f"{part}.{name}.lora_A.weight"] = down.contiguous()
+                tensors[f"{part}.{name}.lora_B.weight"] = up.contiguous()
+            else:
+                key = kohya_prefix[part] + name.replace(".", "_")
+                tensors[f"{key}.lora_down.weight"] = down.contiguous()
+                tensors[f"{key}.lora_up.weight"] = up.contiguous()
+                tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"ss_output_name": path.stem} if layout == "kohya" else None
+    save_file(tensors, str(path), metadata=metadata)  # type: ignore[arg-type]
+    return path
