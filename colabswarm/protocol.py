@@ -182,11 +182,17 @@ class JobRequest(BaseModel):
         1, ge=1, le=12,
         description="A1111's 'Clip skip': 1 = the text encoder's last layer, 2 = the one before",
     )
+    prompts: list[str] = Field(
+        default_factory=list, max_length=1024,
+        description="one prompt per seed (then `prompt` is ignored): images that differ only in "
+        "their prompt share one pipeline call (capability 'prompt_lists')",
+    )
 
     # Fields added after the first /v1 workers, which answer 422 to any field they do not
     # know: wire_json() leaves each out while it has its default value. Add every new
     # JobRequest field here.
-    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("crops", "sampler", "loras", "clip_skip")
+    ADDED_FIELDS: ClassVar[tuple[str, ...]] = ("crops", "sampler", "loras", "clip_skip",
+                                               "prompts")
 
     @field_validator("loras")
     @classmethod
@@ -206,9 +212,12 @@ class JobRequest(BaseModel):
         return self.model_dump_json(exclude=skip)
 
     def param_key(self) -> tuple:
-        """Jobs with equal keys can share one pipeline call: all but seeds, init images and
-        tile boxes (hashable: LoRAs become (name, weight, hash) tuples, in the job's order)."""
-        d = self.model_dump(exclude={"seeds", "init_images", "crops", "loras"})
+        """Jobs with equal keys can share one pipeline call: all but seeds, prompts, init images
+        and tile boxes (hashable: LoRAs become (name, weight, hash) tuples, in the job's order).
+        A worker runs several prompts in one call (`prompts`); one that cannot gets jobs of
+        one prompt only (the scheduler sees to it)."""
+        d = self.model_dump(exclude={"seeds", "init_images", "crops", "loras", "prompt",
+                                     "prompts"})
         d["loras"] = tuple((lo.name, lo.weight, lo.hash) for lo in self.loras)
         return tuple(sorted(d.items()))
 

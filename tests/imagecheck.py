@@ -47,3 +47,10 @@ def assert_different(a, b, what: str = "images") -> None:
     x, y = _arr(a), _arr(b)
     assert x.shape != y.shape or float(np.abs(x - y).mean()) > 4 * PIXEL_TOLERANCE, (
         f"{what} must differ clearly")
+
+
+def assert_not_same_picture(a, b, what: str = "images") -> None:
+    """More than a rounding difference (a LoRA's or a setting's effect, however small)."""
+    biggest, share = image_diff(a, b)
+    assert biggest > PIXEL_TOLERANCE or share > SHARE_TOLERANCE, (
+        f"{what} must differ by more than rounding: up to {biggest}/255 in {share:.2%}")

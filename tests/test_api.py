@@ -13,7 +13,8 @@ PAIRS = [("add", "aadd"), ("add_many", "aadd_many"), ("remove", "aremove"), ("mo
          ("set", "aset"), ("enable", "aenable"), ("disable", "adisable"),
          ("check_now", "acheck_now"), ("generate", "agenerate"), ("upscale", "aupscale"),
          ("interrupt", "ainterrupt"), ("status", "astatus"), ("status_line", "astatus_line"),
-         ("models", "amodels"), ("upscalers", "aupscalers"), ("close", "aclose")]
+         ("models", "amodels"), ("upscalers", "aupscalers"), ("close", "aclose"),
+         ("grid", "agrid")]
 
 
 def _params(fn) -> list[tuple[str, object, object]]:
@@ -27,7 +28,7 @@ def test_every_sync_call_has_an_async_twin_with_the_same_signature(sync, async_)
     assert _params(a) == _params(b)
 
 
-@pytest.mark.parametrize("name", ["generate", "upscale"])
+@pytest.mark.parametrize("name", ["generate", "upscale", "grid"])
 def test_submit_twins_match_too(name):
     assert _params(getattr(Swarm, name)) == _params(getattr(Swarm, f"submit_{name}"))
 

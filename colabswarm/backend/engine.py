@@ -438,12 +438,15 @@ class Engine:
                 f"(at most {min(MAX_CLIP_SKIP, loaded.text_layers + 1)})."
             )
         gens = [torch.Generator("cpu").manual_seed(s) for s in req.seeds]
+        # several prompts in one call: one per image (and then one negative prompt each)
+        many = bool(req.prompts)
         common: dict[str, Any] = dict(
-            prompt=req.prompt,
-            negative_prompt=req.negative_prompt or None,
+            prompt=list(req.prompts) if many else req.prompt,
+            negative_prompt=([req.negative_prompt] * n if many else req.negative_prompt)
+            if req.negative_prompt else None,
             num_inference_steps=req.steps,
             guidance_scale=req.cfg,
-            num_images_per_prompt=n,
+            num_images_per_prompt=1 if many else n,
             generator=gens,
             clip_skip=diffusers_clip_skip(req.clip_skip, loaded.sdxl),
         )

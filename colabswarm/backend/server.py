@@ -246,7 +246,7 @@ class WorkerApp:
             models=self.engine.model_names,
             model_loaded=self.engine.loaded_model,
             capabilities=["txt2img", "img2img", "upscale", "tiles", "bundle", "samplers",
-                          "loras", "clip_skip"],
+                          "loras", "clip_skip", "prompt_lists"],
             upscalers=self.engine.upscaler_names(),
             upscaler_scales=self.engine.upscaler_scales(),
             limits=self.limits,
@@ -297,9 +297,14 @@ class WorkerApp:
             )
         if any(not 0 <= s <= 2**63 - 1 for s in req.seeds):
             raise InvalidRequest("Seeds must be between 0 and 2**63-1.")
-        if max(len(req.prompt), len(req.negative_prompt)) > lim.max_prompt_chars:
+        if req.prompts and len(req.prompts) != len(req.seeds):
+            raise InvalidRequest(
+                f"prompts needs one prompt per seed: {len(req.seeds)} seeds, "
+                f"{len(req.prompts)} prompts (or leave it out and use prompt).")
+        if max(len(p) for p in (req.prompt, req.negative_prompt, *req.prompts)) \
+                > lim.max_prompt_chars:
             raise InvalidRequest(f"Prompts are limited to {lim.max_prompt_chars} characters.")
-        for text in (req.prompt, req.negative_prompt):
+        for text in (req.prompt, req.negative_prompt, *req.prompts):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:

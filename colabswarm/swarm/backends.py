@@ -17,6 +17,7 @@ from typing import Any
 
 from ..errors import ErrorKind
 from ..protocol import Info, JobRequest
+from ..samplers import DEFAULT_SAMPLER
 from .speed import SpeedModel
 
 DEFAULT_LOAD_SECONDS = 15.0  # switching models, until a worker has measured it
@@ -193,6 +194,17 @@ class Backend:
                 return Why(f"{req.steps} steps is over its {lim.max_steps}")
         if req.upscaler and req.upscaler not in info.upscalers:
             return Why(f"does not have upscaler {req.upscaler!r}", kind=missing)
+        if req.sampler not in (None, DEFAULT_SAMPLER) and req.sampler not in info.samplers:
+            return Why(f"does not run sampler {req.sampler!r}"
+                       + ("" if info.samplers else " (update colabswarm on that worker)"),
+                       kind=missing)
+        for lo in req.loras:
+            if not any(have.name == lo.name and have.hash.startswith(lo.hash.lower())
+                       for have in info.loras):
+                return Why(f"does not have LoRA {lo.name!r} with hash {lo.hash[:12]}",
+                           kind=missing)
+        if req.clip_skip > 1 and "clip_skip" not in info.capabilities:
+            return Why("cannot do clip skip (update colabswarm on that worker)")
         if req.kind == "img2img" and req.upscaler and "tiles" not in info.capabilities:
             return Why("cannot cut tiles itself (update colabswarm on that worker)")
         return None

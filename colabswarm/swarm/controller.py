@@ -25,7 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from PIL import Image
+
 from ..backend.client import WorkerClient
+from ..backend.png import encode_png
 from ..errors import (
     AuthError,
     BackendUnavailable,
@@ -34,10 +37,22 @@ from ..errors import (
     ErrorKind,
     InvalidRequest,
     JobInterrupted,
+    ModelNotAvailable,
     WorkerMisbehaved,
 )
-from ..protocol import MAX_SEED, Info, JobRequest, clean_text, decode_share, make_request
+from ..prompts import split_prompt
+from ..protocol import (
+    MAX_SEED,
+    Info,
+    JobRequest,
+    LoraRef,
+    clean_text,
+    decode_share,
+    make_request,
+)
+from ..samplers import canonical_sampler
 from .backends import Backend
+from .grid import apply_axis, cell_count, compose_grid, parse_axis
 from .outputs import GeneratedImage, save_image
 from .state import (
     BackendAdded,
@@ -65,9 +80,9 @@ from .state import (
     SwarmState,
     Tick,
 )
-from .upscale import UpscaleResult, check_upscale_params, run_upscale
+from .upscale import UpscaleResult, as_image, check_upscale_params, run_upscale
 
-__all__ = ["GenerationResult", "Swarm", "SwarmStatus", "format_duration"]
+__all__ = ["GenerationResult", "GridResult", "Swarm", "SwarmStatus", "format_duration"]
 
 log = logging.getLogger("colabswarm.swarm")
 T = TypeVar("T")
@@ -131,6 +146,35 @@ class _Run:
     save: bool
     started: float = field(default_factory=time.monotonic)
     results: dict[int, GeneratedImage] = field(default_factory=dict)
+    item_params: list[dict[str, Any]] | None = None  # each image's own (prompt lists, grids)
+
+
+@dataclass
+class _Generation:
+    """A checked request, before the LoRA hashes are chosen on the swarm's loop."""
+
+    kind: str
+    split: list[tuple[str, dict[str, float]]]  # per prompt: the text, its LoRA weights
+    seeds: list[list[int]]  # per prompt
+    base: dict[str, Any]  # the other JobRequest fields
+    init_png: bytes | None
+    images: int
+    seed: int
+
+
+@dataclass
+class GridResult:
+    """An X/Y grid: the labelled image, and the cells row by row (each a GeneratedImage)."""
+
+    image: Image.Image
+    cells: list[list[GeneratedImage]]
+    x: Any
+    y: Any
+    seconds: float
+    path: Path | None = None
+
+    def _repr_png_(self) -> bytes:
+        return encode_png(self.image.convert("RGB"))
 
 
 class Swarm:
@@ -347,10 +391,13 @@ class Swarm:
         run = self._runs.get(d.run_id)
         if run is None:
             return
+        params = run.item_params[d.index] if run.item_params else run.params
+        if params.get("model") is None and "model" in params:  # say which model made it
+            params = {**params, "model": self._default_model(d.backend)}
         g = GeneratedImage(image=d.result, seed=d.seed, backend=d.backend, index=d.index,
-                           seconds=d.seconds, params=run.params)
+                           seconds=d.seconds, params=params)
         run.results[d.index] = g
-        if run.save and self.output_dir is not None and run.kind == "generate":
+        if run.save and self.output_dir is not None and run.kind in ("generate", "grid"):
             try:
                 save_image(g, self.output_dir)
             except OSError as exc:
@@ -361,6 +408,13 @@ class Swarm:
             except Exception:
                 log.exception("on_image callback failed")
         self._emit(type="image", run=run.id, image=g, done=len(run.results), total=run.total)
+
+    def _default_model(self, backend: str) -> str | None:
+        try:
+            info = self._state.backend(backend).info
+        except KeyError:
+            return None
+        return (info.model_loaded or (info.models[0] if info.models else None)) if info else None
 
     def _finish_run(self, rid: int, error: ColabSwarmError | None) -> None:
         run = self._runs.pop(rid, None)
@@ -536,20 +590,26 @@ class Swarm:
     def _start_run(self, kind: str, template: JobRequest, seeds: list[int],
                    params: dict[str, Any], on_image: Any, save: bool,
                    init_pngs: list[bytes | None] | None = None,
-                   crops: list[tuple[int, int, int, int]] | None = None
+                   crops: list[tuple[int, int, int, int]] | None = None, *,
+                   templates: list[JobRequest] | None = None,
+                   item_params: list[dict[str, Any]] | None = None,
                    ) -> tuple[int, asyncio.Future]:
-        """Queue a run's items; on the swarm's loop. Returns its id and a future of its
-        result."""
+        """Queue a run's items (all of `template`, or one template each); on the swarm's
+        loop. Returns its id and a future of its result."""
         if self._closed:
             raise ColabSwarmError("This swarm is closed; make a new Swarm().")
         rid = next(self._run_ids)
-        run = _Run(rid, kind, len(seeds), params, self._loop.create_future(), on_image, save)
+        run = _Run(rid, kind, len(seeds), params, self._loop.create_future(), on_image, save,
+                   item_params=item_params)
         self._runs[rid] = run
         self._emit(type="run", run=rid, kind=kind, total=len(seeds), done=0, finished=False,
                    error=None)
+        if init_pngs is not None and len(init_pngs) == 1 and len(seeds) > 1:
+            init_pngs = init_pngs * len(seeds)  # one image shared by every seed
         self._feed(NewRun(rid, kind, template, tuple(seeds), time.monotonic(),
                           tuple(init_pngs) if init_pngs else None,
-                          tuple(crops) if crops else None))
+                          tuple(crops) if crops else None,
+                          tuple(templates) if templates else None))
         return rid, run.future
 
     async def arun_items(self, kind: str, template: JobRequest, seeds: list[int],
@@ -571,65 +631,161 @@ class Swarm:
 
         return await self._acall(start())
 
-    def _generation(self, prompt: str, images: int, seed: int | None, negative_prompt: str,
-                    width: int, height: int, steps: int, cfg: float, model: str | None,
-                    ) -> tuple[JobRequest, list[int], dict[str, Any]]:
+    def _generation(self, prompt: str | None, prompts: list[str] | None, images: int,
+                    seed: int | None, negative_prompt: str, width: int, height: int,
+                    steps: int, cfg: float, model: str | None, sampler: str | None,
+                    loras: dict[str, float] | None, clip_skip: int, init_image: Any,
+                    strength: float) -> _Generation:
+        """Check a request and turn it into what a run is made of (LoRA hashes are chosen on
+        the swarm's loop, from the backends' infos)."""
+        if prompts is not None:
+            if prompt is not None:
+                raise InvalidRequest("Give prompt or prompts, not both.")
+            if isinstance(prompts, str) or not prompts:
+                raise InvalidRequest("prompts is a non-empty list of prompts (one image set "
+                                     "each); for one prompt, use prompt=.")
+            texts = list(prompts)
+        elif prompt is None:
+            raise InvalidRequest("generate needs a prompt (or prompts=[...]).")
+        else:
+            texts = [prompt]
+        if not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("Prompts are text.")
         if not isinstance(images, int) or images < 1:
             raise InvalidRequest(f"images must be a whole number, at least 1 (got {images!r}).")
-        if images > 10000:
-            raise InvalidRequest(f"images must be at most 10000 per request (got {images}).")
+        total = images * len(texts)
+        if total > 10000:
+            raise InvalidRequest(f"At most 10000 images per request (got {total}).")
         if seed is None or seed == -1:
             seed = random.randrange(0, 2**32)
-        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - images:
-            raise InvalidRequest(f"seed must be between 0 and {MAX_SEED - images}.")
+        if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - total:
+            raise InvalidRequest(f"seed must be between 0 and {MAX_SEED - total}.")
         for side, v in (("width", width), ("height", height)):
             if isinstance(v, int) and v % 8:
                 raise InvalidRequest(f"{side} must be a multiple of 8 (got {v}); try "
                                      f"{max(8, v // 8 * 8)} or {v // 8 * 8 + 8}.")
-        template = make_request(prompt=prompt, negative_prompt=negative_prompt, width=width,
-                                height=height, steps=steps, cfg=cfg, model=model, seeds=[0])
-        params = template.model_dump(exclude={"seeds", "init_images", "upscaler", "scale",
-                                              "strength", "crops"})
-        params.update(images=images, seed=seed)
-        return template, [seed + i for i in range(images)], params
+        if sampler is not None:
+            sampler = canonical_sampler(sampler)
+        kind, init_png = "txt2img", None
+        if init_image is not None:
+            kind = "img2img"
+            source = as_image(init_image)
+            if source.size != (width, height):
+                source = source.resize((width, height), Image.Resampling.LANCZOS)
+            init_png = encode_png(source)
+        split = [split_prompt(t, loras) for t in texts]
+        base = dict(kind=kind, negative_prompt=negative_prompt, width=width, height=height,
+                    steps=steps, cfg=cfg, model=model, sampler=sampler, clip_skip=clip_skip,
+                    **({"strength": strength} if kind == "img2img" else {}))
+        make_request(prompt=split[0][0], seeds=[0], **base)  # every field checked, now
+        return _Generation(kind, split, [[seed + k * images + i for i in range(images)]
+                                         for k in range(len(texts))],
+                           base, init_png, images, seed)
 
-    def generate(self, prompt: str, images: int = 1, seed: int | None = None, *,
-                 negative_prompt: str = "", width: int = 512, height: int = 512,
-                 steps: int = 20, cfg: float = 7.0, model: str | None = None,
+    def _templates(self, gen: _Generation) -> tuple[list[JobRequest], list[dict[str, Any]]]:
+        """One template and one PNG-parameters dict per image; on the swarm's loop (LoRA hashes
+        come from the backends' infos)."""
+        templates: list[JobRequest] = []
+        params: list[dict[str, Any]] = []
+        for (text, weights), seeds in zip(gen.split, gen.seeds, strict=True):
+            refs = [LoraRef(name=n, weight=w, hash=self._lora_hash(n))
+                    for n, w in weights.items()]
+            tpl = make_request(prompt=text, seeds=[0], loras=refs, **gen.base)
+            p = tpl.model_dump(exclude={"seeds", "init_images", "upscaler", "scale", "crops",
+                                        "prompts"}
+                               | ({"strength"} if gen.kind == "txt2img" else set()))
+            p.update(images=gen.images, seed=seeds[0],
+                     loras=[r.model_dump() for r in refs])
+            templates += [tpl] * len(seeds)
+            params += [p] * len(seeds)
+        return templates, params
+
+    def _lora_hash(self, name: str) -> str:
+        """The hash a job asks for: the file most backends that offer `name` have."""
+        counts: dict[str, int] = {}
+        for b in self._state.backends:
+            for lo in (b.info.loras if b.info is not None else ()):
+                if lo.name == name:
+                    counts[lo.hash] = counts.get(lo.hash, 0) + 1
+        if not counts:
+            offered = sorted({lo.name for b in self._state.backends if b.info is not None
+                              for lo in b.info.loras})
+            raise ModelNotAvailable(
+                f"No backend offers LoRA {name!r}"
+                + (f"; they offer {offered[:20]}." if offered else "; none offers any LoRA.")
+                + " A worker's owner adds LoRAs with --lora/--loras-dir.")
+        return max(counts, key=lambda h: counts[h])
+
+    def _start_generation(self, gen: _Generation, on_image: Any, save: bool
+                          ) -> asyncio.Future:
+        templates, params = self._templates(gen)
+        seeds = [s for group in gen.seeds for s in group]
+        run_params = dict(params[0])
+        if len(gen.split) > 1:
+            run_params["prompts"] = [text for text, _ in gen.split]
+        return self._start_run("generate", templates[0], seeds, run_params, on_image, save,
+                               [gen.init_png] if gen.init_png else None,
+                               templates=templates, item_params=params)[1]
+
+    def generate(self, prompt: str | None = None, images: int = 1, seed: int | None = None,
+                 *, prompts: list[str] | None = None, negative_prompt: str = "",
+                 width: int = 512, height: int = 512, steps: int = 20, cfg: float = 7.0,
+                 model: str | None = None, sampler: str | None = None,
+                 loras: dict[str, float] | None = None, clip_skip: int = 1,
+                 init_image: Any = None, strength: float = 0.75,
                  on_image: Callable[[GeneratedImage], Any] | None = None,
                  save: bool = True) -> GenerationResult:
-        """Make `images` images with seeds seed, seed+1, ...; blocks until all are back."""
-        return self.submit_generate(prompt, images, seed, negative_prompt=negative_prompt,
-                                    width=width, height=height, steps=steps, cfg=cfg,
-                                    model=model, on_image=on_image, save=save).result()
+        """Make `images` images with seeds seed, seed+1, ...; blocks until all are back.
 
-    async def agenerate(self, prompt: str, images: int = 1, seed: int | None = None, *,
+        prompts=[...]: `images` images of each prompt (seeds continue from one prompt to the
+        next). sampler: an A1111 name ("DPM++ 2M Karras"); loras: {name: weight}, also
+        written in the prompt as <lora:name:weight>; clip_skip as A1111 counts it;
+        init_image (a PIL image, a GeneratedImage or a path) with strength: img2img."""
+        return self.submit_generate(
+            prompt, images, seed, prompts=prompts, negative_prompt=negative_prompt,
+            width=width, height=height, steps=steps, cfg=cfg, model=model, sampler=sampler,
+            loras=loras, clip_skip=clip_skip, init_image=init_image, strength=strength,
+            on_image=on_image, save=save).result()
+
+    async def agenerate(self, prompt: str | None = None, images: int = 1,
+                        seed: int | None = None, *, prompts: list[str] | None = None,
                         negative_prompt: str = "", width: int = 512, height: int = 512,
                         steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                        sampler: str | None = None, loras: dict[str, float] | None = None,
+                        clip_skip: int = 1, init_image: Any = None, strength: float = 0.75,
                         on_image: Callable[[GeneratedImage], Any] | None = None,
                         save: bool = True) -> GenerationResult:
         return await asyncio.wrap_future(self.submit_generate(
-            prompt, images, seed, negative_prompt=negative_prompt, width=width, height=height,
-            steps=steps, cfg=cfg, model=model, on_image=on_image, save=save))
+            prompt, images, seed, prompts=prompts, negative_prompt=negative_prompt,
+            width=width, height=height, steps=steps, cfg=cfg, model=model, sampler=sampler,
+            loras=loras, clip_skip=clip_skip, init_image=init_image, strength=strength,
+            on_image=on_image, save=save))
 
-    def submit_generate(self, prompt: str, images: int = 1, seed: int | None = None, *,
+    def submit_generate(self, prompt: str | None = None, images: int = 1,
+                        seed: int | None = None, *, prompts: list[str] | None = None,
                         negative_prompt: str = "", width: int = 512, height: int = 512,
                         steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                        sampler: str | None = None, loras: dict[str, float] | None = None,
+                        clip_skip: int = 1, init_image: Any = None, strength: float = 0.75,
                         on_image: Callable[[GeneratedImage], Any] | None = None,
                         save: bool = True) -> concurrent.futures.Future:
         """Queue a generation and return at once; the future resolves to the result."""
-        template, seeds, params = self._generation(prompt, images, seed, negative_prompt,
-                                                    width, height, steps, cfg, model)
+        gen = self._generation(prompt, prompts, images, seed, negative_prompt, width, height,
+                               steps, cfg, model, sampler, loras, clip_skip, init_image,
+                               strength)
 
         async def wait() -> GenerationResult:
-            return await self._start_run("generate", template, seeds, params, on_image,
-                                         save)[1]
+            return await self._start_generation(gen, on_image, save)
 
         return asyncio.run_coroutine_threadsafe(wait(), self._loop)
 
-    async def agenerate_iter(self, prompt: str, images: int = 1, seed: int | None = None, *,
+    async def agenerate_iter(self, prompt: str | None = None, images: int = 1,
+                             seed: int | None = None, *, prompts: list[str] | None = None,
                              negative_prompt: str = "", width: int = 512, height: int = 512,
                              steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                             sampler: str | None = None,
+                             loras: dict[str, float] | None = None, clip_skip: int = 1,
+                             init_image: Any = None, strength: float = 0.75,
                              save: bool = True) -> AsyncIterator[GeneratedImage]:
         """Yield images as they arrive (arrival order, not seed order); raises if the run
         fails, after yielding what did arrive."""
@@ -640,10 +796,13 @@ class Swarm:
             caller.call_soon_threadsafe(stream.put_nowait, g)
 
         done = asyncio.wrap_future(self.submit_generate(
-            prompt, images, seed, negative_prompt=negative_prompt, width=width, height=height,
-            steps=steps, cfg=cfg, model=model, on_image=forward, save=save))
+            prompt, images, seed, prompts=prompts, negative_prompt=negative_prompt,
+            width=width, height=height, steps=steps, cfg=cfg, model=model, sampler=sampler,
+            loras=loras, clip_skip=clip_skip, init_image=init_image, strength=strength,
+            on_image=forward, save=save))
+        expected = images * (len(prompts) if prompts else 1)
         received = 0
-        while received < images:
+        while received < expected:
             getter = asyncio.ensure_future(stream.get())
             await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
             if not getter.done():
@@ -655,6 +814,93 @@ class Swarm:
             yield stream.get_nowait()
         if done.done() and done.exception() is not None:
             raise done.exception()  # type: ignore[misc]
+
+    # ----- X/Y grids -----------------------------------------------------------------------
+    def grid(self, prompt: str, x: tuple[str, list[Any]] | None = None,
+             y: tuple[str, list[Any]] | None = None, seed: int | None = None, *,
+             negative_prompt: str = "", width: int = 512, height: int = 512, steps: int = 20,
+             cfg: float = 7.0, model: str | None = None, sampler: str | None = None,
+             loras: dict[str, float] | None = None, clip_skip: int = 1,
+             on_image: Callable[[GeneratedImage], Any] | None = None,
+             save: bool = True) -> GridResult:
+        """An X/Y grid: one image per cell, the cells spread over the swarm like any images,
+        back as one labelled image plus the cells (each saved with its own parameters).
+        x, y: (what, values) with what one of grid.AXES, e.g. ("cfg", [5, 7, 9]),
+        ("sampler", ["Euler", "DPM++ 2M Karras"]), ("prompt", ["fox", "cat", "owl"]) (search
+        and replace), ("lora:detail", [0, 0.5, 1])."""
+        return self.submit_grid(
+            prompt, x, y, seed, negative_prompt=negative_prompt, width=width, height=height,
+            steps=steps, cfg=cfg, model=model, sampler=sampler, loras=loras,
+            clip_skip=clip_skip, on_image=on_image, save=save).result()
+
+    async def agrid(self, prompt: str, x: tuple[str, list[Any]] | None = None,
+                    y: tuple[str, list[Any]] | None = None, seed: int | None = None, *,
+                    negative_prompt: str = "", width: int = 512, height: int = 512,
+                    steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                    sampler: str | None = None, loras: dict[str, float] | None = None,
+                    clip_skip: int = 1,
+                    on_image: Callable[[GeneratedImage], Any] | None = None,
+                    save: bool = True) -> GridResult:
+        return await asyncio.wrap_future(self.submit_grid(
+            prompt, x, y, seed, negative_prompt=negative_prompt, width=width, height=height,
+            steps=steps, cfg=cfg, model=model, sampler=sampler, loras=loras,
+            clip_skip=clip_skip, on_image=on_image, save=save))
+
+    def submit_grid(self, prompt: str, x: tuple[str, list[Any]] | None = None,
+                    y: tuple[str, list[Any]] | None = None, seed: int | None = None, *,
+                    negative_prompt: str = "", width: int = 512, height: int = 512,
+                    steps: int = 20, cfg: float = 7.0, model: str | None = None,
+                    sampler: str | None = None, loras: dict[str, float] | None = None,
+                    clip_skip: int = 1,
+                    on_image: Callable[[GeneratedImage], Any] | None = None,
+                    save: bool = True) -> concurrent.futures.Future:
+        """Start a grid and return at once; the future resolves to a GridResult."""
+        ax, ay = parse_axis(x, "x"), parse_axis(y, "y")
+        if ax is None and ay is None:
+            raise InvalidRequest("A grid needs an x or a y axis, e.g. x=('cfg', [5, 7, 9]).")
+        cell_count(ax, ay)
+        if seed is None or seed == -1:
+            seed = random.randrange(0, 2**32)
+        base = dict(prompt=prompt, seed=seed, negative_prompt=negative_prompt, cfg=cfg,
+                    steps=steps, sampler=sampler, loras=loras, clip_skip=clip_skip,
+                    model=model)
+        gens: list[_Generation] = []
+        for r in range(len(ay.values) if ay else 1):
+            for c in range(len(ax.values) if ax else 1):
+                kw = apply_axis(ay, r, apply_axis(ax, c, base))
+                gens.append(self._generation(
+                    kw["prompt"], None, 1, kw["seed"], kw["negative_prompt"], width, height,
+                    kw["steps"], kw["cfg"], kw["model"], kw["sampler"], kw["loras"],
+                    kw["clip_skip"], None, 0.75))
+
+        async def run() -> GridResult:
+            t0 = time.monotonic()
+            templates, params = [], []
+            for g in gens:
+                tp, pp = self._templates(g)
+                templates += tp
+                params += pp
+            seeds = [g.seeds[0][0] for g in gens]
+            run_params = {**params[0], "grid": {"x": x, "y": y}}
+            result = await self._start_run("grid", templates[0], seeds, run_params, on_image,
+                                           save, templates=templates, item_params=params)[1]
+            cols = len(ax.values) if ax else 1
+            rows = [result.images[r * cols:(r + 1) * cols]
+                    for r in range(len(result.images) // cols)]
+            image = await asyncio.to_thread(compose_grid, [[g.image for g in row]
+                                                           for row in rows], ax, ay)
+            out = GridResult(image, rows, ax, ay, time.monotonic() - t0)
+            if save and self.output_dir is not None:
+                text = (f"X/Y grid: {ax.title + ' ' + str(list(ax.values)) if ax else ''}"
+                        f"{'; ' if ax and ay else ''}"
+                        f"{ay.title + ' ' + str(list(ay.values)) if ay else ''}")
+                g = GeneratedImage(image, seed, ",".join(sorted({c.backend for c in
+                                                                  result.images})),
+                                   0, out.seconds, {**params[0], "grid": text})
+                out.path = await asyncio.to_thread(save_image, g, self.output_dir, "grid")
+            return out
+
+        return asyncio.run_coroutine_threadsafe(run(), self._loop)
 
     # ----- tiled upscaling -----------------------------------------------------------------
     def upscale(self, image: Any, scale: int = 2, upscaler: str = "lanczos", tile: int = 512,

@@ -116,6 +116,9 @@ def parameters_text(params: dict[str, Any], seed: int, backend: str | None = Non
     fields.append(("Lora hashes", hashes or None))
     if params.get("upscale"):
         fields.append(("Upscale", params["upscale"]))
+    if params.get("grid") and isinstance(params["grid"], str):
+        fields.append(("Script", "X/Y plot"))
+        fields.append(("Grid", params["grid"]))
     if backend:
         fields.append(("Backend", backend))
     fields.append(("Generator", "colabswarm"))
@@ -180,11 +183,14 @@ def _slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[:limit] or "image"
 
 
-def save_image(img: GeneratedImage, folder: str | Path) -> Path:
-    """Write a PNG with its parameters chunk; never overwrites an earlier file."""
+def save_image(img: GeneratedImage, folder: str | Path, label: str | None = None) -> Path:
+    """Write a PNG with its parameters chunk; never overwrites an earlier file. The name is
+    <seed>-[label-|upscale-]<prompt>.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     kind = "upscale-" if img.params.get("kind") == "upscale" else ""
+    if label:
+        kind = f"{_slug(label, 20)}-"
     stem = f"{img.seed}-{kind}{_slug(str(img.params.get('prompt', '')))}"
     path = folder / f"{stem}.png"
     n = 1

@@ -148,6 +148,9 @@ class Flight:
         update: dict[str, Any] = {"seeds": [it.seed for it in items]}
         if items[0].crop is not None:
             update["crops"] = [it.crop for it in items]
+        prompts = [it.template.prompt for it in items]
+        if any(p != prompts[0] for p in prompts):  # one call, a prompt per image
+            update["prompts"] = prompts
         pngs: list[bytes] | None = None
         if template.kind != "txt2img":
             first = items[0].init_png
@@ -275,6 +278,10 @@ def loaded_model(b: Backend, flights: Iterable[Flight]) -> str | None:
     return b.info.model_loaded if b.info is not None else None
 
 
+def _mixes_prompts(b: Backend) -> bool:
+    return b.info is not None and "prompt_lists" in b.info.capabilities
+
+
 def _needs_switch(b: Backend, req: JobRequest, loaded: str | None) -> bool:
     want = model_of(b, req)
     return want is not None and loaded is not None and want != loaded
@@ -388,6 +395,8 @@ def plan_dispatch(
             if pick is None:
                 break
             same = [it for it in groups[pick] if b in servers(pick, it)]
+            if not _mixes_prompts(b):  # a worker from before prompt lists: one prompt a job
+                same = [it for it in same if it.template.prompt == same[0].template.prompt]
             srv = servers(pick, same[0])
             upi = same[0].units
             limit = max(1, min(max_batch, b.max_batch()))
@@ -472,6 +481,8 @@ def pick_copies(
             if f.backend is b or f.has_copy or any(p[1] is f for p in picks):
                 continue
             if b.why_not(f.items[0].template, f.items[0].key) is not None:
+                continue
+            if not _mixes_prompts(b) and len({it.template.prompt for it in f.items}) > 1:
                 continue
             mine = batch_seconds(b, len(f.items), f.items[0].units, rate)
             tpl = f.items[0].template

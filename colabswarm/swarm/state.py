@@ -103,6 +103,9 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class NewRun:
+    """A request: one image per seed, all of `template`, or each of its own (`templates`, one
+    per seed: a prompt list, or an X/Y grid's cells)."""
+
     run_id: int
     kind: str
     template: JobRequest
@@ -110,6 +113,7 @@ class NewRun:
     now: float
     init_pngs: tuple[bytes | None, ...] | None = None
     crops: tuple[tuple[int, int, int, int], ...] | None = None
+    templates: tuple[JobRequest, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -436,7 +440,7 @@ class SwarmState:
 
     # ----- runs ------------------------------------------------------------------------------
     def _new_run(self, ev: NewRun, out: _Out) -> None:
-        items = [Item(ev.run_id, i, s, ev.template,
+        items = [Item(ev.run_id, i, s, ev.templates[i] if ev.templates else ev.template,
                       ev.init_pngs[i] if ev.init_pngs else None,
                       ev.crops[i] if ev.crops else None)
                  for i, s in enumerate(ev.seeds)]

@@ -31,7 +31,7 @@ from ..protocol import Info, JobRequest, make_request
 from .outputs import GeneratedImage, save_image
 from .tiles import Blender, TilePlan, cut_tiles, plan_summary, plan_tiles, tile_seed
 
-__all__ = ["TileHost", "UpscaleResult", "check_upscale_params", "run_upscale"]
+__all__ = ["TileHost", "UpscaleResult", "as_image", "check_upscale_params", "run_upscale"]
 
 
 class TileHost(Protocol):
@@ -73,7 +73,7 @@ def _png(image: Image.Image) -> bytes:
     return encode_png(image.convert("RGB"))
 
 
-def _as_image(image: Any) -> Image.Image:
+def as_image(image: Any) -> Image.Image:
     if isinstance(image, GeneratedImage):
         return image.image.convert("RGB")
     if isinstance(image, Image.Image):
@@ -82,7 +82,8 @@ def _as_image(image: Any) -> Image.Image:
         with Image.open(image) as im:
             return im.convert("RGB")
     raise InvalidRequest(
-        f"upscale needs a PIL image, a GeneratedImage or a file path, not {type(image).__name__}."
+        f"An image here is a PIL image, a GeneratedImage or a file path, not "
+        f"{type(image).__name__}."
     )
 
 
@@ -119,7 +120,7 @@ async def run_upscale(
 ) -> UpscaleResult:
     """The whole pipeline; runs on the swarm's loop (heavy pixel work goes to a thread)."""
     t0 = time.monotonic()
-    source = _as_image(image)
+    source = as_image(image)
     check_upscale_params(scale, denoise, steps)
     seed = random.randrange(0, 2**32) if seed is None else seed
     target = (source.width * scale, source.height * scale)
