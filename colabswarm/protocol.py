@@ -5,6 +5,7 @@ Nothing here imports torch, so a controller on a laptop can use it.
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from typing import Annotated, ClassVar, Literal
@@ -206,9 +207,8 @@ class JobRequest(BaseModel):
     def wire_json(self) -> str:
         """The JSON body for POST /v1/jobs that workers of every /v1 version accept: fields in
         ADDED_FIELDS are left out while they have their default value."""
-        fields = type(self).model_fields
-        skip = {name for name in self.ADDED_FIELDS
-                if getattr(self, name) == fields[name].get_default(call_default_factory=True)}
+        defaults = _added_defaults()
+        skip = {name for name, default in defaults.items() if getattr(self, name) == default}
         return self.model_dump_json(exclude=skip)
 
     def param_key(self) -> tuple:
@@ -229,6 +229,15 @@ def make_request(**fields: object) -> JobRequest:
     except ValidationError as exc:
         msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         raise InvalidRequest(f"Bad generation parameters: {msg}") from None
+
+
+@functools.cache
+def _added_defaults() -> dict[str, object]:
+    """JobRequest.ADDED_FIELDS' defaults, worked out once (pydantic's get_default inspects the
+    factory's signature on every call: a controller sends thousands of jobs)."""
+    fields = JobRequest.model_fields
+    return {name: fields[name].get_default(call_default_factory=True)
+            for name in JobRequest.ADDED_FIELDS}
 
 
 _ID_PATTERN = r"^[0-9A-Za-z_\-]{1,64}$"  # ids go into URL paths: never a '/' or '..'

@@ -50,6 +50,7 @@ from ..protocol import (
     decode_share,
     mask_token,
 )
+from .png import check_png
 
 __all__ = ["JobResult", "WorkerClient", "WorkerMisbehaved", "error_for"]
 
@@ -99,7 +100,7 @@ def error_for(kind: ErrorKind, message: str, retry_after_s: float | None = None
 class JobResult:
     """A finished job: its images in seed order and the worker's last word on it."""
 
-    images: list[Image.Image]
+    images: list[Any]  # PIL images, or checked PNG bytes (decode=False)
     status: JobStatus
 
 
@@ -318,8 +319,9 @@ class WorkerClient:
         return self._model(JobStatus, answer)
 
     async def image(self, job_id: str, index: int, size: tuple[int, int],
-                    seed: int | None = None) -> Image.Image:
-        """Fetch one result and check it is a whole PNG of the expected size (and seed)."""
+                    seed: int | None = None, decode: bool = True) -> Image.Image | bytes:
+        """Fetch one result and check it is a whole PNG of the expected size (and seed):
+        decoded, or (decode=False) its checked bytes (chunks, CRCs, size; pixels later)."""
         if not 0 < size[0] * size[1] <= _MAX_RESULT_PIXELS:
             raise WorkerMisbehaved(f"{self.name} announced an image of {size[0]}x{size[1]}.")
         # a PNG of w x h is at most ~8 bytes a pixel (16-bit RGBA, stored) plus its chunks
@@ -338,11 +340,13 @@ class WorkerClient:
             raise WorkerMisbehaved(
                 f"{self.name} sent the image of seed {clean_text(given_seed, 30)!r} for seed "
                 f"{seed}.")
+        if not decode:
+            return self._checked(answer.body, size)
         # checked and decoded on a thread: the controller's loop serves every worker meanwhile
         return await asyncio.to_thread(self._decode, answer.body, size)
 
     async def images(self, job_id: str, size: tuple[int, int], seeds: list[int],
-                     ) -> list[Image.Image]:
+                     decode: bool = True) -> list[Image.Image] | list[bytes]:
         """Every image of a job in one answer (a worker with the 'bundle' capability), each
         checked as `image` checks one."""
         if not 0 < size[0] * size[1] <= _MAX_RESULT_PIXELS:
@@ -363,10 +367,12 @@ class WorkerClient:
             raise WorkerMisbehaved(
                 f"{self.name} sent the images of seeds {clean_text(given, 60)!r} for seeds "
                 f"{seeds[:8]}.")
+        if not decode:
+            return self._decode_bundle(answer.body, size, len(seeds), one, decode)
         return await asyncio.to_thread(self._decode_bundle, answer.body, size, len(seeds), one)
 
     def _decode_bundle(self, data: bytes, size: tuple[int, int], count: int,
-                       cap: int) -> list[Image.Image]:
+                       cap: int, decode: bool = True) -> list[Any]:
         out, pos = [], 0
         while pos < len(data):
             if len(data) - pos < 4:
@@ -375,7 +381,8 @@ class WorkerClient:
             if n > cap or pos + 4 + n > len(data):
                 raise WorkerMisbehaved(f"{self.name} sent a bundle with an image of {n} bytes "
                                        f"(at most {cap}, {len(data) - pos - 4} left).")
-            out.append(self._decode(data[pos + 4:pos + 4 + n], size))
+            png = data[pos + 4:pos + 4 + n]
+            out.append(self._decode(png, size) if decode else self._checked(png, size))
             pos += 4 + n
             if len(out) > count:
                 break
@@ -383,19 +390,24 @@ class WorkerClient:
             raise WorkerMisbehaved(f"{self.name} sent {len(out)} images for {count} seeds.")
         return out
 
+    def _checked(self, data: bytes, size: tuple[int, int]) -> bytes:
+        """The PNG's structure checked without decoding its pixels (a fraction of the CPU)."""
+        why = check_png(data, size)
+        if why is not None:
+            raise WorkerMisbehaved(f"{self.name} sent a bad image: {why}.")
+        return data
+
     def _decode(self, data: bytes, size: tuple[int, int]) -> Image.Image:
         try:
-            with Image.open(io.BytesIO(data)) as img:
-                if img.format != "PNG":
-                    raise ValueError(f"format {img.format}")
-                if img.size != size:
-                    raise ValueError(f"size {img.size}, expected {size}")
-                img.verify()  # chunk CRCs: catches truncated or corrupted bodies cheaply
             image = Image.open(io.BytesIO(data))
+            if image.format != "PNG":
+                raise ValueError(f"format {image.format}")
+            if image.size != size:
+                raise ValueError(f"size {image.size}, expected {size}")
             if image.mode not in ("RGB", "RGBA", "L"):
                 raise ValueError(f"mode {image.mode}")
-            # decode now: valid CRCs around a broken zlib stream pass verify() and would
-            # otherwise fail later, in a gallery or a save, after the image was accepted
+            # decoded now, whole: a cut body or a broken zlib stream (even inside valid chunk
+            # CRCs) fails here, not later in a gallery or a save after it was accepted
             image.load()
             return image
         except Exception as exc:
@@ -447,8 +459,10 @@ class WorkerClient:
         init_pngs: list[bytes] | None = None,
         on_progress: ProgressFn | None = None,
         timeout: float | None = None,
+        decode: bool = True,
     ) -> JobResult:
-        """`run`, also returning the worker's final status (its run and queue times)."""
+        """`run`, also returning the worker's final status (its run and queue times). With
+        decode=False the images are their checked PNG bytes (structure, CRCs, size, seed)."""
         expected = (req.width, req.height)
         if init_pngs:
             ups = [await self.upload(png) for png in init_pngs]
@@ -461,7 +475,8 @@ class WorkerClient:
             # the whole job, downloads included, is bounded: a worker that trickles bytes or
             # holds a long-poll open forever cannot hold the controller's slot forever
             async with asyncio.timeout(timeout):
-                return await self._follow(req, status, init_pngs, expected, on_progress)
+                return await self._follow(req, status, init_pngs, expected, on_progress,
+                                          decode)
         except TimeoutError:
             if timeout is None:
                 raise
@@ -474,7 +489,7 @@ class WorkerClient:
 
     async def _follow(self, req: JobRequest, status: JobStatus, init_pngs: list[bytes] | None,
                       expected: tuple[int, int], on_progress: ProgressFn | None,
-                      ) -> JobResult:
+                      decode: bool = True) -> JobResult:
         job_id = status.id
         self._check_status(job_id, req, None, status)
         while status.state in ("queued", "running"):
@@ -515,9 +530,10 @@ class WorkerClient:
         if req.kind == "upscale" and not init_pngs:
             expected = (status.width, status.height)
         if "bundle" in self.capabilities:  # one request for all of them
-            images = await self.images(job_id, expected, list(req.seeds))
+            images = await self.images(job_id, expected, list(req.seeds), decode)
         else:
-            images = await _all([lambda i=i, seed=seed: self.image(job_id, i, expected, seed)
+            images = await _all([lambda i=i, seed=seed: self.image(job_id, i, expected, seed,
+                                                                   decode)
                                  for i, seed in enumerate(req.seeds)], _PARALLEL_DOWNLOADS)
         if on_progress:
             maybe = on_progress(status)

@@ -107,7 +107,7 @@ def next_check_delay(status: BackendStatus, failures: int, healthy_every: float)
     return min(2.0 * 2 ** min(failures, 10), 60.0)
 
 
-@dataclass
+@dataclass(eq=False)  # one object per worker: compared by identity, never field by field
 class Backend:
     """What the controller knows of one worker. Thin: state.py and the scheduler decide."""
 

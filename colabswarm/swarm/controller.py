@@ -57,6 +57,7 @@ from .outputs import GeneratedImage, save_image
 from .state import (
     BackendAdded,
     BackendChanged,
+    BackendMisbehaved,
     BackendRemoved,
     BackendSettings,
     CancelFlight,
@@ -147,6 +148,26 @@ class _Run:
     started: float = field(default_factory=time.monotonic)
     results: dict[int, GeneratedImage] = field(default_factory=dict)
     item_params: list[dict[str, Any]] | None = None  # each image's own (prompt lists, grids)
+
+
+class _WatchedImage(GeneratedImage):
+    """A GeneratedImage that tells the swarm if its pixels turn out broken when decoded."""
+
+    __slots__ = ("on_broken",)
+
+    @property
+    def image(self) -> Image.Image:
+        try:
+            return GeneratedImage.image.fget(self)  # type: ignore[attr-defined]
+        except WorkerMisbehaved as exc:
+            hook = getattr(self, "on_broken", None)
+            if hook is not None:
+                hook(self.backend, str(exc))
+            raise
+
+    @image.setter
+    def image(self, value: Image.Image) -> None:
+        GeneratedImage.image.fset(self, value)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -350,7 +371,12 @@ class Swarm:
             def progress(status: Any) -> None:
                 self._feed(FlightProgress(f.id, status.step, status.total_steps))
 
-            result = await client.run_job(req, pngs, on_progress=progress, timeout=f.timeout)
+            run = self._runs.get(f.items[0].run_id)
+            # pixels are decoded where they are needed at once (tiles to blend); a generated
+            # image is decoded when someone looks at it, and saved as the worker sent it
+            lazy = run is not None and run.kind in ("generate", "grid")
+            result = await client.run_job(req, pngs, on_progress=progress, timeout=f.timeout,
+                                          decode=not lazy)
         except asyncio.CancelledError:
             event = FlightCancelled(f.id, time.monotonic())
         except ColabSwarmError as exc:
@@ -394,8 +420,10 @@ class Swarm:
         params = run.item_params[d.index] if run.item_params else run.params
         if params.get("model") is None and "model" in params:  # say which model made it
             params = {**params, "model": self._default_model(d.backend)}
-        g = GeneratedImage(image=d.result, seed=d.seed, backend=d.backend, index=d.index,
-                           seconds=d.seconds, params=params)
+        raw = isinstance(d.result, bytes | bytearray)
+        g = _WatchedImage(None if raw else d.result, d.seed, d.backend, d.index, d.seconds,
+                          params, png=bytes(d.result) if raw else None)
+        g.on_broken = self._broken_image
         run.results[d.index] = g
         if run.save and self.output_dir is not None and run.kind in ("generate", "grid"):
             try:
@@ -408,6 +436,16 @@ class Swarm:
             except Exception:
                 log.exception("on_image callback failed")
         self._emit(type="image", run=run.id, image=g, done=len(run.results), total=run.total)
+
+    def _broken_image(self, backend: str, message: str) -> None:
+        """A delivered image whose pixels do not decode: its worker lied; quarantine it."""
+        def feed() -> None:
+            self._feed(BackendMisbehaved(backend, message, time.monotonic()))
+
+        if self._in_loop():
+            feed()
+        elif not self._closed:
+            self._loop.call_soon_threadsafe(feed)
 
     def _default_model(self, backend: str) -> str | None:
         try:

@@ -11,16 +11,17 @@ the tests read.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, PngImagePlugin
 
-from ..errors import InvalidRequest
+from ..backend.png import with_text
+from ..errors import InvalidRequest, WorkerMisbehaved
 from ..prompts import parse_lora_tags, prompt_with_loras
 from ..samplers import DEFAULT_SAMPLER, canonical_sampler
 
@@ -37,21 +38,50 @@ log = logging.getLogger("colabswarm.outputs")
 _SHORT_HASH = 12  # A1111 writes the first 12 hex digits of a LoRA's hash
 
 
-@dataclass
 class GeneratedImage:
-    """One finished image: the picture, its seed, who made it and how long it took."""
+    """One finished image: the picture, its seed, who made it and how long it took.
 
-    image: Image.Image
-    seed: int
-    backend: str
-    index: int
-    seconds: float
-    params: dict[str, Any]
-    path: Path | None = None
+    An image that came from a worker as a checked PNG (`png`) is decoded on first use of
+    `.image`: the controller spends no CPU on pixels nobody looks at, and saving writes the
+    worker's bytes with the parameters added instead of decoding and encoding them again."""
+
+    __slots__ = ("_image", "backend", "index", "params", "path", "png", "seconds", "seed")
+
+    def __init__(self, image: Image.Image | None, seed: int, backend: str, index: int,
+                 seconds: float, params: dict[str, Any], path: Path | None = None,
+                 png: bytes | None = None) -> None:
+        if image is None and png is None:
+            raise ValueError("a GeneratedImage needs its image or its PNG bytes")
+        self._image = image
+        self.png = png
+        self.seed, self.backend, self.index = seed, backend, index
+        self.seconds, self.params, self.path = seconds, params, path
+
+    @property
+    def image(self) -> Image.Image:
+        if self._image is None:
+            assert self.png is not None
+            try:
+                image = Image.open(io.BytesIO(self.png))
+                image.load()
+            except Exception as exc:  # the chunks were whole, the pixel stream was not
+                raise WorkerMisbehaved(
+                    f"The image of seed {self.seed} from {self.backend} cannot be decoded "
+                    f"({type(exc).__name__}): that worker sent a broken PNG.") from None
+            self._image = image
+        return self._image
+
+    @image.setter
+    def image(self, value: Image.Image) -> None:
+        self._image, self.png = value, None
+
+    def __repr__(self) -> str:
+        return (f"GeneratedImage(seed={self.seed}, backend={self.backend!r}, "
+                f"index={self.index})")
 
     def _repr_png_(self) -> bytes:  # notebooks display it directly
-        import io
-
+        if self.png is not None:
+            return self.png
         buf = io.BytesIO()
         self.image.save(buf, format="PNG")
         return buf.getvalue()
@@ -197,9 +227,13 @@ def save_image(img: GeneratedImage, folder: str | Path, label: str | None = None
     while path.exists():
         path = folder / f"{stem}-{n}.png"
         n += 1
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text(img.params, img.seed, img.backend))
-    img.image.save(path, format="PNG", pnginfo=info)
+    text = parameters_text(img.params, img.seed, img.backend)
+    if img.png is not None:  # the worker's own bytes, with the parameters added
+        path.write_bytes(with_text(img.png, "parameters", text))
+    else:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", text)
+        img.image.save(path, format="PNG", pnginfo=info)
     img.path = path
     return path
 

@@ -201,7 +201,8 @@ def backlog_seconds(flights: Iterable[Flight], now: float,
 def _others_finish(count: int, upi: float, others: Sequence[Backend], rate: dict[str, float],
                    backlog: dict[str, float], max_batch: int,
                    switch: dict[str, float] | None = None,
-                   sizes: dict[str, list[int]] | None = None) -> float:
+                   sizes: dict[str, list[int]] | None = None,
+                   memo: dict[tuple[str, int, float], float] | None = None) -> float:
     """When the other backends would be done if they ran `count` more images without b.
 
     Greedy list scheduling, each backend taking its own full batches (of a size it allows: a
@@ -217,32 +218,48 @@ def _others_finish(count: int, upi: float, others: Sequence[Backend], rate: dict
         total = sum(rate[s.name] for s in others)
         return (sum((backlog.get(s.name, 0.0) + switch.get(s.name, 0.0)) * rate[s.name]
                     for s in others) + count * upi) / total
-    finish = {s.name: backlog.get(s.name, 0.0) for s in others}
-    cold = {s.name for s in others if switch.get(s.name)}  # pays its load with its first batch
+    sizes = sizes or {}
+    names = [s.name for s in others]
+    by_name = {s.name: s for s in others}
+    finish = [backlog.get(n, 0.0) for n in names]
+    cold = [switch.get(n, 0.0) for n in names]  # paid with a backend's first batch
 
-    def take(s: Backend, left: int) -> int:
-        allowed = (sizes or {}).get(s.name)
+    def take(name: str, left: int) -> int:
+        allowed = sizes.get(name)
         if not allowed:
-            return min(caps[s.name], left)
-        fit = [n for n in allowed if n <= left]
+            return min(caps[name], left)
+        fit = [k for k in allowed if k <= left]
         return max(fit) if fit else min(allowed)
+
+    times = memo if memo is not None else {}  # (backend, batch size, units) -> seconds
+
+    def seconds(i: int, k: int) -> float:
+        key = (names[i], k, upi)
+        t = times.get(key)
+        if t is None:
+            t = times[key] = batch_seconds(by_name[names[i]], k, upi, rate)
+        return t
 
     left = count
     while left > 0:
-        ends = {s.name: finish[s.name] + batch_seconds(s, take(s, left), upi, rate)
-                + (switch[s.name] if s.name in cold else 0.0) for s in others}
-        best = min(others, key=lambda s: ends[s.name])
-        finish[best.name] = ends[best.name]
-        cold.discard(best.name)
-        left -= min(take(best, left), left)
-    return max(finish.values())
+        best_i, best_end, best_k = 0, float("inf"), 0
+        for i, name in enumerate(names):
+            k = take(name, left)
+            end = finish[i] + seconds(i, k) + cold[i]
+            if end < best_end:
+                best_i, best_end, best_k = i, end, k
+        finish[best_i] = best_end
+        cold[best_i] = 0.0
+        left -= min(best_k, left)
+    return max(finish)
 
 
 def _choose_batch(b: Backend, n_max: int, pending: int, upi: float, others: Sequence[Backend],
                   rate: dict[str, float], backlog: dict[str, float], max_batch: int,
                   margin: float = 0.2, min_gain_s: float = 0.25,
                   switch: dict[str, float] | None = None,
-                  sizes: dict[str, list[int]] | None = None) -> int:
+                  sizes: dict[str, list[int]] | None = None,
+                  memo: dict[tuple[str, int, float], float] | None = None) -> int:
     """How many of `pending` images b should take now (0: leave them to faster backends).
 
     Picks the size that minimises when everything is done, b's batch (after loading the
@@ -259,12 +276,13 @@ def _choose_batch(b: Backend, n_max: int, pending: int, upi: float, others: Sequ
     for n in choices:
         t = max(mine + batch_seconds(b, n, upi, rate),
                 _others_finish(pending - n, upi, others, rate, backlog, max_batch, switch,
-                               sizes))
+                               sizes, memo))
         if t <= best_t * (1 + 1e-6):
             best_n, best_t = n, min(t, best_t)
     if best_n == 0:
         return 0
-    skip_t = _others_finish(pending, upi, others, rate, backlog, max_batch, switch, sizes)
+    skip_t = _others_finish(pending, upi, others, rate, backlog, max_batch, switch, sizes,
+                            memo)
     clearly = skip_t * (1 + margin) < best_t and best_t - skip_t > min_gain_s
     return 0 if clearly else best_n
 
@@ -333,6 +351,7 @@ def plan_dispatch(
     why_cache: dict[tuple[str, tuple], Any] = {}
     planned: dict[Any, int] = {}  # images given out by this plan: per key, per (backend, key)
     loaded = {b.name: loaded_model(b, flights) for b in usable}  # updated as the plan goes
+    memo: dict[tuple[str, int, float], float] = {}  # batch times, while the rates hold
 
     def switch_costs(key: tuple, srv: Sequence[Backend]) -> dict[str, float]:
         tpl = groups[key][0].template if groups[key] else None
@@ -368,8 +387,14 @@ def plan_dispatch(
             why_cache[k] = b.why_not(first.template, first.key)
         return why_cache[k]
 
+    able_cache: dict[tuple, list[Backend]] = {}
+
     def servers(key: tuple, it: Item) -> list[Backend]:
-        able = [b for b in usable if why(b, key) is None]
+        able = able_cache.get(key)
+        if able is None:
+            able = able_cache[key] = [b for b in usable if why(b, key) is None]
+        if not it.failed_on:
+            return able
         fresh = [b for b in able if b.name not in it.failed_on]
         return fresh or able  # a backend that failed an image may retry it if none other can
 
@@ -394,7 +419,10 @@ def plan_dispatch(
                 break
             if pick is None:
                 break
-            same = [it for it in groups[pick] if b in servers(pick, it)]
+            if any(it.failed_on for it in groups[pick]):
+                same = [it for it in groups[pick] if b in servers(pick, it)]
+            else:
+                same = list(groups[pick])
             if not _mixes_prompts(b):  # a worker from before prompt lists: one prompt a job
                 same = [it for it in same if it.template.prompt == same[0].template.prompt]
             srv = servers(pick, same[0])
@@ -427,7 +455,7 @@ def plan_dispatch(
                 if timed and backlog.get(b.name, 0.0) > 0:
                     margin, gain = 0.02, 0.0
                 n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin, gain,
-                                  switch, sizes)
+                                  switch, sizes, memo)
                 if n == 0:
                     skips.append((b, same[0], "others would finish sooner (straggler guard)"))
                     blocked.add(pick)

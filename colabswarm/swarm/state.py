@@ -62,6 +62,7 @@ __all__ = [
     "Action",
     "BackendAdded",
     "BackendChanged",
+    "BackendMisbehaved",
     "BackendRemoved",
     "BackendSettings",
     "CancelFlight",
@@ -175,6 +176,15 @@ class HealthFailed:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendMisbehaved:
+    """A lie found after the fact (an image whose pixels turned out broken when decoded)."""
+
+    name: str
+    message: str
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class FlightProgress:
     flight_id: int
     step: int
@@ -211,8 +221,8 @@ class FlightCancelled:
 
 
 Event = (Tick | NewRun | CancelRun | InterruptAll | BackendAdded | BackendRemoved
-         | BackendSettings | HealthChecked | HealthFailed | FlightProgress | FlightSucceeded
-         | FlightFailed | FlightCancelled)
+         | BackendSettings | HealthChecked | HealthFailed | BackendMisbehaved | FlightProgress
+         | FlightSucceeded | FlightFailed | FlightCancelled)
 
 
 # ----- actions: what the controller must do now --------------------------------------------
@@ -352,6 +362,7 @@ class SwarmState:
         self._flight_ids = itertools.count(1)
         self._skips_logged: set[tuple[str, tuple, str]] = set()
         self._dirty = False
+        self._recheck = False  # whether queued work may have become unservable
         self._last_timed = float("-inf")
 
     # ----- reads (no change) -----------------------------------------------------------------
@@ -420,6 +431,10 @@ class SwarmState:
                 self._health_ok(event, out)
             case HealthFailed():
                 self._health_failed(event, out)
+            case BackendMisbehaved():
+                b = self._known(event.name)
+                if b is not None and b.enabled:
+                    self._quarantine(b, clean_text(event.message, 300), event.now, out)
             case FlightProgress():
                 f = self.flights.get(event.flight_id)
                 if f is not None:
@@ -446,7 +461,7 @@ class SwarmState:
                  for i, s in enumerate(ev.seeds)]
         self.runs[ev.run_id] = RunState(ev.run_id, ev.kind, items)
         self.queue.extend(items)
-        self._dirty = True
+        self._dirty = self._recheck = True
         out(Progress())
 
     def _finish_run(self, run: RunState, error: ColabSwarmError | None, out: _Out) -> None:
@@ -531,7 +546,7 @@ class SwarmState:
         was = b.status
         if change_status(b, status, reason):
             out(BackendChanged(b.name))
-            self._dirty = True
+            self._dirty = self._recheck = True
             if was != status:
                 tail = f": {reason}" if reason and status != BackendStatus.RUNNING else ""
                 out(Log(level, f"{b.name} is {status.value}{tail}"))
@@ -555,7 +570,7 @@ class SwarmState:
                              "warning" if status == BackendStatus.ERRORED else "info")
         if info.step_seconds_per_mpix:  # a hint from the worker: believed only within reason
             b.speed.seed(min(max(info.step_seconds_per_mpix, 1e-4), 1e3))
-        self._dirty = True
+        self._dirty = self._recheck = True
 
     def _added(self, ev: BackendAdded, out: _Out) -> None:
         b = ev.backend
@@ -568,7 +583,7 @@ class SwarmState:
         b.next_check = ev.now + next_check_delay(b.status, b.failures, self.config.health_every)
         out(Log("info", f"added {b.name} ({b.url}), {b.status.value}"))
         out(BackendChanged(b.name))
-        self._dirty = True
+        self._dirty = self._recheck = True
 
     def _removed(self, ev: BackendRemoved, out: _Out) -> None:
         b = self.backend(ev.name)
@@ -578,7 +593,7 @@ class SwarmState:
                 out(CancelFlight(f.id, "backend removed"))
         out(Log("info", f"removed {b.name}"))
         out(BackendChanged(None))
-        self._dirty = True
+        self._dirty = self._recheck = True
 
     def _settings(self, ev: BackendSettings, out: _Out) -> None:
         b = self.backend(ev.name)
@@ -603,7 +618,7 @@ class SwarmState:
             self.backends.remove(b)
             self.backends.insert(max(0, min(ev.index, len(self.backends))), b)
         out(BackendChanged(b.name))
-        self._dirty = True
+        self._dirty = self._recheck = True
 
     def _health_ok(self, ev: HealthChecked, out: _Out) -> None:
         b = self._known(ev.name)
@@ -668,7 +683,7 @@ class SwarmState:
         for b in self.backends:
             if b.refused and any(now - w.at > _REFUSAL_S for w in b.refused.values()):
                 b.refused = {k: w for k, w in b.refused.items() if now - w.at <= _REFUSAL_S}
-                self._dirty = True
+                self._dirty = self._recheck = True
         if any(0 < b.paused_until <= now for b in self.backends):
             for b in self.backends:
                 if 0 < b.paused_until <= now:
@@ -781,6 +796,7 @@ class SwarmState:
                             f"{b.paused_until - ev.now:.0f}s"))
         elif verdict is Verdict.REFUSED:
             b.refused[items[0].key] = Why(msg, hard=True, kind=ev.kind, at=ev.now)
+            self._recheck = True
             out(Log("warning", f"{b.name} refused a job: {msg}"))
         elif verdict is Verdict.SHRINK:
             b.batch_cap = max(1, len(items) // 2)
@@ -805,7 +821,9 @@ class SwarmState:
         self._drop_finished_from_queue()
         if not self.queue and not (self.config.copies and self.flights):
             return
-        self._fail_unservable(out)
+        if self._recheck:  # only what a backend can do, or a new run, can change the answer
+            self._recheck = False
+            self._fail_unservable(out)
         ready = [b for b in self.backends if b.paused_until <= now]
         if not any(b.free_slots for b in ready):
             return  # every slot is taken: nothing to plan until one lands
