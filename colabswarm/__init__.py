@@ -6,6 +6,7 @@ Worker side (the ``worker`` extra): ``start_worker``.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from .errors import (
@@ -26,6 +27,12 @@ from .errors import (
 from .protocol import decode_share, encode_share
 
 __version__ = "0.1.0"
+
+# A library's log records go where its user configures logging, and nowhere else: without
+# this, Python's last-resort handler prints every warning to stderr, which a notebook shows as
+# a pink error box under whichever cell made the Swarm, minutes later. The panels show the
+# swarm's own log (Logs panel); `logging.basicConfig()` brings them to a terminal.
+logging.getLogger("colabswarm").addHandler(logging.NullHandler())
 __all__ = [
     "AuthError",
     "BackendUnavailable",

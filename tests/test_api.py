@@ -14,7 +14,8 @@ PAIRS = [("add", "aadd"), ("add_many", "aadd_many"), ("remove", "aremove"), ("mo
          ("check_now", "acheck_now"), ("generate", "agenerate"), ("upscale", "aupscale"),
          ("interrupt", "ainterrupt"), ("status", "astatus"), ("status_line", "astatus_line"),
          ("models", "amodels"), ("upscalers", "aupscalers"), ("close", "aclose"),
-         ("grid", "agrid")]
+         ("grid", "agrid"), ("retry", "aretry"),
+         ("samplers", "asamplers"), ("loras", "aloras")]
 
 
 def _params(fn) -> list[tuple[str, object, object]]:

@@ -250,4 +250,13 @@ class Backend:
             "unit_seconds": self.unit_seconds,
             "last_seen": self.last_seen,
             "age": None if self.last_seen is None else time.monotonic() - self.last_seen,
+            # away: seconds until the next try to reach it (the panel's countdown)
+            "retry_in": (None if self.status in (BackendStatus.RUNNING, BackendStatus.DISABLED)
+                         else max(self.next_check - time.monotonic(), 0.0)),
+            "quarantined": self.quarantine_until > time.monotonic(),
+            "compile": (self.info.compile.model_dump() if self.info is not None
+                        and self.info.compile is not None else None),
+            "samplers": list(self.info.samplers) if self.info else [],
+            "loras": [lo.name for lo in self.info.loras] if self.info else [],
+            "model_loaded": self.info.model_loaded if self.info else None,
         }

@@ -105,15 +105,26 @@ def format_duration(seconds: float | None) -> str:
 @dataclass
 class SwarmStatus:
     current: int
-    running: int
-    queued: int
+    running: int  # sent to workers (generating, or waiting there for their turn)
+    queued: int  # waiting here for a free worker
     eta_s: float | None
     backends: list[dict[str, Any]]
     loading: int = 0  # of `running`: images whose worker is loading their model first
+    generating: int = 0  # of `running`: images whose denoising has begun
+
+    @property
+    def waiting(self) -> int:
+        """Sent to a worker but not begun: behind its other job, or its model loading."""
+        return max(self.running - self.generating, 0)
 
     @property
     def line(self) -> str:
-        est = "" if self.current == 0 else f" (est. {format_duration(self.eta_s)})"
+        if self.current == 0:
+            est = ""
+        elif self.eta_s is not None and self.eta_s < 1.0:
+            est = " (finishing…)"
+        else:
+            est = f" (est. {format_duration(self.eta_s)})"
         wait = f", {self.loading} waiting on a model load" if self.loading else ""
         return (f"{self.current} current generations, {self.running} running, "
                 f"{self.queued} queued{wait}{est}")
@@ -485,13 +496,22 @@ class Swarm:
         return {**b.snapshot(), "activity": self._state.activity(b)}
 
     def flights(self) -> list[dict[str, Any]]:
-        """The jobs running now: backend, seeds, step of total_steps, whether a copy."""
+        """The jobs running now: backend, seeds, how many images of which run ({run id:
+        count}), step of total_steps (step progress for views), whether a copy, and the model
+        the worker loads first, if any."""
         return self._read(self._flight_snapshots)
 
     def _flight_snapshots(self) -> list[dict[str, Any]]:
-        return [{"backend": f.backend.name, "seeds": [it.seed for it in f.items],
-                 "step": f.step, "total_steps": f.total_steps, "copy": f.copy_of is not None,
-                 "started": f.started} for f in self._state.flights.values()]
+        out = []
+        for f in self._state.flights.values():
+            runs: dict[int, int] = {}
+            for it in f.items:
+                runs[it.run_id] = runs.get(it.run_id, 0) + 1
+            out.append({"backend": f.backend.name, "seeds": [it.seed for it in f.items],
+                        "runs": runs, "step": f.step, "total_steps": f.total_steps,
+                        "copy": f.copy_of is not None, "started": f.started,
+                        "loads_model": f.loads_model})
+        return out
 
     def worker_infos(self) -> list[Info]:
         """The last /v1/info of every enabled backend that answered (for upscale planning)."""
@@ -1004,9 +1024,10 @@ class Swarm:
         return await self._aread(self._status_now)
 
     def _status_now(self) -> SwarmStatus:
-        running, queued, loading = self._state.counts()
+        running, queued, loading, generating = self._state.counts()
         return SwarmStatus(running + queued, running, queued,
-                           self._state.eta(time.monotonic()), self._snapshots(), loading)
+                           self._state.eta(time.monotonic()), self._snapshots(), loading,
+                           generating)
 
     def status_line(self) -> str:
         """'10 current generations, 4 running, 6 queued (est. 3m 50s)'"""
@@ -1025,6 +1046,30 @@ class Swarm:
     def models(self) -> list[str]:
         """Every model some backend offers (for the model dropdown)."""
         return self._union(self.backends, "models")
+
+    def samplers(self) -> list[str]:
+        """Every sampler some backend runs, Euler first (for the sampler dropdown)."""
+        return self._union(self.backends, "samplers", ("Euler",))
+
+    async def asamplers(self) -> list[str]:
+        return self._union(await self.abackends(), "samplers", ("Euler",))
+
+    def loras(self) -> list[str]:
+        """Every LoRA some backend offers, by name (for the LoRA picker)."""
+        return self._union(self.backends, "loras")
+
+    async def aloras(self) -> list[str]:
+        return self._union(await self.abackends(), "loras")
+
+    def retry(self, name: str) -> None:
+        """Try to reach one backend now (the panel's 'Retry now')."""
+        self._call(self._retry(name))
+
+    async def aretry(self, name: str) -> None:
+        await self._acall(self._retry(name))
+
+    async def _retry(self, name: str) -> None:
+        await self._check(self._state.backend(name).name)
 
     async def amodels(self) -> list[str]:
         return self._union(await self.abackends(), "models")

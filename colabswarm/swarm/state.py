@@ -381,11 +381,12 @@ class SwarmState:
                 return f"{base}-{i}"
         raise AssertionError
 
-    def counts(self) -> tuple[int, int, int]:
-        """(images running, images queued, images of running jobs that wait on a model
-        load)."""
+    def counts(self) -> tuple[int, int, int, int]:
+        """(images sent to workers, images queued here, of those sent: images whose worker
+        is loading their model first, images whose denoising has begun)."""
         running: set[int] = set()
         loading: set[int] = set()
+        stepping: set[int] = set()
         for f in self.flights.values():
             waiting = f.loads_model is not None and f.step == 0
             for it in f.items:
@@ -393,8 +394,10 @@ class SwarmState:
                     running.add(id(it))
                     if waiting:
                         loading.add(id(it))
+                    if f.step > 0:
+                        stepping.add(id(it))
         queued = sum(1 for it in self.queue if it.status is ItemStatus.QUEUED)
-        return len(running), queued, len(loading)
+        return len(running), queued, len(loading), len(stepping)
 
     def activity(self, b: Backend) -> str | None:
         """What a backend is doing beyond its status, for views: 'loading model M'."""
