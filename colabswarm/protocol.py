@@ -50,6 +50,7 @@ __all__ = [
     "clean_name",
     "clean_text",
     "decode_share",
+    "make_guest_limits",
     "make_request",
     "encode_share",
     "mask_token",
@@ -294,6 +295,19 @@ class GuestLimits(BaseModel):
     max_queued: int = Field(16, ge=1, le=1024, description="jobs waiting or running at once")
     weight: float = Field(1.0, gt=0.0, le=100.0,
                           description="share of the GPU when several tokens have work queued")
+
+
+def make_guest_limits(*, images_per_hour: int | None = None, max_pixels: int | None = None,
+                      max_steps: int | None = None, max_images: int | None = None,
+                      max_queued: int = 16, weight: float = 1.0) -> GuestLimits:
+    """GuestLimits from a caller's values, or InvalidRequest saying which one is wrong."""
+    try:
+        return GuestLimits(images_per_hour=images_per_hour, max_pixels=max_pixels,
+                           max_steps=max_steps, max_images=max_images, max_queued=max_queued,
+                           weight=weight)
+    except ValidationError as exc:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"Bad guest limits: {msg}") from None
 
 
 class NewGuest(BaseModel):

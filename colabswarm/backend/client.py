@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,10 +43,16 @@ from ..protocol import (
     KIND_OF_STATUS,
     SKIP_NGROK_WARNING,
     ErrorDetail,
+    GuestGrant,
+    GuestLimits,
     Info,
     JobRequest,
     JobStatus,
+    LogLine,
+    NewGuest,
+    TokenUsage,
     UploadResult,
+    WorkerLogs,
     clean_text,
     decode_share,
     mask_token,
@@ -125,6 +132,24 @@ async def _all(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[An
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _new_guest(name: str, limits: GuestLimits) -> NewGuest:
+    try:
+        return NewGuest(name=name, limits=limits)
+    except ValidationError:
+        raise InvalidRequest(
+            f"A guest's name must be 1-32 letters, digits, '.', '-' or '_', starting with a "
+            f"letter or digit (got {clean_text(name, 40)!r}).") from None
+
+
+def _json_list(body: bytes, most: int) -> list[Any]:
+    import json
+
+    value = json.loads(body)
+    if not isinstance(value, list) or len(value) > most:
+        raise ValueError("not a bounded list")
+    return value
+
+
 def _png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG's IHDR, without decoding it."""
     if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
@@ -159,8 +184,10 @@ class WorkerClient:
         self._timeout = timeout
         self._base = self.url + API_PREFIX
         # identity: the caps count what arrives; a compressed answer could expand 1000-fold
+        # a random id, so the worker's owner can tell connected controllers apart
+        self.client_id = secrets.token_hex(6)
         self._headers = {"Authorization": f"Bearer {self.token}", "Accept-Encoding": "identity",
-                         **SKIP_NGROK_WARNING}
+                         "x-colabswarm-client": self.client_id, **SKIP_NGROK_WARNING}
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
@@ -384,6 +411,31 @@ class WorkerClient:
 
     async def free(self) -> None:
         await self._request("POST", "/free")
+
+    # ----- the owner's routes (a guest token gets Forbidden) -----------------------------------
+    async def logs(self, lines: int = 200) -> list[LogLine]:
+        """The worker's recent log lines, oldest first (at most 500, each cleaned)."""
+        lines = max(1, min(int(lines), 500))
+        answer = await self._request("GET", "/logs", params={"lines": str(lines)},
+                                     cap=_INFO_CAP)
+        return self._model(WorkerLogs, answer).lines[-lines:]
+
+    async def guests(self) -> list[TokenUsage]:
+        answer = await self._request("GET", "/guests", cap=_INFO_CAP)
+        try:
+            rows = [TokenUsage.model_validate(r) for r in _json_list(answer.body, 256)]
+        except (ValidationError, ValueError):
+            raise WorkerMisbehaved(f"{self.name} sent a malformed list of guests.") from None
+        return rows
+
+    async def add_guest(self, name: str, limits: GuestLimits) -> GuestGrant:
+        body = _new_guest(name, limits).model_dump_json()
+        answer = await self._request("POST", "/guests", data=body.encode(),
+                                     headers={"content-type": "application/json"})
+        return self._model(GuestGrant, answer)
+
+    async def revoke_guest(self, name: str) -> None:
+        await self._request("DELETE", f"/guests/{_new_guest(name, GuestLimits()).name}")
 
     async def run(
         self,

@@ -27,6 +27,7 @@ from ..protocol import (
     TokenUsage,
     clean_name,
     encode_share,
+    make_guest_limits,
     mask_token,
     new_token,
 )
@@ -178,8 +179,9 @@ class WorkerHandle:
                   weight: float = 1.0) -> str:
         """A named guest token with its own limits (None: the worker's); returns the guest's
         share string. The guest may generate, upscale and see or stop its own jobs only."""
-        limits = _guest_limits(images_per_hour, max_pixels, max_steps, max_images, max_queued,
-                               weight)
+        limits = make_guest_limits(
+            images_per_hour=images_per_hour, max_pixels=max_pixels, max_steps=max_steps,
+            max_images=max_images, max_queued=max_queued, weight=weight)
         self.worker.add_guest(name, limits)
         return self.guest_share(name)
 
@@ -189,8 +191,9 @@ class WorkerHandle:
                      weight: float = 1.0) -> None:
         """Give a guest these limits (all of them: a left-out one goes back to its default);
         its token stays the same."""
-        self.worker.update_guest(name, _guest_limits(images_per_hour, max_pixels, max_steps,
-                                                     max_images, max_queued, weight))
+        self.worker.update_guest(name, make_guest_limits(
+            images_per_hour=images_per_hour, max_pixels=max_pixels, max_steps=max_steps,
+            max_images=max_images, max_queued=max_queued, weight=weight))
 
     def revoke(self, name: str) -> bool:
         """Take a guest's token back: its next request gets 401, its queued and running jobs
@@ -417,16 +420,3 @@ def start_worker(
         threading.Thread(target=handle._watch_idle, name="colabswarm-idle-stop",
                          daemon=True).start()
     return handle
-
-
-def _guest_limits(images_per_hour: int | None, max_pixels: int | None, max_steps: int | None,
-                  max_images: int | None, max_queued: int, weight: float) -> GuestLimits:
-    from pydantic import ValidationError
-
-    try:
-        return GuestLimits(images_per_hour=images_per_hour, max_pixels=max_pixels,
-                           max_steps=max_steps, max_images=max_images, max_queued=max_queued,
-                           weight=weight)
-    except ValidationError as exc:
-        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise InvalidRequest(f"Bad guest limits: {msg}") from None

@@ -39,6 +39,7 @@ from ..errors import (
 from ..protocol import MAX_SEED, Info, JobRequest, clean_text, decode_share, make_request
 from .backends import Backend
 from .outputs import GeneratedImage, save_image
+from .remote import BackendRemote
 from .state import (
     BackendAdded,
     BackendChanged,
@@ -400,6 +401,16 @@ class Swarm:
         return [{"backend": f.backend.name, "seeds": [it.seed for it in f.items],
                  "step": f.step, "total_steps": f.total_steps, "copy": f.copy_of is not None,
                  "started": f.started} for f in self._state.flights.values()]
+
+    def backend(self, name: str) -> BackendRemote:
+        """Remote management of one backend (its logs, free, interrupt, guests): the owner's
+        routes, so they work with the worker's admin token; a guest token gets Forbidden."""
+        def find() -> tuple[str, WorkerClient]:
+            b = self._state.backend(name)  # KeyError: no such backend
+            return b.name, self._clients[b.name]
+
+        found, client = self._read(find)
+        return BackendRemote(found, client, self._call, self._acall)
 
     def worker_infos(self) -> list[Info]:
         """The last /v1/info of every enabled backend that answered (for upscale planning)."""
