@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
@@ -142,8 +143,6 @@ def _new_guest(name: str, limits: GuestLimits) -> NewGuest:
 
 
 def _json_list(body: bytes, most: int) -> list[Any]:
-    import json
-
     value = json.loads(body)
     if not isinstance(value, list) or len(value) > most:
         raise ValueError("not a bounded list")
@@ -413,15 +412,40 @@ class WorkerClient:
         await self._request("POST", "/free")
 
     # ----- the owner's routes (a guest token gets Forbidden) -----------------------------------
+    async def _owners(self, method: str, path: str, **kw: Any) -> _Answer:
+        """A request to a route workers have had since roles came: an older worker's 404 says
+        so in words a person can act on."""
+        try:
+            return await self._request(method, path, **kw)
+        except JobFailed as exc:
+            if exc.kind is not ErrorKind.NOT_FOUND or path.startswith("/guests/"):
+                raise
+            raise BackendUnavailable(
+                f"{self.name} has no {path} route: it runs a colabswarm from before guest "
+                "tokens and remote management; update colabswarm on that worker.",
+                kind=ErrorKind.NOT_FOUND) from None
+
+    async def interrupt_all(self) -> int:
+        """Interrupt every job on the worker (owner only); returns how many it stopped."""
+        answer = await self._owners("POST", "/interrupt")
+        try:
+            count = json.loads(answer.body)["interrupted"]
+            if not isinstance(count, int) or not 0 <= count <= 1_000_000:
+                raise ValueError(count)
+        except (ValueError, KeyError, TypeError):
+            raise WorkerMisbehaved(f"{self.name} sent a malformed answer to an interrupt.") \
+                from None
+        return count
+
     async def logs(self, lines: int = 200) -> list[LogLine]:
         """The worker's recent log lines, oldest first (at most 500, each cleaned)."""
         lines = max(1, min(int(lines), 500))
-        answer = await self._request("GET", "/logs", params={"lines": str(lines)},
-                                     cap=_INFO_CAP)
+        answer = await self._owners("GET", "/logs", params={"lines": str(lines)},
+                                    cap=_INFO_CAP)
         return self._model(WorkerLogs, answer).lines[-lines:]
 
     async def guests(self) -> list[TokenUsage]:
-        answer = await self._request("GET", "/guests", cap=_INFO_CAP)
+        answer = await self._owners("GET", "/guests", cap=_INFO_CAP)
         try:
             rows = [TokenUsage.model_validate(r) for r in _json_list(answer.body, 256)]
         except (ValidationError, ValueError):
@@ -430,8 +454,8 @@ class WorkerClient:
 
     async def add_guest(self, name: str, limits: GuestLimits) -> GuestGrant:
         body = _new_guest(name, limits).model_dump_json()
-        answer = await self._request("POST", "/guests", data=body.encode(),
-                                     headers={"content-type": "application/json"})
+        answer = await self._owners("POST", "/guests", data=body.encode(),
+                                    headers={"content-type": "application/json"})
         return self._model(GuestGrant, answer)
 
     async def revoke_guest(self, name: str) -> None:

@@ -62,13 +62,14 @@ class BackendRemote:
     def free(self) -> None:
         self.run(self.client.free())
 
-    async def ainterrupt(self) -> None:
-        """Stop every job on the worker, every controller's and guest's; this swarm's own
-        images that were on it are made again (there or elsewhere)."""
-        await self.arun(self.client.interrupt())
+    async def ainterrupt(self) -> int:
+        """Stop every job on the worker, every controller's and guest's; returns how many it
+        stopped. This swarm's own images that were on it are made again (there or
+        elsewhere)."""
+        return await self.arun(self.client.interrupt_all())
 
-    def interrupt(self) -> None:
-        self.run(self.client.interrupt())
+    def interrupt(self) -> int:
+        return self.run(self.client.interrupt_all())
 
     # ----- guests ----------------------------------------------------------------------------
     async def ausage(self) -> list[TokenUsage]:

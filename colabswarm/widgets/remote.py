@@ -66,9 +66,9 @@ class RemoteControls:
 
     def interrupt(self) -> None:
         try:
-            self._remote().interrupt()
+            n = self._remote().interrupt()
         except (ColabSwarmError, KeyError) as exc:
             self.output.value = error_html(f"Could not interrupt: {exc}")
         else:
-            self.output.value = ok_html(f"{self.name}: every job interrupted (this swarm's "
+            self.output.value = ok_html(f"{self.name}: {n} job(s) interrupted (this swarm's "
                                         "images that were there run again).")
