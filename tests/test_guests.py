@@ -291,3 +291,38 @@ def test_the_controller_reads_a_guest_refusal_by_its_kind():
     assert FAILURE_RULES[ErrorKind.RATE_LIMITED].verdict is Verdict.PAUSE
     assert not FAILURE_RULES[ErrorKind.RATE_LIMITED].blame
     assert FAILURE_RULES[ErrorKind.FORBIDDEN].verdict is Verdict.ERRORED
+
+
+def test_the_worker_panel_adds_copies_and_revokes_guests_and_shows_who_used_the_gpu():
+    from colabswarm.widgets import WorkerPanel
+
+    h = start_worker("tiny", name="panel")
+    panel = WorkerPanel(h, refresh_every=None)
+    g = panel.guests
+    try:
+        g.name.value, g.images_per_hour.value, g.max_steps.value = "erin", 5, 4
+        g.add_button.click()
+        share = h.guest_share("erin")
+        assert "erin" in g.rows and share in g.rows["erin"].copy.value  # the copy button's
+        assert "5 img/h, ≤4 steps" in g.rows["erin"].label.value
+        swarm = Swarm(output_dir=None)
+        try:
+            swarm.add(share, name="w")
+            swarm.generate("x", images=2, seed=1, **SIZE)
+        finally:
+            swarm.close()
+        panel.refresh()
+        assert re.search(r"<td[^>]*>erin</td><td[^>]*>2</td>", g.usage.value), g.usage.value
+        assert "erin" in g.controllers.value and "Idle stop: off" in g.idle.value
+        g.name.value = "owner"
+        g.add_button.click()
+        assert "another name" in g.message.value and "Traceback" not in g.message.value
+        token = share.split("#token=")[1]
+        g.rows["erin"].revoke.click()
+        assert "erin" not in g.rows and "Revoked erin" in g.message.value
+        assert "erin (revoked)" in g.usage.value
+        with httpx.Client(base_url=h.local_url, timeout=30) as http:
+            assert http.get("/v1/info", headers=_auth(token)).status_code == 401
+    finally:
+        panel.close()
+        h.stop()
