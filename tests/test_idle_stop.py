@@ -107,3 +107,9 @@ def test_a_request_with_the_token_puts_the_idle_stop_off():
         wait_until(lambda: not h.running, 10, "the stop once the requests end")
     finally:
         h.stop()
+
+
+def test_giving_the_runtime_back_is_colab_only():
+    from colabswarm.backend.serve import release_colab_runtime
+
+    assert release_colab_runtime() is False  # not on Colab: nothing to give back

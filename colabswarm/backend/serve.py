@@ -34,7 +34,8 @@ from ..protocol import (
 from .connections import guarded_protocol
 from .server import WorkerApp, create_app
 
-__all__ = ["WorkerHandle", "idle_verdict", "make_engine", "parse_duration", "start_worker"]
+__all__ = ["WorkerHandle", "idle_verdict", "make_engine", "parse_duration",
+           "release_colab_runtime", "start_worker"]
 
 _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
 
@@ -62,6 +63,18 @@ def parse_duration(value: str | float | None) -> float | None:
     if not seconds >= 1 or seconds > 30 * 86400:
         raise InvalidRequest(f"A duration must be between 1 s and 30 days (got {value!r}).")
     return seconds
+
+
+def release_colab_runtime() -> bool:
+    """On Colab, give the runtime (the GPU machine) back, which is what stops its billing;
+    elsewhere do nothing. Returns whether it asked Colab. For start_worker's on_idle_stop."""
+    try:
+        from google.colab import runtime  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    log.warning("giving the Colab runtime back (idle stop)")
+    runtime.unassign()
+    return True
 
 
 def idle_verdict(now: float, last_contact: float, idle_stop_s: float | None
