@@ -323,7 +323,7 @@ class GuestGrant(BaseModel):
     """A new guest's token, shown once to the owner (make the share string from it)."""
 
     name: str = Field(pattern=GUEST_NAME_PATTERN)
-    token: str = Field(pattern=r"^[A-Za-z0-9_\-]{16,256}$")
+    token: str = Field(pattern=r"^[A-Za-z0-9_\-]{16,256}$", repr=False)
 
 
 class TokenUsage(BaseModel):

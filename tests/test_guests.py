@@ -326,3 +326,17 @@ def test_the_worker_panel_adds_copies_and_revokes_guests_and_shows_who_used_the_
     finally:
         panel.close()
         h.stop()
+
+
+def test_no_repr_on_the_worker_side_shows_a_guest_token():
+    from colabswarm.protocol import GuestGrant
+
+    h = start_worker(name="reprs", simulate_speed=1.0)
+    try:
+        token = h.add_guest("fay", images_per_hour=2).split("#token=")[1]
+        things = (h, h.worker, h.worker.tokens, h.worker.tokens.guests(), h.worker.log,
+                  h.worker.usage, h.guests(), h.usage(), GuestGrant(name="fay", token=token))
+        for thing in things:
+            assert token not in repr(thing) and token[4:16] not in repr(thing), repr(thing)
+    finally:
+        h.stop()

@@ -223,7 +223,7 @@ class TokenBook:
 class _StoredGuest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=GUEST_NAME_PATTERN)
-    token: str = Field(pattern=r"^[A-Za-z0-9_\-]{16,256}$")
+    token: str = Field(pattern=r"^[A-Za-z0-9_\-]{16,256}$", repr=False)
     limits: GuestLimits = Field(default_factory=GuestLimits)
 
 

@@ -341,10 +341,11 @@ class WorkerApp:
     def admit(self, who: Who, req: JobRequest, images: list[Image.Image]) -> JobStatus:
         """Queue a job for `who`, within its limits (a guest's: which limit, when it resets)."""
         now = time.monotonic()
+        hourly = who.limits is not None and who.limits.images_per_hour is not None
         refusal = guest_refusal(
             who, req, queued=self.jobs.per_owner().get(who.name, 0),
-            accepted=self.usage.hour(who.name), now=now, now_wall=time.time(),
-            next_slot_s=self.jobs.next_slot_s())
+            accepted=self.usage.hour(who.name) if hourly else [], now=now,
+            now_wall=time.time(), next_slot_s=self.jobs.next_slot_s())
         if refusal is not None:
             self.log.note(logging.INFO, f"refused a job of {who.name}: {refusal}")
             raise refusal
