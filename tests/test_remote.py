@@ -96,3 +96,19 @@ def test_the_backends_panel_offers_the_owners_controls_only_with_the_admin_token
     finally:
         mine.close()
         theirs.close()
+
+
+@pytest.mark.parametrize("name", ["logs", "log_text", "free", "interrupt", "usage",
+                                  "add_guest", "revoke"])
+def test_every_remote_call_has_an_async_twin_with_the_same_signature(name):
+    import inspect
+
+    from colabswarm.swarm.remote import BackendRemote
+
+    sync, twin = getattr(BackendRemote, name), getattr(BackendRemote, f"a{name}")
+    assert inspect.iscoroutinefunction(twin)
+    assert inspect.signature(sync).parameters.keys() == inspect.signature(twin).parameters.keys()
+    assert [p.default for p in inspect.signature(sync).parameters.values()] == \
+        [p.default for p in inspect.signature(twin).parameters.values()]
+    kinds = {p.kind for p in inspect.signature(sync).parameters.values()}
+    assert inspect.Parameter.VAR_KEYWORD not in kinds

@@ -45,14 +45,14 @@ class BackendRemote:
         return await self.arun(self.client.logs(lines))
 
     def logs(self, lines: int = 200) -> list[LogLine]:
-        return self.run(self.client.logs(lines))
+        return self.run(self.alogs(lines))
 
     async def alog_text(self, lines: int = 200) -> str:
         """The same lines as text: `HH:MM:SS LEVEL message` per line."""
         return format_lines(await self.alogs(lines))
 
     def log_text(self, lines: int = 200) -> str:
-        return format_lines(self.logs(lines))
+        return self.run(self.alog_text(lines))
 
     # ----- GPU -------------------------------------------------------------------------------
     async def afree(self) -> None:
@@ -60,7 +60,7 @@ class BackendRemote:
         await self.arun(self.client.free())
 
     def free(self) -> None:
-        self.run(self.client.free())
+        self.run(self.afree())
 
     async def ainterrupt(self) -> int:
         """Stop every job on the worker, every controller's and guest's; returns how many it
@@ -69,7 +69,7 @@ class BackendRemote:
         return await self.arun(self.client.interrupt_all())
 
     def interrupt(self) -> int:
-        return self.run(self.client.interrupt_all())
+        return self.run(self.ainterrupt())
 
     # ----- guests ----------------------------------------------------------------------------
     async def ausage(self) -> list[TokenUsage]:
@@ -77,7 +77,7 @@ class BackendRemote:
         return await self.arun(self.client.guests())
 
     def usage(self) -> list[TokenUsage]:
-        return self.run(self.client.guests())
+        return self.run(self.ausage())
 
     async def aadd_guest(self, name: str, *, images_per_hour: int | None = None,
                          max_pixels: int | None = None, max_steps: int | None = None,
@@ -94,18 +94,16 @@ class BackendRemote:
                   max_pixels: int | None = None, max_steps: int | None = None,
                   max_images: int | None = None, max_queued: int = 16,
                   weight: float = 1.0) -> str:
-        limits = make_guest_limits(images_per_hour=images_per_hour, max_pixels=max_pixels,
-                                   max_steps=max_steps, max_images=max_images,
-                                   max_queued=max_queued, weight=weight)
-        grant: GuestGrant = self.run(self.client.add_guest(name, limits))
-        return encode_share(self.client.url, grant.token)
+        return self.run(self.aadd_guest(
+            name, images_per_hour=images_per_hour, max_pixels=max_pixels, max_steps=max_steps,
+            max_images=max_images, max_queued=max_queued, weight=weight))
 
     async def arevoke(self, name: str) -> None:
         """Take a guest's token back on that worker (its next request gets 401)."""
         await self.arun(self.client.revoke_guest(name))
 
     def revoke(self, name: str) -> None:
-        self.run(self.client.revoke_guest(name))
+        self.run(self.arevoke(name))
 
 
 def format_lines(lines: list[LogLine]) -> str:
