@@ -76,7 +76,7 @@ def test_an_uncontacted_worker_stops_itself_and_a_used_one_keeps_serving(worker_
 
 
 def test_the_worker_panel_warns_before_the_idle_stop_and_says_why_it_stopped():
-    h = start_worker("tiny", name="panel-idle", idle_stop=2.5)
+    h = start_worker(name="panel-idle", idle_stop=2.5, simulate_speed=1.0)
     try:
         panel = WorkerPanel(h, refresh_every=None)
         assert "stops itself in" in panel.guests.idle.value
@@ -95,7 +95,7 @@ def test_the_worker_panel_warns_before_the_idle_stop_and_says_why_it_stopped():
 
 
 def test_a_request_with_the_token_puts_the_idle_stop_off():
-    h = start_worker("tiny", name="kept", idle_stop=2.0)
+    h = start_worker(name="kept", idle_stop=2.0, simulate_speed=1.0)
     try:
         with httpx.Client(base_url=h.local_url, timeout=5,
                           headers={"Authorization": f"Bearer {h.token}"}) as http:

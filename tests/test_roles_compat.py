@@ -85,7 +85,7 @@ def test_what_a_worker_with_roles_sends_parses_where_the_new_fields_are_unknown(
     """A controller from before roles reads /v1/info with a model that lacks the new fields:
     pydantic's default ignores unknown keys, which is the wire rule that keeps it working.
     Checked with the real answers to the owner and to a guest."""
-    h = start_worker("tiny", name="roles")
+    h = start_worker(name="roles", simulate_speed=1.0)
     try:
         share = h.add_guest("ivy", images_per_hour=5)
         with httpx.Client(base_url=h.local_url, timeout=30) as http:
