@@ -1,4 +1,9 @@
-"""`python -m colabswarm worker|demo`: the terminal face for Runpod, servers and CI."""
+"""`python -m colabswarm worker|demo`: the terminal face for Runpod, servers and CI.
+
+`worker --guest alice:20` adds a named guest token (here: 20 images per hour) and prints its
+share string after the owner's; `--guests-file F` keeps guests across restarts (mode 0600);
+`--idle-stop 30m` stops the worker once no controller has contacted it for that long.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ __all__ = ["main"]
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from .backend.serve import start_worker
+    from .backend.serve import parse_duration, start_worker
     from .errors import ColabSwarmError
     from .protocol import Limits
 
@@ -21,6 +26,8 @@ def _worker(args: argparse.Namespace) -> int:
         return _serve_gpus(args)
     try:
         token = _token(args)
+        guests = [_guest_spec(g) for g in args.guest or []]
+        idle_stop = parse_duration(args.idle_stop)
     except ColabSwarmError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -48,11 +55,23 @@ def _worker(args: argparse.Namespace) -> int:
             allow_downloads=args.allow_downloads, device_map=args.device_map,
             upscalers_dir=args.upscalers_dir, simulate_speed=args.simulate_speed,
             simulate_step_seconds=args.simulate_step_seconds,
-            tunnel_deadline_s=args.tunnel_deadline,
+            tunnel_deadline_s=args.tunnel_deadline, guests_file=args.guests_file,
+            idle_stop=idle_stop,
             loras=(args.lora or []) + ([args.loras_dir] if args.loras_dir else []) or None,
             lora_cache=args.lora_cache,
         )
     except ColabSwarmError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        for name, limits in guests:
+            if name in handle.guests():  # kept in the guests file: same token, these limits
+                if limits is not None:
+                    handle.update_guest(name, **limits)
+            else:
+                handle.add_guest(name, **(limits or {}))
+    except ColabSwarmError as exc:
+        handle.stop()
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     info = handle.info()
@@ -62,6 +81,11 @@ def _worker(args: argparse.Namespace) -> int:
         print(f"BENCH MODE: simulated engine at speed x{args.simulate_speed:g}", flush=True)
     print("Share string (paste it into the controller; it holds the secret token):", flush=True)
     print(handle.share, flush=True)
+    for name, limits in handle.guests().items():
+        print(f"guest {name} ({_limits_line(limits)}): {handle.guest_share(name)}", flush=True)
+    if idle_stop is not None:
+        print(f"idle stop: this worker stops itself once no controller has contacted it for "
+              f"{args.idle_stop}", flush=True)
     try:
         while not stop.wait(1.0):
             if handle.tunnel is not None and not handle.tunnel_alive:
@@ -74,6 +98,9 @@ def _worker(args: argparse.Namespace) -> int:
                 print("controller went away; stopping", flush=True)
                 return 0
             if not handle.running:
+                if handle.stopped_reason:
+                    print(f"stopped: {handle.stopped_reason}", flush=True)
+                    return 0
                 print("error: the server stopped", file=sys.stderr, flush=True)
                 return 1
     finally:
@@ -86,6 +113,11 @@ def _serve_gpus(args: argparse.Namespace) -> int:
     """`worker --gpus all`: one process per GPU, each printing its own share string."""
     from .swarm.local import start_local_workers
 
+    if args.guest or args.guests_file:
+        print("error: --guest and --guests-file are per worker: with --gpus, start each GPU's "
+              "worker yourself (CUDA_VISIBLE_DEVICES=N python -m colabswarm worker --guest ...)",
+              file=sys.stderr, flush=True)
+        return 2
     gpus = "all" if args.gpus == "all" else [int(g) for g in args.gpus.split(",")]
     extra: list[str] = ["--tunnel", args.tunnel, "--host", args.host]
     if args.simulate_speed is not None:
@@ -95,6 +127,8 @@ def _serve_gpus(args: argparse.Namespace) -> int:
     if args.loras_dir:
         extra += ["--loras-dir", args.loras_dir]
     extra += ["--lora-cache", str(args.lora_cache)]
+    if args.idle_stop is not None:
+        extra += ["--idle-stop", args.idle_stop]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -105,8 +139,13 @@ def _serve_gpus(args: argparse.Namespace) -> int:
             print(w.share, flush=True)
         while not stop.wait(1.0):
             for w in group.crashed():
+                if w.returncode == 0:  # stopped itself (idle stop): not a crash
+                    continue
                 print(f"{w.name} exited with code {w.returncode}; restarting", flush=True)
                 print(w.restart(), flush=True)
+            if all(w.returncode == 0 for w in group):
+                print("every worker stopped itself (idle stop)", flush=True)
+                return 0
     finally:
         group.stop()
     return 0
@@ -139,6 +178,48 @@ def _token(args: argparse.Namespace) -> str | None:
         return args.token
     # taken out of the environment, so the tunnel program and other children do not inherit it
     return os.environ.pop(TOKEN_ENV, None) or None
+
+
+_GUEST_KEYS = ("images_per_hour", "max_pixels", "max_steps", "max_images", "max_queued",
+               "weight")
+
+
+def _guest_spec(text: str) -> tuple[str, dict[str, float | int] | None]:
+    """`alice`, `alice:20` (images per hour) or `alice:images_per_hour=20,max_steps=30,...`
+    -> (name, limits or None for none given)."""
+    from .errors import ColabSwarmError
+
+    name, _, rest = text.partition(":")
+    if not rest:
+        return name, None
+    if "=" not in rest:
+        if not rest.isdigit():
+            raise ColabSwarmError(
+                f"--guest {text!r}: after the name comes the images per hour (alice:20) or "
+                f"key=value pairs (alice:images_per_hour=20,max_steps=30); keys: "
+                f"{', '.join(_GUEST_KEYS)}.")
+        return name, {"images_per_hour": int(rest)}
+    limits: dict[str, float | int] = {}
+    for part in rest.split(","):
+        key, _, value = part.partition("=")
+        key = key.strip().replace("-", "_")
+        if key not in _GUEST_KEYS:
+            raise ColabSwarmError(f"--guest {text!r}: unknown limit {key!r}; the limits are "
+                                  f"{', '.join(_GUEST_KEYS)}.")
+        try:
+            limits[key] = float(value) if key == "weight" else int(value)
+        except ValueError:
+            raise ColabSwarmError(f"--guest {text!r}: {key} needs a number (got "
+                                  f"{value!r}).") from None
+    return name, limits
+
+
+def _limits_line(limits: object) -> str:
+    values = limits.model_dump()  # type: ignore[attr-defined]
+    parts = [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()
+             if v is not None and not (k == "weight" and v == 1.0)
+             and not (k == "max_queued" and v == 16)]
+    return ", ".join(parts) or "no limits of its own"
 
 
 def _alive(pid: int) -> bool:
@@ -204,6 +285,16 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--stall-timeout", dest="stall_timeout_s", type=float, default=None,
                    help="seconds a request body (or an answer) may make no progress "
                         f"(default {d0.stall_timeout_s:g})")
+    w.add_argument("--guest", action="append", default=None, metavar="NAME[:LIMITS]",
+                   help="add a guest token (repeatable): NAME, NAME:IMAGES_PER_HOUR, or "
+                        "NAME:images_per_hour=20,max_pixels=262144,max_steps=30,max_images=4,"
+                        "max_queued=16,weight=1; its share string is printed after yours")
+    w.add_argument("--guests-file", default=None,
+                   help="keep guests (names, tokens, limits) in this file across restarts; "
+                        "written with mode 0600, refused if others can read it")
+    w.add_argument("--idle-stop", default=None, metavar="DURATION",
+                   help="stop the worker (and its tunnel) when no controller has contacted it "
+                        "for this long: 30m, 1h, 90s (default: off)")
     w.add_argument("--tunnel-deadline", type=float, default=60.0)
     w.add_argument("--parent-pid", type=int, default=None,
                    help="exit when this process goes away (set by start_local_workers)")

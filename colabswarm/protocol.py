@@ -28,14 +28,21 @@ __all__ = [
     "BUNDLE_TYPE",
     "CompileInfo",
     "CompiledShape",
+    "ControllerSeen",
     "ErrorDetail",
     "ErrorKind",
+    "GUEST_NAME_PATTERN",
+    "GuestGrant",
+    "GuestLimits",
+    "GuestQuota",
     "KIND_OF_STATUS",
     "LORA_NAME_PATTERN",
     "MAX_LORA_NAME",
     "MAX_LORAS_OFFERED",
     "MAX_LORAS_PER_JOB",
     "MAX_LORA_WEIGHT",
+    "LogLine",
+    "NewGuest",
     "STATUS_OF_KIND",
     "Info",
     "JobRequest",
@@ -46,10 +53,13 @@ __all__ = [
     "LoraRef",
     "SKIP_NGROK_WARNING",
     "TOKEN_ENV",
+    "TokenUsage",
     "UploadResult",
+    "WorkerLogs",
     "clean_name",
     "clean_text",
     "decode_share",
+    "make_guest_limits",
     "make_request",
     "encode_share",
     "mask_token",
@@ -365,6 +375,117 @@ class CompileInfo(BaseModel):
     shapes: list[CompiledShape] = Field(default_factory=list, max_length=64)
 
 
+# ----- roles: the owner's token and named guest tokens (backend/guests.py) ---------------
+GUEST_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,31}$"
+Role = Literal["owner", "guest"]
+_UNIX_S = Field(ge=0.0, le=1e11)  # a wall-clock time (seconds since 1970)
+
+
+class GuestLimits(BaseModel):
+    """What one guest token may use, set by the worker's owner. None: the worker's own limit."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    images_per_hour: int | None = Field(None, ge=1, le=1_000_000,
+                                        description="images accepted in any rolling hour")
+    max_pixels: int | None = Field(None, ge=64, le=1 << 26, description="width*height")
+    max_steps: int | None = Field(None, ge=1, le=10_000)
+    max_images: int | None = Field(None, ge=1, le=1024, description="images in one job")
+    max_queued: int = Field(16, ge=1, le=1024, description="jobs waiting or running at once")
+    weight: float = Field(1.0, gt=0.0, le=100.0,
+                          description="share of the GPU when several tokens have work queued")
+
+
+def make_guest_limits(*, images_per_hour: int | None = None, max_pixels: int | None = None,
+                      max_steps: int | None = None, max_images: int | None = None,
+                      max_queued: int = 16, weight: float = 1.0) -> GuestLimits:
+    """GuestLimits from a caller's values, or InvalidRequest saying which one is wrong."""
+    try:
+        return GuestLimits(images_per_hour=images_per_hour, max_pixels=max_pixels,
+                           max_steps=max_steps, max_images=max_images, max_queued=max_queued,
+                           weight=weight)
+    except ValidationError as exc:
+        msg = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequest(f"Bad guest limits: {msg}") from None
+
+
+class NewGuest(BaseModel):
+    """POST /v1/guests (owner only): a guest's name and limits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=GUEST_NAME_PATTERN)
+    limits: GuestLimits = Field(default_factory=GuestLimits)
+
+
+class GuestGrant(BaseModel):
+    """A new guest's token, shown once to the owner (make the share string from it)."""
+
+    name: str = Field(pattern=GUEST_NAME_PATTERN)
+    token: str = Field(pattern=r"^[A-Za-z0-9_\-]{16,256}$", repr=False)
+
+
+class TokenUsage(BaseModel):
+    """Who used the GPU: one row per token (the owner's, each guest's, revoked ones too)."""
+
+    model_config = _WIRE
+
+    name: Annotated[str, Field(max_length=200), AfterValidator(clean_name)]
+    role: Role
+    revoked: bool = False
+    images: int = Field(0, ge=0, description="images made")
+    jobs: int = Field(0, ge=0, description="jobs finished (done, failed or interrupted)")
+    gpu_seconds: float = Field(0.0, ge=0.0, le=1e10)
+    last_seen: float | None = Field(None, ge=0.0, le=1e11,
+                                    description="last authenticated request, unix seconds")
+    queued: int = Field(0, ge=0, description="jobs waiting or running now")
+    images_last_hour: int = Field(0, ge=0, description="images accepted in the last hour")
+    weight: float = Field(1.0, gt=0.0, le=100.0)
+    limits: GuestLimits | None = None
+
+
+class ControllerSeen(BaseModel):
+    """A controller that contacted the worker lately: its token's name and its random id."""
+
+    model_config = _WIRE
+
+    token: Annotated[str, Field(max_length=200), AfterValidator(clean_name)]
+    client: str = Field(pattern=r"^(-|[0-9a-f]{8,32})$",
+                        description="the controller's random id (x-colabswarm-client), '-' if "
+                        "it sent none")
+    last_seen: float = _UNIX_S
+    requests: int = Field(0, ge=0)
+
+
+class GuestQuota(BaseModel):
+    """A guest's own view of its limits: what it may use and what it used this hour."""
+
+    model_config = _WIRE
+
+    name: Annotated[str, Field(max_length=200), AfterValidator(clean_name)]
+    limits: GuestLimits
+    images_last_hour: int = Field(0, ge=0)
+    next_free_at: float | None = Field(
+        None, ge=0.0, le=1e11,
+        description="unix seconds when the oldest image of the last hour stops counting")
+
+
+class LogLine(BaseModel):
+    model_config = _WIRE
+
+    t: float = _UNIX_S
+    level: str = Field(pattern=r"^[A-Z]{1,10}$")
+    message: Annotated[str, Field(max_length=2000), AfterValidator(lambda v: clean_text(v, 500))]
+
+
+class WorkerLogs(BaseModel):
+    """GET /v1/logs (owner only): the worker's recent log lines, oldest first, tokens masked."""
+
+    model_config = _WIRE
+
+    lines: list[LogLine] = Field(default_factory=list, max_length=1000)
+
+
 class Info(BaseModel):
     model_config = _WIRE
 
@@ -411,6 +532,16 @@ class Info(BaseModel):
         default_factory=list, max_length=MAX_LORAS_OFFERED,
         description="LoRAs this worker offers, by name and content hash",
     )
+
+    # roles (a worker from before them sends none of these: a controller takes the defaults)
+    role: Role | None = Field(None, description="who the asking token is")
+    guest: GuestQuota | None = Field(None, description="a guest's own limits and use")
+    usage: list[TokenUsage] = Field(
+        default_factory=list, max_length=256,
+        description="who used the GPU: every token for the owner, only its own for a guest")
+    controllers: list[ControllerSeen] = Field(
+        default_factory=list, max_length=256,
+        description="controllers seen in the last 2 minutes (the owner's view only)")
 
     @field_validator("samplers")
     @classmethod

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -42,10 +44,16 @@ from ..protocol import (
     KIND_OF_STATUS,
     SKIP_NGROK_WARNING,
     ErrorDetail,
+    GuestGrant,
+    GuestLimits,
     Info,
     JobRequest,
     JobStatus,
+    LogLine,
+    NewGuest,
+    TokenUsage,
     UploadResult,
+    WorkerLogs,
     clean_text,
     decode_share,
     mask_token,
@@ -126,6 +134,22 @@ async def _all(calls: list[Callable[[], Awaitable[Any]]], limit: int) -> list[An
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _new_guest(name: str, limits: GuestLimits) -> NewGuest:
+    try:
+        return NewGuest(name=name, limits=limits)
+    except ValidationError:
+        raise InvalidRequest(
+            f"A guest's name must be 1-32 letters, digits, '.', '-' or '_', starting with a "
+            f"letter or digit (got {clean_text(name, 40)!r}).") from None
+
+
+def _json_list(body: bytes, most: int) -> list[Any]:
+    value = json.loads(body)
+    if not isinstance(value, list) or len(value) > most:
+        raise ValueError("not a bounded list")
+    return value
+
+
 def _png_size(data: bytes) -> tuple[int, int] | None:
     """Width and height from a PNG's IHDR, without decoding it."""
     if len(data) >= 24 and data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
@@ -160,8 +184,10 @@ class WorkerClient:
         self._timeout = timeout
         self._base = self.url + API_PREFIX
         # identity: the caps count what arrives; a compressed answer could expand 1000-fold
+        # a random id, so the worker's owner can tell connected controllers apart
+        self.client_id = secrets.token_hex(6)
         self._headers = {"Authorization": f"Bearer {self.token}", "Accept-Encoding": "identity",
-                         **SKIP_NGROK_WARNING}
+                         "x-colabswarm-client": self.client_id, **SKIP_NGROK_WARNING}
         self._session: aiohttp.ClientSession | None = None
         # what the worker said it can do, from its last /v1/info (empty until asked)
         self.capabilities: frozenset[str] = frozenset()
@@ -442,6 +468,56 @@ class WorkerClient:
 
     async def free(self) -> None:
         await self._request("POST", "/free")
+
+    # ----- the owner's routes (a guest token gets Forbidden) -----------------------------------
+    async def _owners(self, method: str, path: str, **kw: Any) -> _Answer:
+        """A request to a route workers have had since roles came: an older worker's 404 says
+        so in words a person can act on."""
+        try:
+            return await self._request(method, path, **kw)
+        except JobFailed as exc:
+            if exc.kind is not ErrorKind.NOT_FOUND or path.startswith("/guests/"):
+                raise
+            raise BackendUnavailable(
+                f"{self.name} has no {path} route: it runs a colabswarm from before guest "
+                "tokens and remote management; update colabswarm on that worker.",
+                kind=ErrorKind.NOT_FOUND) from None
+
+    async def interrupt_all(self) -> int:
+        """Interrupt every job on the worker (owner only); returns how many it stopped."""
+        answer = await self._owners("POST", "/interrupt")
+        try:
+            count = json.loads(answer.body)["interrupted"]
+            if not isinstance(count, int) or not 0 <= count <= 1_000_000:
+                raise ValueError(count)
+        except (ValueError, KeyError, TypeError):
+            raise WorkerMisbehaved(f"{self.name} sent a malformed answer to an interrupt.") \
+                from None
+        return count
+
+    async def logs(self, lines: int = 200) -> list[LogLine]:
+        """The worker's recent log lines, oldest first (at most 500, each cleaned)."""
+        lines = max(1, min(int(lines), 500))
+        answer = await self._owners("GET", "/logs", params={"lines": str(lines)},
+                                    cap=_INFO_CAP)
+        return self._model(WorkerLogs, answer).lines[-lines:]
+
+    async def guests(self) -> list[TokenUsage]:
+        answer = await self._owners("GET", "/guests", cap=_INFO_CAP)
+        try:
+            rows = [TokenUsage.model_validate(r) for r in _json_list(answer.body, 256)]
+        except (ValidationError, ValueError):
+            raise WorkerMisbehaved(f"{self.name} sent a malformed list of guests.") from None
+        return rows
+
+    async def add_guest(self, name: str, limits: GuestLimits) -> GuestGrant:
+        body = _new_guest(name, limits).model_dump_json()
+        answer = await self._owners("POST", "/guests", data=body.encode(),
+                                    headers={"content-type": "application/json"})
+        return self._model(GuestGrant, answer)
+
+    async def revoke_guest(self, name: str) -> None:
+        await self._request("DELETE", f"/guests/{_new_guest(name, GuestLimits()).name}")
 
     async def run(
         self,

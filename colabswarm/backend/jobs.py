@@ -1,5 +1,9 @@
 """The worker's job queue: one thread feeds the engine; HTTP handlers wait on versions.
 
+Every job belongs to a token (the owner's or a guest's); when several tokens have work queued,
+the engine serves them round-robin by images, by weight (``fairshare.FairQueue``), and a
+job's queue position is the one that rule will give it.
+
 Jobs are kept until the client acknowledges them (DELETE) or their time-to-live runs out, so a
 client whose connection dropped mid-download can fetch again, and a long-running worker's memory
 stays flat.
@@ -16,7 +20,7 @@ import secrets
 import sys
 import threading
 import time
-from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -25,6 +29,7 @@ from PIL import Image
 
 from ..errors import Busy, ColabSwarmError, ErrorKind, JobInterrupted
 from ..protocol import JobRequest, JobStatus, Limits
+from .fairshare import FairQueue
 from .png import encode_png
 
 __all__ = ["Job", "JobManager", "Runner", "error_kind_of", "out_of_memory_types", "public_error",
@@ -110,6 +115,8 @@ class Job:
     stop: bool = False
     event: asyncio.Event = field(default_factory=asyncio.Event)
     out_size: tuple[int, int] = (0, 0)
+    owner: str = "owner"  # the token's name: "owner" or a guest's
+    ended: bool = False   # the end hook has run
 
     def __post_init__(self) -> None:
         if self.req.kind == "upscale" and self.init_images:
@@ -146,11 +153,13 @@ class Job:
 class JobManager:
     """Owns the queue, the engine thread and the finished results."""
 
-    def __init__(self, runner: Runner, limits: Limits) -> None:
+    def __init__(self, runner: Runner, limits: Limits, *,
+                 on_end: Callable[[Job], None] | None = None, fair: bool = True) -> None:
         self.runner = runner
         self.limits = limits
+        self.on_end = on_end  # called once per job, outside the lock, when it ends
         self._jobs: dict[str, Job] = {}
-        self._queue: deque[Job] = deque()
+        self._queue: FairQueue[Job] = FairQueue(fair)
         self._lock = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -184,7 +193,8 @@ class JobManager:
         self._png_pool.shutdown(wait=True, cancel_futures=False)
 
     # ----- what handlers call --------------------------------------------------------------
-    def submit(self, req: JobRequest, init_images: list[Image.Image]) -> JobStatus:
+    def submit(self, req: JobRequest, init_images: list[Image.Image],
+               owner: str = "owner") -> JobStatus:
         with self._lock:
             self._sweep()
             waiting = len(self._queue) + (1 if self.running else 0)
@@ -201,11 +211,16 @@ class JobManager:
                     "or use another worker.",
                     kind=ErrorKind.QUEUE_FULL, retry_after_s=wait,
                 )
-            job = Job(secrets.token_hex(8), req, init_images)
+            job = Job(secrets.token_hex(8), req, init_images, owner=owner)
             self._jobs[job.id] = job
-            self._queue.append(job)
+            self._queue.push(job, owner, len(req.seeds))
             self._lock.notify_all()
-            return job.status(len(self._queue))
+            return job.status(self._queue.position(job))
+
+    def next_slot_s(self) -> float:
+        """Seconds until the running job is probably done."""
+        with self._lock:
+            return self._next_slot_s()
 
     def _next_slot_s(self) -> float:
         """Call with the lock held: seconds until the running job is probably done."""
@@ -227,12 +242,7 @@ class JobManager:
             return job.status(self._position(job))
 
     def _position(self, job: Job) -> int:
-        if job.state != "queued":
-            return 0
-        try:
-            return self._queue.index(job) + 1
-        except ValueError:
-            return 0
+        return self._queue.position(job) if job.state == "queued" else 0
 
     async def wait(self, job: Job, since: int, timeout: float,
                    progress_every: float = 0.0) -> JobStatus:
@@ -271,19 +281,24 @@ class JobManager:
             if job is None:
                 return False
             job.stop = True
-            if job.state == "queued":
-                self._queue.remove(job)
+            dropped = job.state == "queued" and self._queue.remove(job)
             job.pngs = []
-            return True
+        if dropped:  # it will never run: its end is now
+            self._ended(job)
+        return True
 
-    def interrupt(self, job: Job | None = None) -> int:
-        """Stop one job, or every queued and running job; returns how many were stopped."""
+    def interrupt(self, job: Job | None = None, owner: str | None = None) -> int:
+        """Stop one job, or every queued and running job (of one owner); returns how many
+        were stopped."""
+        stopped: list[Job] = []
         with self._lock:
-            targets = [job] if job else list(self._jobs.values())
+            targets = [job] if job else [j for j in self._jobs.values()
+                                         if owner is None or j.owner == owner]
             count = 0
             for j in targets:
                 if j.state == "queued":
                     self._queue.remove(j)
+                    stopped.append(j)
                     j.state = "interrupted"
                     j.error = "interrupted before it started"
                     j.error_kind = ErrorKind.INTERRUPTED
@@ -293,7 +308,26 @@ class JobManager:
                 elif j.state == "running":
                     j.stop = True
                     count += 1
-            return count
+        for j in stopped:
+            self._ended(j)
+        return count
+
+    def per_owner(self) -> dict[str, int]:
+        """Jobs waiting or running, per owner."""
+        with self._lock:
+            out = self._queue.owners()
+            if self.running is not None:
+                out[self.running.owner] = out.get(self.running.owner, 0) + 1
+            return out
+
+    def set_weight(self, owner: str, weight: float) -> None:
+        """An owner's share of the GPU when several have work queued (default 1)."""
+        with self._lock:
+            self._queue.set_weight(owner, weight)
+
+    def weights(self, owners: list[str]) -> dict[str, float]:
+        with self._lock:
+            return {o: self._queue.weight(o) for o in owners}
 
     def counts(self) -> tuple[int, int, int]:
         """(queued, running, finished-but-uncollected) jobs."""
@@ -332,7 +366,7 @@ class JobManager:
                     self._sweep()
                 if self._closing:
                     return
-                job = self._queue.popleft()
+                job = self._queue.pop()
                 job.state = "running"
                 job.started = time.monotonic()
                 self.running = job
@@ -407,6 +441,19 @@ class JobManager:
             if state == "done":
                 self.jobs_served += 1
             self._changed(job)
+        self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        """Run the end hook once per job (outside the lock)."""
+        with self._lock:
+            if job.ended:
+                return
+            job.ended = True
+        if self.on_end is not None:
+            try:
+                self.on_end(job)
+            except Exception:
+                log.exception("job %s: the end hook failed", job.id)
 
 
 def _rgb_png(image: Image.Image) -> bytes:

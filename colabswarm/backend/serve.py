@@ -1,25 +1,104 @@
 """Start and stop a worker server in a background thread of this process (a notebook kernel).
 
 The kernel stays free: uvicorn runs its own event loop on a daemon thread, the engine runs on
-another, and the handle returned here is all a notebook cell needs.
+another, and the handle returned here is all a notebook cell needs: the share string, the
+owner's guests (``add_guest`` returns a guest's share string, ``revoke`` takes it back), who
+used the GPU (``info()``, ``usage()``), the worker's log, and the idle stop that shuts a worker
+no controller has contacted for a while (``idle_stop="30m"``), so a rented GPU stops costing.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import ColabSwarmError, TunnelError
-from ..protocol import Limits, clean_name, encode_share, mask_token, new_token
+from ..errors import ColabSwarmError, InvalidRequest, TunnelError
+from ..protocol import (
+    ControllerSeen,
+    GuestLimits,
+    Limits,
+    LogLine,
+    TokenUsage,
+    clean_name,
+    encode_share,
+    make_guest_limits,
+    mask_token,
+    new_token,
+)
 from .connections import guarded_protocol
 from .server import WorkerApp, create_app
 
-__all__ = ["WorkerHandle", "make_engine", "start_worker"]
+__all__ = ["WorkerHandle", "idle_verdict", "make_engine", "parse_duration",
+           "release_colab_runtime", "start_worker"]
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s?)?$")
+
+
+def parse_duration(value: str | float | None) -> float | None:
+    """Seconds from "30m", "1h", "1h30m", "90s", "90" or a number; None for None, "off",
+    "none", "0" or 0 (off)."""
+    if value is None or value is False:
+        return None
+    if isinstance(value, (int, float)):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower().replace(" ", "")
+        if text in ("", "off", "none", "no", "false", "0"):
+            return None
+        m = _DURATION.match(text)
+        if not m or not any(m.groups()):
+            raise InvalidRequest(
+                f"Cannot read the duration {str(value)[:40]!r}: write it like 30m, 1h, 1h30m, "
+                "90s or a number of seconds (off: none).")
+        h, mins, secs = (float(g) if g else 0.0 for g in m.groups())
+        seconds = h * 3600 + mins * 60 + secs
+    if seconds <= 0:
+        return None
+    if not seconds >= 1 or seconds > 30 * 86400:
+        raise InvalidRequest(f"A duration must be between 1 s and 30 days (got {value!r}).")
+    return seconds
+
+
+def release_colab_runtime() -> bool:
+    """On Colab, give the runtime (the GPU machine) back, which is what stops its billing;
+    elsewhere do nothing. Returns whether it asked Colab. For start_worker's on_idle_stop."""
+    try:
+        from google.colab import runtime  # type: ignore[import-not-found]
+    except ImportError:
+        return False
+    log.warning("giving the Colab runtime back (idle stop)")
+    runtime.unassign()
+    return True
+
+
+def idle_verdict(now: float, last_contact: float, idle_stop_s: float | None
+                 ) -> tuple[str, float | None]:
+    """("ok" | "warn" | "stop", seconds left before the stop) for a worker last contacted at
+    `last_contact`. The warning comes a fifth of the time before, at most 5 minutes."""
+    if idle_stop_s is None:
+        return "ok", None
+    left = idle_stop_s - (now - last_contact)
+    if left <= 0:
+        return "stop", 0.0
+    if left <= min(idle_stop_s / 5, 300.0):
+        return "warn", left
+    return "ok", left
+
+
+def _say(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 90:
+        return f"{s}s"
+    if s < 5400:
+        return f"{s // 60}m" + (f"{s % 60}s" if s % 60 and s < 600 else "")
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 log = logging.getLogger("colabswarm.serve")
 
@@ -73,6 +152,11 @@ class WorkerHandle:
     tunnel_provider: str = "none"
     tunnel_deadline_s: float = 60.0
     tunnel_authtoken: str | None = field(default=None, repr=False)
+    idle_stop_s: float | None = None
+    on_idle_stop: Callable[[], Any] | None = field(default=None, repr=False)
+    stopped_reason: str | None = None   # why it stopped, if it stopped itself
+    idle_warning: str | None = None     # shown while an idle stop is near
+    _stopping: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __repr__(self) -> str:
         tunnel = self.tunnel.public_url if self.tunnel is not None else None
@@ -108,7 +192,103 @@ class WorkerHandle:
         return self.tunnel is None or self.tunnel.alive()
 
     def info(self) -> Any:
+        """The owner's view of /v1/info: every token's use and the connected controllers."""
         return self.worker.info()
+
+    # ----- guests ----------------------------------------------------------------------------
+    def add_guest(self, name: str, *, images_per_hour: int | None = None,
+                  max_pixels: int | None = None, max_steps: int | None = None,
+                  max_images: int | None = None, max_queued: int = 16,
+                  weight: float = 1.0) -> str:
+        """A named guest token with its own limits (None: the worker's); returns the guest's
+        share string. The guest may generate, upscale and see or stop its own jobs only."""
+        limits = make_guest_limits(
+            images_per_hour=images_per_hour, max_pixels=max_pixels, max_steps=max_steps,
+            max_images=max_images, max_queued=max_queued, weight=weight)
+        self.worker.add_guest(name, limits)
+        return self.guest_share(name)
+
+    def update_guest(self, name: str, *, images_per_hour: int | None = None,
+                     max_pixels: int | None = None, max_steps: int | None = None,
+                     max_images: int | None = None, max_queued: int = 16,
+                     weight: float = 1.0) -> None:
+        """Give a guest these limits (all of them: a left-out one goes back to its default);
+        its token stays the same."""
+        self.worker.update_guest(name, make_guest_limits(
+            images_per_hour=images_per_hour, max_pixels=max_pixels, max_steps=max_steps,
+            max_images=max_images, max_queued=max_queued, weight=weight))
+
+    def revoke(self, name: str) -> bool:
+        """Take a guest's token back: its next request gets 401, its queued and running jobs
+        stop. False if there is no such guest."""
+        return self.worker.revoke(name)
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """A token's share of the GPU while several have work queued: "owner" or a guest's
+        name; 2 gets twice the images of 1."""
+        self.worker.set_weight(name, weight)
+
+    def guest_share(self, name: str) -> str:
+        """A guest's share string (this worker's current URL and the guest's token)."""
+        return encode_share(self.url, self.worker.tokens.token_of(name))
+
+    def guests(self) -> dict[str, GuestLimits]:
+        """The guests and their limits (no tokens: guest_share(name) has the share string)."""
+        return {g.name: g.limits or GuestLimits() for g in self.worker.tokens.guests()}
+
+    def usage(self) -> list[TokenUsage]:
+        """Who used the GPU: per token, images, GPU seconds, last seen (revoked ones too)."""
+        return self.worker.usage_rows()
+
+    def controllers(self) -> list[ControllerSeen]:
+        """Controllers that contacted this worker in the last 2 minutes."""
+        return self.worker.usage.controllers(time.monotonic())
+
+    def logs(self, lines: int = 200) -> list[LogLine]:
+        """The worker's recent log lines, oldest first, tokens masked."""
+        return self.worker.log.lines(lines)
+
+    # ----- idle stop -------------------------------------------------------------------------
+    @property
+    def idle_stop_in_s(self) -> float | None:
+        """Seconds until this worker stops itself unless a controller contacts it (None: off
+        or stopped)."""
+        if self.idle_stop_s is None or not self.running:
+            return None
+        return idle_verdict(time.monotonic(), self.worker.last_contact, self.idle_stop_s)[1]
+
+    def _watch_idle(self) -> None:
+        assert self.idle_stop_s is not None
+        every = min(1.0, max(0.05, self.idle_stop_s / 50))
+        warned = False
+        note = self.worker.log.note
+        while not self._stopping.wait(every):
+            verdict, left = idle_verdict(time.monotonic(), self.worker.last_contact,
+                                         self.idle_stop_s)
+            if verdict == "ok" and warned:
+                warned, self.idle_warning = False, None
+                note(logging.INFO, "a controller is back: the idle stop is called off")
+            elif verdict == "warn" and not warned:
+                warned = True
+                self.idle_warning = (
+                    f"No controller has contacted this worker for "
+                    f"{_say(self.idle_stop_s - (left or 0))}: it stops itself (and its "
+                    f"tunnel) in {_say(left or 0)} unless one does (idle_stop "
+                    f"{_say(self.idle_stop_s)}).")
+                note(logging.WARNING, self.idle_warning)
+            elif verdict == "stop":
+                self.stopped_reason = (
+                    f"idle: no controller contacted this worker for {_say(self.idle_stop_s)} "
+                    "(idle_stop), so it stopped itself and its tunnel")
+                note(logging.WARNING, f"stopping: {self.stopped_reason}")
+                self.idle_warning = None
+                self.stop()
+                if self.on_idle_stop is not None:
+                    try:
+                        self.on_idle_stop()
+                    except Exception:
+                        log.exception("on_idle_stop failed")
+                return
 
     def open_tunnel(self, provider: str | None = None) -> str:
         """Open (or re-open) the tunnel and check the worker through it; returns the share."""
@@ -141,6 +321,7 @@ class WorkerHandle:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the tunnel, stop the server and the engine thread; idempotent."""
+        self._stopping.set()
         self.close_tunnel()
         self._server.should_exit = True
         self._thread.join(timeout)
@@ -173,6 +354,9 @@ def start_worker(
     engine: Any = None,
     loras: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     lora_cache: int = 4,
+    guests_file: str | None = None,
+    idle_stop: str | float | None = None,
+    on_idle_stop: Callable[[], Any] | None = None,
 ) -> WorkerHandle:
     """Serve a model from this process on a background thread; returns at once with a handle.
 
@@ -180,9 +364,16 @@ def start_worker(
     wait_ready it returns once the model is loaded or failed. ``loras`` lists .safetensors
     LoRA files and/or folders of them (pickle files are refused); each is offered by its file
     name and content hash, and ``lora_cache`` of them stay loaded between jobs.
+
+    guests_file: keep the guests (their names, tokens, limits) in this file across restarts
+    (mode 0600; a file others can read is refused). Without it, guests last until the worker
+    stops. idle_stop: "30m", "1h", seconds, or None (off, the default): stop the worker and its
+    tunnel once no controller has contacted it for that long (a warning comes first, in the
+    log and the panel); on_idle_stop is then called (e.g. to release a rented machine).
     """
     import uvicorn
 
+    idle_stop_s = parse_duration(idle_stop)
     token = token or new_token()
     eng = engine or make_engine(
         model, device=device, allow_downloads=allow_downloads, device_map=device_map,
@@ -191,7 +382,7 @@ def start_worker(
     )
     worker = WorkerApp(
         eng, token, limits, name=clean_name(name or socket.gethostname()),
-        simulated=simulate_speed is not None,
+        simulated=simulate_speed is not None, guests_file=guests_file,
     )
     # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are
     # TCP, and without it every keep-alive response waits 40 ms for a delayed ACK (Nagle)
@@ -222,7 +413,7 @@ def start_worker(
     handle = WorkerHandle(
         worker, host, sock.getsockname()[1], token, server, thread,
         tunnel_provider=tunnel or "none", tunnel_deadline_s=tunnel_deadline_s,
-        tunnel_authtoken=ngrok_authtoken,
+        tunnel_authtoken=ngrok_authtoken, idle_stop_s=idle_stop_s, on_idle_stop=on_idle_stop,
     )
     deadline = time.monotonic() + 30
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
@@ -241,4 +432,13 @@ def start_worker(
         except BaseException:
             handle.stop()
             raise
+    models = getattr(eng, "model_names", [])
+    worker.log.note(logging.INFO, f"worker {worker.name} serving {models} at "
+                                  f"{handle.local_url}"
+                                  + (f", idle stop after {_say(idle_stop_s)}" if idle_stop_s
+                                     else ""))
+    if idle_stop_s is not None:
+        worker.last_contact = time.monotonic()  # the idle time counts from now
+        threading.Thread(target=handle._watch_idle, name="colabswarm-idle-stop",
+                         daemon=True).start()
     return handle

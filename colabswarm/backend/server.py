@@ -2,6 +2,9 @@
 
 Every route but ``/healthz`` needs ``Authorization: Bearer <token>``, checked in constant time
 by an ASGI gate that runs before any body is parsed, so a stranger learns nothing but 401.
+The token says who is asking (``guests.TokenBook``): the owner may do everything; a guest may
+run jobs within its limits and see or stop only its own, and gets 403 (kind ``forbidden``) for
+the owner's routes (interrupt all, free memory, logs, guests) and for other tokens' jobs.
 Every error answer is an ``ErrorDetail``: a sentence for people and a ``kind`` for code, with
 the HTTP status that ``protocol.STATUS_OF_KIND`` gives that kind (and ``Retry-After`` for the
 transient ones). Connection-level limits (header, idle and stall timeouts, the connection cap)
@@ -11,7 +14,6 @@ are in ``connections.py``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import io
 import json
 import logging
@@ -36,25 +38,41 @@ from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..crops import fits_edge_rule
-from ..errors import Busy, ColabSwarmError, ErrorKind, InvalidRequest, ModelNotAvailable
+from ..errors import Busy, ColabSwarmError, ErrorKind, Forbidden, InvalidRequest, ModelNotAvailable
 from ..protocol import (
     API_PREFIX,
     BUNDLE_TYPE,
+    GUEST_NAME_PATTERN,
     KIND_OF_STATUS,
     STATUS_OF_KIND,
     ErrorDetail,
+    GuestGrant,
+    GuestLimits,
     Info,
     JobRequest,
     JobStatus,
     Limits,
     LoraInfo,
+    NewGuest,
+    TokenUsage,
     UploadResult,
+    WorkerLogs,
     clean_name,
     mask_token,
 )
 from ..samplers import DEFAULT_SAMPLER, canonical_sampler
+from .guests import (
+    OWNER,
+    OWNER_WHO,
+    TokenBook,
+    Usage,
+    Who,
+    effective_limits,
+    guest_refusal,
+)
 from .imagescan import scan_image
-from .jobs import JobManager, public_error
+from .jobs import Job, JobManager, public_error
+from .worklog import WorkerLog
 
 __all__ = ["WorkerApp", "create_app"]
 
@@ -69,7 +87,9 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.
 _REASONS = {
     400: "Malformed request: a bad Content-Length header, or a body that is not JSON "
          "(kind invalid)",
-    401: "Missing or wrong bearer token (kind unauthorized)",
+    401: "Missing, wrong or revoked bearer token (kind unauthorized)",
+    403: "The token is a guest's: this route is the owner's, or the job is another token's "
+         "(kind forbidden)",
     404: "No such job (finished and collected, expired, or never existed), or no such path "
          "(kind not_found)",
     409: "The job is not done yet (kind not_ready)",
@@ -78,7 +98,8 @@ _REASONS = {
     422: "A parameter is invalid or over one of the worker's limits (kind invalid), or it names "
          "a model or upscaler this worker does not serve (kind model_not_available)",
     429: "The job queue is full, or the worker has as many open connections as it takes (kind "
-         "queue_full): retry after Retry-After seconds",
+         "queue_full), or a guest token's hourly images are used up (kind rate_limited): retry "
+         "after Retry-After seconds",
     500: "The worker failed on this request (kind crash)",
     503: "The worker's model failed to load (kind model_failed), or it is still loading and its "
          "queue is full (kind loading, with Retry-After)",
@@ -121,12 +142,21 @@ class Freed(BaseModel):
     freed: bool
 
 
+class Revoked(BaseModel):
+    revoked: str
+
+
+_CLIENT_ID = re.compile(rb"^[0-9a-f]{8,32}$")
+CLIENT_HEADER = "x-colabswarm-client"  # a controller's random id, for the owner's view
+
+
 class _Gate:
     """ASGI middleware: token check and body-size cap before the app sees a request. Uploads
-    may be up to ``max_body`` bytes; every other route takes JSON of at most ``max_json``."""
+    may be up to ``max_body`` bytes; every other route takes JSON of at most ``max_json``.
+    Who the token belongs to goes into the scope (``colabswarm.who``) for the routes."""
 
-    def __init__(self, app: Any, token: str, max_body: int, max_json: int) -> None:
-        self.app, self._token = app, token.encode()
+    def __init__(self, app: Any, worker: WorkerApp, max_body: int, max_json: int) -> None:
+        self.app, self._worker = app, worker
         self.max_upload, self.max_json = max_body, min(max_json, max_body)
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -135,15 +165,21 @@ class _Gate:
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization", b"")
         scheme, _, given = auth.partition(b" ")
-        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+        who = self._worker.tokens.identify(given.strip()) if scheme.lower() == b"bearer" \
+            else None
+        if who is None:
             extra = [(b"www-authenticate", b"Bearer")]
             if not _has_body(headers):
                 # a stranger's connection is not kept alive: it cannot sit on a slot
                 extra.append((b"connection", b"close"))
             return await _send_error(
-                send, "Missing or wrong token. Send 'Authorization: Bearer <token>' with the "
-                "token from the worker's share string.", ErrorKind.UNAUTHORIZED, extra=extra,
+                send, "Missing, wrong or revoked token. Send 'Authorization: Bearer <token>' "
+                "with the token from the worker's share string (a guest whose token was "
+                "revoked needs a new one from the owner).", ErrorKind.UNAUTHORIZED, extra=extra,
             )
+        client = headers.get(CLIENT_HEADER.encode(), b"")
+        self._worker.touch(who, client.decode() if _CLIENT_ID.match(client) else "-")
+        scope["colabswarm.who"] = who
         cap = self.max_upload if scope["path"] == _UPLOADS else self.max_json
         length = headers.get(b"content-length")
         if length is not None:
@@ -170,6 +206,13 @@ class _Gate:
 
 
 _UPLOADS = f"{API_PREFIX}/uploads"
+_GUEST_UPLOADS = 16  # uploads one guest holds at once (its oldest go first)
+
+
+def _limits_text(lim: GuestLimits) -> str:
+    parts = [f"{k} {v}" for k, v in lim.model_dump().items()
+             if v is not None and not (k == "weight" and v == 1.0)]
+    return ", ".join(parts) or "no limits of its own"
 
 
 def _too_big(cap: int) -> str:
@@ -201,6 +244,8 @@ class WorkerApp:
         limits: Limits | None = None,
         name: str = "worker",
         simulated: bool = False,
+        *,
+        guests_file: str | None = None,
     ) -> None:
         if not isinstance(token, str) or not _TOKEN_RE.match(token):
             raise ColabSwarmError(
@@ -212,8 +257,14 @@ class WorkerApp:
         self.limits = limits or Limits()
         self.name = clean_name(name)
         self.simulated = simulated
-        self.jobs = JobManager(engine, self.limits)
-        self.uploads: OrderedDict[str, tuple[float, Image.Image]] = OrderedDict()
+        self.tokens = TokenBook(token, guests_file)
+        self.usage = Usage()
+        self.log = WorkerLog(self.tokens.known_tokens, self.name)
+        self.last_contact = time.monotonic()  # any authenticated request (idle_stop)
+        self.jobs = JobManager(engine, self.limits, on_end=self._job_ended)
+        for g in self.tokens.guests():
+            self.jobs.set_weight(g.name, g.limits.weight if g.limits else 1.0)
+        self.uploads: OrderedDict[str, tuple[float, Image.Image, str]] = OrderedDict()
         self._uploads_lock = threading.Lock()
         self.state = "loading"
         self.state_detail: str | None = None
@@ -231,9 +282,92 @@ class WorkerApp:
             self.state, self.state_detail = "error", public_error(exc)
             raise
 
-    def info(self) -> Info:
+    # ----- roles and use ---------------------------------------------------------------------
+    def touch(self, who: Who, client: str) -> None:
+        """An authenticated request: the contact idle_stop watches, and who was seen."""
+        self.last_contact = time.monotonic()
+        self.usage.seen(who, client, time.time(), self.last_contact)
+
+    def add_guest(self, name: str, limits: GuestLimits | None = None) -> str:
+        """A new guest token with its limits; returns the token."""
+        token = self.tokens.add(name, limits)
+        lim = self.tokens.guest(name).limits or GuestLimits()
+        self.jobs.set_weight(name, lim.weight)
+        self.log.note(logging.INFO, f"guest {name!r} added ({_limits_text(lim)})")
+        return token
+
+    def update_guest(self, name: str, limits: GuestLimits) -> None:
+        self.tokens.update(name, limits)
+        self.jobs.set_weight(name, limits.weight)
+        self.log.note(logging.INFO, f"guest {name!r} now has {_limits_text(limits)}")
+
+    def revoke(self, name: str) -> bool:
+        """Take a guest's token back: its next request gets 401; its queued and running jobs
+        are stopped and its uploads dropped. False if there is no such guest."""
+        if not self.tokens.revoke(name):
+            return False
+        stopped = self.jobs.interrupt(owner=name)
+        with self._uploads_lock:
+            for uid in [u for u, e in self.uploads.items() if e[2] == name]:
+                del self.uploads[uid]
+        self.usage.revoked(name)
+        self.log.note(logging.INFO, f"guest {name!r} revoked ({stopped} of its jobs stopped)")
+        return True
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """A token's share of the GPU when several have work queued ("owner" or a guest)."""
+        if not isinstance(weight, (int, float)) or not 0 < weight <= 100:
+            raise InvalidRequest(f"A weight is a number above 0 and at most 100 (got "
+                                 f"{weight!r}).")
+        if name == OWNER:
+            self.jobs.set_weight(OWNER, float(weight))
+            return
+        lim = self.tokens.guest(name).limits or GuestLimits()
+        self.update_guest(name, lim.model_copy(update={"weight": float(weight)}))
+
+    def usage_rows(self, only: str | None = None) -> list[TokenUsage]:
+        guests = self.tokens.guests()
+        names = [OWNER, *[g.name for g in guests]]
+        return self.usage.rows(guests, self.jobs.per_owner(), self.jobs.weights(names),
+                               time.monotonic(), only)
+
+    def _job_ended(self, job: Job) -> None:
+        made = len(job.req.seeds) if job.state == "done" else 0
+        gpu = ((job.computed or job.finished or time.monotonic()) - job.started
+               if job.started is not None else 0.0)
+        self.usage.ended(job.owner, job.id, made, gpu, time.monotonic())
+        if job.state == "done":
+            self.log.note(logging.INFO, f"job {job.id}: {made} {job.req.kind} image(s) "
+                                        f"{job.out_size[0]}x{job.out_size[1]} for {job.owner} "
+                                        f"in {gpu:.2f}s")
+
+    def admit(self, who: Who, req: JobRequest, images: list[Image.Image]) -> JobStatus:
+        """Queue a job for `who`, within its limits (a guest's: which limit, when it resets)."""
+        now = time.monotonic()
+        hourly = who.limits is not None and who.limits.images_per_hour is not None
+        refusal = guest_refusal(
+            who, req, queued=self.jobs.per_owner().get(who.name, 0),
+            accepted=self.usage.hour(who.name) if hourly else [], now=now,
+            now_wall=time.time(), next_slot_s=self.jobs.next_slot_s())
+        if refusal is not None:
+            self.log.note(logging.INFO, f"refused a job of {who.name}: {refusal}")
+            raise refusal
+        status = self.jobs.submit(req, images, owner=who.name)
+        self.usage.accepted(who, status.id, len(req.seeds), now)
+        return status
+
+    def info(self, who: Who = OWNER_WHO) -> Info:
+        """What /v1/info says to `who`: the owner sees every token's use and the connected
+        controllers; a guest sees its own limits (as `limits`) and use only."""
         queued, running, held = self.jobs.counts()
         dev = self.engine.device_info()
+        limits = effective_limits(self.limits, who.limits)
+        if who.is_owner:
+            extra: dict[str, Any] = {"usage": self.usage_rows(),
+                                     "controllers": self.usage.controllers(time.monotonic())}
+        else:
+            extra = {"usage": self.usage_rows(only=who.name),
+                     "guest": self.usage.quota(who, time.monotonic(), time.time())}
         return Info(
             name=self.name,
             state=self.state,  # type: ignore[arg-type]
@@ -249,7 +383,7 @@ class WorkerApp:
                           "loras", "clip_skip", "prompt_lists"],
             upscalers=self.engine.upscaler_names(),
             upscaler_scales=self.engine.upscaler_scales(),
-            limits=self.limits,
+            limits=limits,
             queue_depth=queued,
             running=running,
             jobs_served=self.jobs.jobs_served,
@@ -259,6 +393,8 @@ class WorkerApp:
             samplers=self._samplers(),
             loras=[LoraInfo(name=f.name, hash=f.hash)
                    for f in getattr(self.engine, "lora_files", {}).values()],
+            role=who.role,  # type: ignore[arg-type]
+            **extra,
         )
 
     def _samplers(self) -> list[str]:
@@ -267,7 +403,7 @@ class WorkerApp:
         return names() if names is not None else [DEFAULT_SAMPLER]
 
     # ----- checks ----------------------------------------------------------------------------
-    def check(self, req: JobRequest) -> list[Image.Image]:
+    def check(self, req: JobRequest, who: Who = OWNER_WHO) -> list[Image.Image]:
         """Refuse what this worker will not run, with the limit in the message."""
         lim = self.limits
         if req.kind != "upscale":
@@ -335,7 +471,7 @@ class WorkerApp:
         with self._uploads_lock:
             for uid in req.init_images:
                 entry = self.uploads.get(uid)
-                if entry is None:
+                if entry is None or not (who.is_owner or entry[2] == who.name):
                     raise InvalidRequest(
                         f"Unknown or expired upload {uid!r}; upload the image again."
                     )
@@ -422,7 +558,7 @@ class WorkerApp:
                     f"and lie inside the upscaled {w}x{h} image (rounded up to a multiple of 8)."
                 )
 
-    def add_upload(self, data: bytes | bytearray) -> UploadResult:
+    def add_upload(self, data: bytes | bytearray, who: Who = OWNER_WHO) -> UploadResult:
         if not data:
             raise InvalidRequest("Empty upload: send the image bytes (PNG, JPEG or WebP) as body.")
         lim = self.limits
@@ -456,12 +592,16 @@ class WorkerApp:
         uid = secrets.token_hex(8)
         with self._uploads_lock:
             now = time.monotonic()
-            for key in [k for k, (t, _) in self.uploads.items()
+            for key in [k for k, (t, _, _) in self.uploads.items()
                         if now - t > lim.result_ttl_s]:
                 del self.uploads[key]
             while len(self.uploads) >= lim.max_uploads:
                 self.uploads.popitem(last=False)
-            self.uploads[uid] = (now, image)
+            if not who.is_owner:  # a guest's uploads push out only its own older ones
+                mine = [u for u, e in self.uploads.items() if e[2] == who.name]
+                for u in mine[:max(0, len(mine) - _GUEST_UPLOADS + 1)]:
+                    del self.uploads[u]
+            self.uploads[uid] = (now, image, who.name)
         return UploadResult(id=uid, width=w, height=h)
 
 
@@ -470,9 +610,11 @@ def create_app(worker: WorkerApp) -> Any:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # noqa: ANN202
+        worker.log.attach()
         worker.jobs.start(asyncio.get_running_loop(), warmup=worker._warmup)
         yield
         worker.jobs.close()
+        worker.log.detach()
 
     app = FastAPI(
         title="colabswarm worker",
@@ -484,6 +626,17 @@ def create_app(worker: WorkerApp) -> Any:
         dependencies=[Security(HTTPBearer(auto_error=False))],
         responses=_errors(400, 401, 413, 429, 500),
     )
+
+    def who(request: Request) -> Who:
+        return request.scope.get("colabswarm.who", OWNER_WHO)
+
+    def owner_only(request: Request, action: str) -> Who:
+        w = who(request)
+        if not w.is_owner:
+            raise Forbidden(
+                f"Only the worker's owner may {action}; this request used guest token "
+                f"{w.name!r}. A guest may run jobs and see or stop its own; ask the owner.")
+        return w
 
     def answer(detail: str, kind: ErrorKind, retry_after_s: float | None = None) -> JSONResponse:
         status, body, headers = _error_body(detail, kind, retry_after_s)
@@ -526,8 +679,8 @@ def create_app(worker: WorkerApp) -> Any:
         return {"ok": True}
 
     @app.get(f"{API_PREFIX}/info", response_model=Info)
-    async def info() -> Info:
-        return await asyncio.to_thread(worker.info)
+    async def info(request: Request) -> Info:
+        return await asyncio.to_thread(worker.info, who(request))
 
     @app.post(
         f"{API_PREFIX}/uploads",
@@ -545,6 +698,7 @@ def create_app(worker: WorkerApp) -> Any:
         },
     )
     async def upload(request: Request) -> UploadResult:
+        me = who(request)
         # one growing buffer, not a list of chunks joined at the end: a body dropped half-way
         # (stalled, over the cap) leaves one block to give back, not scattered pieces
         data = bytearray()
@@ -555,28 +709,34 @@ def create_app(worker: WorkerApp) -> Any:
             del data
             raise ColabSwarmError("The upload ended before its last byte; send it again.",
                                   kind=ErrorKind.INVALID) from None
-        return await asyncio.to_thread(worker.add_upload, data)
+        return await asyncio.to_thread(worker.add_upload, data, me)
 
     @app.post(f"{API_PREFIX}/jobs", response_model=JobStatus, status_code=202,
               responses=_errors(422, 429, 503))
-    async def submit(req: JobRequest) -> JobStatus:
+    async def submit(req: JobRequest, request: Request) -> JobStatus:
+        me = who(request)
         if worker.state == "error":
             raise ColabSwarmError(
                 f"The worker's model failed to load ({worker.state_detail}); its owner must "
                 "restart it. Use another worker.", kind=ErrorKind.MODEL_FAILED)
-        images = worker.check(req)
-        return worker.jobs.submit(req, images)
+        images = worker.check(req, me)
+        return worker.admit(me, req, images)
 
-    def _job(job_id: str) -> Any:
+    def _job(job_id: str, request: Request) -> Any:
         job = worker.jobs.get(job_id)
         if job is None:
             raise ColabSwarmError(f"No job {job_id}: it finished and was collected, expired, "
                                   "or never existed on this worker.", kind=ErrorKind.NOT_FOUND)
+        me = who(request)
+        if not me.is_owner and job.owner != me.name:
+            raise Forbidden(f"Job {job_id} was not submitted with this token (guest "
+                            f"{me.name!r}); a guest sees and stops only its own jobs.")
         return job
 
     @app.get(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobStatus,
-             responses=_errors(404, 422))
+             responses=_errors(403, 404, 422))
     async def job_status(
+        request: Request,
         job_id: str = _ID,
         wait: float = Query(0.0, ge=0.0, le=30.0, description="long-poll seconds"),
         since: int = Query(-1, ge=-1, description="return once the version passes this"),
@@ -584,7 +744,7 @@ def create_app(worker: WorkerApp) -> Any:
             0.0, ge=0.0, le=30.0, description="report step progress at most this often"
         ),
     ) -> JobStatus:
-        job = _job(job_id)
+        job = _job(job_id, request)
         if wait <= 0:
             return worker.jobs.status(job)
         return await worker.jobs.wait(job, since, wait, progress_every)
@@ -624,11 +784,12 @@ def create_app(worker: WorkerApp) -> Any:
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
                 "headers": {"x-seed": {"schema": {"type": "string", "pattern": "^[0-9]+$"}}},
             },
-            **_errors(404, 409, 422),
+            **_errors(403, 404, 409, 422),
         },
     )
-    async def job_image(job_id: str = _ID, index: int = Path(ge=0, le=1023)) -> Response:
-        job = _job(job_id)
+    async def job_image(request: Request, job_id: str = _ID,
+                        index: int = Path(ge=0, le=1023)) -> Response:
+        job = _job(job_id, request)
         if job.state != "done":
             raise ColabSwarmError(f"Job {job_id} is {job.state}; images come when it is done.",
                                   kind=ErrorKind.NOT_READY)
@@ -641,26 +802,67 @@ def create_app(worker: WorkerApp) -> Any:
         )
 
     @app.delete(f"{API_PREFIX}/jobs/{{job_id}}", response_model=Deleted,
-                responses=_errors(404, 422))
-    async def job_delete(job_id: str = _ID) -> Deleted:
+                responses=_errors(403, 404, 422))
+    async def job_delete(request: Request, job_id: str = _ID) -> Deleted:
+        _job(job_id, request)
         if not worker.jobs.delete(job_id):
             raise ColabSwarmError(f"No job {job_id}.", kind=ErrorKind.NOT_FOUND)
         return Deleted(deleted=job_id)
 
     @app.post(f"{API_PREFIX}/jobs/{{job_id}}/interrupt", response_model=JobStatus,
-              responses=_errors(404, 422))
-    async def job_interrupt(job_id: str = _ID) -> JobStatus:
-        job = _job(job_id)
+              responses=_errors(403, 404, 422))
+    async def job_interrupt(request: Request, job_id: str = _ID) -> JobStatus:
+        job = _job(job_id, request)
         worker.jobs.interrupt(job)
         return worker.jobs.status(job)
 
-    @app.post(f"{API_PREFIX}/interrupt", response_model=Interrupted)
-    async def interrupt_all() -> Interrupted:
-        return Interrupted(interrupted=worker.jobs.interrupt())
+    # ----- the owner's routes (403 forbidden for a guest) --------------------------------------
+    @app.post(f"{API_PREFIX}/interrupt", response_model=Interrupted, responses=_errors(403))
+    async def interrupt_all(request: Request) -> Interrupted:
+        owner_only(request, "interrupt every job")
+        n = worker.jobs.interrupt()
+        worker.log.note(logging.INFO, f"the owner interrupted every job ({n})")
+        return Interrupted(interrupted=n)
 
-    @app.post(f"{API_PREFIX}/free", response_model=Freed)
-    async def free() -> Freed:
+    @app.post(f"{API_PREFIX}/free", response_model=Freed, responses=_errors(403))
+    async def free(request: Request) -> Freed:
+        owner_only(request, "free the GPU's memory")
         await asyncio.to_thread(worker.engine.free)
+        worker.log.note(logging.INFO, "the owner freed memory")
         return Freed(freed=True)
 
-    return _Gate(app, worker.token, worker.limits.max_body_bytes, worker.limits.max_json_bytes)
+    @app.get(f"{API_PREFIX}/logs", response_model=WorkerLogs, responses=_errors(403, 422))
+    async def logs(request: Request, lines: int = Query(
+            200, ge=1, le=500, description="the most recent lines, oldest first")) -> WorkerLogs:
+        owner_only(request, "read the worker's log")
+        return WorkerLogs(lines=worker.log.lines(lines))
+
+    @app.get(f"{API_PREFIX}/guests", response_model=list[TokenUsage], responses=_errors(403))
+    async def guests(request: Request) -> list[TokenUsage]:
+        owner_only(request, "list the guests")
+        return await asyncio.to_thread(worker.usage_rows)
+
+    @app.post(f"{API_PREFIX}/guests", response_model=GuestGrant, status_code=201,
+              responses=_errors(403, 422))
+    async def add_guest(new: NewGuest, request: Request) -> GuestGrant:
+        owner_only(request, "add guests")
+        return GuestGrant(name=new.name, token=worker.add_guest(new.name, new.limits))
+
+    @app.put(f"{API_PREFIX}/guests/{{name}}", response_model=TokenUsage,
+             responses=_errors(403, 404, 422))
+    async def update_guest(limits: GuestLimits, request: Request,
+                           name: str = Path(pattern=GUEST_NAME_PATTERN)) -> TokenUsage:
+        owner_only(request, "change a guest's limits")
+        worker.update_guest(name, limits)
+        return worker.usage_rows(only=name)[0]
+
+    @app.delete(f"{API_PREFIX}/guests/{{name}}", response_model=Revoked,
+                responses=_errors(403, 404, 422))
+    async def revoke_guest(request: Request,
+                           name: str = Path(pattern=GUEST_NAME_PATTERN)) -> Revoked:
+        owner_only(request, "revoke guests")
+        if not worker.revoke(name):
+            raise ColabSwarmError(f"No guest named {name!r}.", kind=ErrorKind.NOT_FOUND)
+        return Revoked(revoked=name)
+
+    return _Gate(app, worker, worker.limits.max_body_bytes, worker.limits.max_json_bytes)

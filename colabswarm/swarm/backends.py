@@ -247,6 +247,7 @@ class Backend:
             "models": list(self.info.models) if self.info else [],
             "upscalers": list(self.info.upscalers) if self.info else [],
             "device": (self.info.gpu_name or self.info.device) if self.info else None,
+            "role": self.info.role if self.info else None,  # "owner" | "guest" | None (older)
             "unit_seconds": self.unit_seconds,
             "last_seen": self.last_seen,
             "age": None if self.last_seen is None else time.monotonic() - self.last_seen,

@@ -54,6 +54,7 @@ from ..samplers import canonical_sampler
 from .backends import Backend
 from .grid import apply_axis, cell_count, compose_grid, parse_axis
 from .outputs import GeneratedImage, save_image
+from .remote import BackendRemote
 from .state import (
     BackendAdded,
     BackendChanged,
@@ -512,6 +513,16 @@ class Swarm:
                         "copy": f.copy_of is not None, "started": f.started,
                         "loads_model": f.loads_model})
         return out
+
+    def backend(self, name: str) -> BackendRemote:
+        """Remote management of one backend (its logs, free, interrupt, guests): the owner's
+        routes, so they work with the worker's admin token; a guest token gets Forbidden."""
+        def find() -> tuple[str, WorkerClient]:
+            b = self._state.backend(name)  # KeyError: no such backend
+            return b.name, self._clients[b.name]
+
+        found, client = self._read(find)
+        return BackendRemote(found, client, self._call, self._acall)
 
     def worker_infos(self) -> list[Info]:
         """The last /v1/info of every enabled backend that answered (for upscale planning)."""

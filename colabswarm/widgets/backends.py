@@ -14,6 +14,7 @@ import ipywidgets as w
 
 from ..errors import ColabSwarmError
 from ._base import Panel, Throttle, error_html, ok_html, swarm_open
+from .remote import RemoteControls
 
 __all__ = ["BackendsPanel"]
 
@@ -66,11 +67,13 @@ class _Row:
                              layout=w.Layout(width="36px"))
         self.remove = w.Button(icon="trash", tooltip="remove this backend",
                                layout=w.Layout(width="36px"))
+        self.remote = RemoteControls(panel.swarm, name)  # with the worker's admin token only
         self.box = w.VBox(
             [w.HBox([self.title]),
              w.HBox([self.status]),
              w.HBox([self.allow_idle, self.enabled, self.slots, self.up, self.down,
-                     self.remove])],
+                     self.remove]),
+             self.remote.widget],
             layout=w.Layout(border="3px solid grey", padding="4px", margin="3px 0"),
         )
         self.colour = "grey"
@@ -91,6 +94,7 @@ class _Row:
         self.allow_idle.value = bool(snap["allow_idle"])
         self.enabled.value = bool(snap["enabled"])
         self.slots.value = int(snap["slots"])
+        self.remote.show(snap)
 
     @property
     def status_text(self) -> str:

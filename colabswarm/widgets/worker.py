@@ -16,6 +16,7 @@ import ipywidgets as w
 
 from ..errors import ColabSwarmError
 from ._base import Panel, error_html, ok_html
+from .guests import GuestsSection
 
 __all__ = ["WorkerPanel", "copy_button_html", "qr_png"]
 
@@ -67,6 +68,7 @@ class WorkerPanel(Panel):
         self.stop_button = w.Button(description="Stop worker", button_style="danger",
                                     icon="stop")
         self.message = w.HTML()
+        self.guests = GuestsSection(handle, copy_button_html)  # guests, usage, idle stop
         self.reopen_button.on_click(lambda _b: self.reopen())
         self.stop_button.on_click(lambda _b: self.stop())
         self.widget = w.VBox([
@@ -79,6 +81,7 @@ class WorkerPanel(Panel):
             w.HBox([self.tunnel, self.reopen_button]),
             self.stop_button,
             self.message,
+            self.guests.widget,
         ])
         self.widget.add_class("colabswarm-worker")
         self._stop_timer = threading.Event()
@@ -114,6 +117,7 @@ class WorkerPanel(Panel):
                     self.qr_note.value = ""
             self.details.value = self._details_html()
             self.tunnel.value = self._tunnel_html()
+            self.guests.refresh()
 
     def _details_html(self) -> str:
         h = self.handle
