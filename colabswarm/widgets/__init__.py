@@ -2,6 +2,8 @@
 
 Each panel is a thin view: `.widget` is its root ipywidget, displaying the panel displays it,
 and `close()` stops its listeners. The swarm holds the state; the panels only show and forward.
+Listeners only record an event and wake the panel's own threads, which read the swarm and draw:
+nothing heavy runs on the swarm's event-loop thread.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from typing import Any
 
 import ipywidgets as w
 
-from ._base import Panel
+from ._base import Panel, quiet_library_warnings
 from .backends import BackendsPanel
 from .generate import GeneratePanel
 from .logs import LogsPanel
@@ -25,16 +27,17 @@ __all__ = [
     "UpscalePanel",
     "WorkerPanel",
     "controller_ui",
+    "quiet_library_warnings",
 ]
 
 
 class ControllerUI(Panel):
     """Every controller panel in one Tab: Backends, Generate, Upscale, Logs."""
 
-    def __init__(self, swarm: Any) -> None:
+    def __init__(self, swarm: Any, *, local: Any = None) -> None:
         super().__init__()
         self.swarm = swarm
-        self.backends = BackendsPanel(swarm)
+        self.backends = BackendsPanel(swarm, local=local)
         self.generate = GeneratePanel(swarm)
         self.upscale = UpscalePanel(swarm, gallery=self.generate)
         self.logs = LogsPanel(swarm)
@@ -45,6 +48,7 @@ class ControllerUI(Panel):
         self._closers += [p.close for p in panels]
 
 
-def controller_ui(swarm: Any) -> ControllerUI:
-    """All controller panels for `swarm`, as tabs; display it in a notebook cell."""
-    return ControllerUI(swarm)
+def controller_ui(swarm: Any, *, local: Any = None) -> ControllerUI:
+    """All controller panels for `swarm`, as tabs; display it in a notebook cell. `local`: the
+    group start_local_workers returned, so the Backends panel can restart those workers."""
+    return ControllerUI(swarm, local=local)

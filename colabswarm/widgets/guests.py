@@ -15,7 +15,7 @@ from typing import Any
 import ipywidgets as w
 
 from ..errors import ColabSwarmError
-from ._base import error_html, ok_html
+from ._base import error_html, ok_html, row
 
 __all__ = ["GuestsSection"]
 
@@ -60,7 +60,7 @@ class _GuestRow:
                                layout=w.Layout(width="95px"),
                                tooltip=f"take {name}'s token back: its next request gets 401")
         self.revoke.on_click(lambda _b: section.revoke(self.name))
-        self.box = w.HBox([self.label, self.copy, self.revoke])
+        self.box = row([self.label, self.copy, self.revoke])
         self._share: str | None = None
 
     def show(self, limits: Any, share: str, copy_html: Callable[[str, str], str]) -> None:
@@ -108,8 +108,8 @@ class GuestsSection:
                    "own: they can generate, upscale and see their own jobs, nothing else; "
                    "revoke one at any time)</span>"),
             self.rows_box,
-            w.HBox([self.name, self.images_per_hour, self.max_pixels, self.max_steps,
-                    self.weight, self.add_button]),
+            row([self.name, self.images_per_hour, self.max_pixels, self.max_steps,
+                 self.weight, self.add_button]),
             self.message,
             w.HTML("<b>Who used the GPU</b>"),
             self.usage,
