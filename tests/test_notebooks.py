@@ -51,6 +51,12 @@ def _texts(nb: Any) -> str:
     return "\n".join(out)
 
 
+def _stderr(nb: Any) -> list[str]:
+    """What the notebook printed to stderr: a pink box in Jupyter, as if a cell had failed."""
+    return [o["text"] for c in nb.cells for o in c.get("outputs", [])
+            if o.get("output_type") == "stream" and o.get("name") == "stderr"]
+
+
 def _widget_outputs(nb: Any) -> int:
     return sum(1 for c in nb.cells for o in c.get("outputs", [])
                if WIDGET_MIME in o.get("data", {}))
@@ -73,6 +79,7 @@ def test_worker_notebook_runs_and_prints_a_share_string(tmp_path: Path) -> None:
     assert share_lines and share_lines[0].startswith("http://127.0.0.1:"), text
     assert ": ready on cpu" in text and "['tiny']" in text, text
     assert "worker stopped: True" in text, text
+    assert _stderr(nb) == [], "library warnings are quieted (nothing above the share string)"
     assert _widget_outputs(nb) >= 1, "the worker panel was not displayed"
     _is_colab_ready(nbformat.read(NOTEBOOKS / "worker.ipynb", as_version=4), "worker.ipynb")
 
@@ -85,6 +92,7 @@ def test_controller_notebook_generates_and_upscales_with_local_workers(tmp_path:
     assert len(saved) >= 4, saved
     assert "upscaled to 128x128 from" in text, text
     assert text.rstrip().endswith("stopped"), text
+    assert _stderr(nb) == [], "the swarm's log goes to the Logs panel, not to a cell's stderr"
     assert _widget_outputs(nb) >= 4, "the four panels were not displayed"
     _is_colab_ready(nbformat.read(NOTEBOOKS / "controller.ipynb", as_version=4),
                     "controller.ipynb")
