@@ -1,16 +1,22 @@
 """The controller notebook in a real JupyterLab, seen and clicked in a real (headless) Chromium.
 
-Run All starts two local tiny-model workers and makes a first batch; then the test clicks the
-Generate button in the page, waits for new thumbnails in the gallery and saves a screenshot to
-docs/screenshots/controller.png. Skipped only where Debian's chromium (or the jupyterlab /
-playwright packages) are missing; `playwright install` is never needed.
+Run All starts two local tiny-model workers, makes a first batch and an upscale. Then, at 800 px
+wide with JupyterLab's file browser open and again at 1400 px, the test checks what a person
+sees: no control outside the visible area and no horizontal scrollbar anywhere in the notebook
+(every section of the Generate panel opened in turn); clicking a thumbnail opens the viewer in
+view; a run's bar moves with the workers' steps before its first batch lands; a worker killed
+mid-run and restarted from its row leaves no stderr box in any cell. Screenshots of every panel
+at both widths go to docs/screenshots/. Skipped only where Debian's chromium (or the jupyterlab
+/ playwright packages) are missing; `playwright install` is never needed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -24,7 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("COLABSWARM_CHROMIUM") or shutil.which("chromium") or \
     shutil.which("chromium-browser") or "/usr/bin/chromium"
-SCREENSHOT = ROOT / "docs" / "screenshots" / "controller.png"
+SHOTS = ROOT / "docs" / "screenshots"
+PANELS = ("backends", "generate", "upscale", "logs")
 TOKEN = "colabswarm-browser-test"
 
 if not Path(CHROMIUM).exists():
@@ -114,12 +121,56 @@ def lab(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         log.close()
 
 
-def test_controller_notebook_in_chromium_generates_into_the_gallery(lab, tmp_path: Path):
+# Everything in the notebook that scrolls sideways, and every visible control of a panel that
+# sticks out of its output area or the window. A control inside a closed section has no box.
+_LAYOUT_JS = """
+() => {
+  const out = [];
+  const vw = document.documentElement.clientWidth;
+  const name = el => el.tagName.toLowerCase() + '.' + [...el.classList].slice(0, 3).join('.');
+  // the notebook's own scrolling and every output area (a code cell's editor may scroll
+  // sideways over a long line of code: that is the notebook's source, not a panel)
+  const scan = document.querySelectorAll('.jp-NotebookPanel, .jp-WindowedPanel-outer, ' +
+                                         '.jp-Notebook, .jp-OutputArea, .jp-OutputArea *');
+  for (const el of scan) {
+    const cs = getComputedStyle(el);
+    if ((cs.overflowX === 'auto' || cs.overflowX === 'scroll') && el.clientWidth > 0 &&
+        el.scrollWidth > el.clientWidth + 1)
+      out.push(`horizontal scrollbar on ${name(el)}: ${el.scrollWidth} > ${el.clientWidth}`);
+  }
+  if (document.scrollingElement.scrollWidth > vw + 1) out.push('the page scrolls sideways');
+  for (const root of document.querySelectorAll('.colabswarm')) {
+    const area = (root.closest('.jp-OutputArea-output') || root.parentElement)
+      .getBoundingClientRect();
+    const right = Math.min(area.right, vw);
+    const sel = 'button, input, select, textarea, .progress, img, .widget-label, ' +
+                '.widget-html-content, a';
+    for (const c of root.querySelectorAll(sel)) {
+      const r = c.getBoundingClientRect();
+      if (r.width === 0 || r.height === 0 || getComputedStyle(c).visibility === 'hidden') continue;
+      if (r.left < area.left - 1 || r.right > right + 1)
+        out.push(`${name(c)} "${(c.innerText || c.value || '').slice(0, 30)}" in ` +
+                 `${[...root.classList].join('.')} spans ${Math.round(r.left)}-` +
+                 `${Math.round(r.right)}, visible ${Math.round(area.left)}-${Math.round(right)}`);
+    }
+  }
+  return out;
+}
+"""
+
+_BACKGROUND_JS = """
+el => { for (let e = el; e; e = e.parentElement) { const c = getComputedStyle(e).backgroundColor;
+          if (c && c !== 'rgba(0, 0, 0, 0)' && c !== 'transparent') return c; } return 'none'; }
+"""
+
+
+def test_controller_notebook_in_chromium_at_800_and_1400_px(lab, tmp_path: Path):
     url, work = lab
+    t0 = time.monotonic()
     with sync_api.sync_playwright() as p:
         context = p.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_ARGS, viewport={"width": 1200, "height": 1800},
+            args=CHROMIUM_ARGS, viewport={"width": 800, "height": 1400},
         )
         try:
             page = context.pages[0] if context.pages else context.new_page()
@@ -133,42 +184,47 @@ def test_controller_notebook_in_chromium_generates_into_the_gallery(lab, tmp_pat
             except sync_api.TimeoutError:
                 pass
             page.locator(".jp-Notebook-ExecutionIndicator[data-status='idle'],"
-                         " .jp-Toolbar-kernelStatus[data-status='idle']").first.wait_for()
+                         " .jp-Toolbar-kernelStatus[data-status='idle']").first.wait_for(
+                state="attached")  # at 800 px the toolbar folds it away
+            _open_file_browser(page)
             # Run > Run All Cells, as a person would
             page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
             page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
+            assert "upscaled to 128x128" in _text_when(page, ".jp-Notebook",
+                                                       "upscaled to 128x128", 150), \
+                "Run All did not finish"
+            gen = page.locator(".colabswarm-generate")
+            thumbs = gen.locator(".colabswarm-thumb")
+            _wait_count(page, thumbs, 4, 30)
 
-            gallery = page.locator(".colabswarm-gallery")
-            thumbs = gallery.locator("img")
-            gallery.wait_for(timeout=90_000)
-            _wait_count(page, thumbs, 4, 90)  # the batch the notebook's demo cell makes
-            assert "gallery: 4 images" in _text_when(page, ".jp-Notebook", "gallery: 4 images",
-                                                     60), "Run All did not reach the demo cell"
-            before = thumbs.count()
-            # type a new prompt and clear the seed (random), then press Generate
-            form = page.locator(".colabswarm-generate")
-            form.locator(".widget-textarea:has(label:text-is('Prompt')) textarea").fill(
-                "a red fox in the snow")
-            form.locator(".widget-text:has(label:text-is('Seed')) input").fill("")
-            form.locator("button", has_text="Generate").click()
-            _wait_count(page, thumbs, before + 4, 60)
-            assert "0 current generations" in _text_when(
-                page, ".colabswarm-generate", "0 current generations", 30)
-            # open the newest image large: its parameters carry what was typed in the page
-            gallery.locator("button").last.click()
-            viewer = _text_when(page, ".colabswarm-generate", "a red fox in the snow", 30)
-            assert "a red fox in the snow\nSteps: 4" in viewer, viewer
-            page.wait_for_timeout(300)
-            SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
-            form.screenshot(path=str(SCREENSHOT))
-            page.locator(".colabswarm-backends").screenshot(
-                path=str(SCREENSHOT.with_name("backends.png")))
-            upscale = page.locator(".colabswarm-upscale")
-            if "tiles on" in upscale.inner_text():  # the demo cell's upscale finished
-                upscale.screenshot(path=str(SCREENSHOT.with_name("upscale.png")))
+            phases = [("Run All", time.monotonic())]
+            # 800 px, the file browser open: everything fits, in every section
+            _check_layout(page, "800 px with the file browser open")
+            phases.append(("layout at 800 px", time.monotonic()))
+            _viewer_opens_in_view(page)
+            phases.append(("viewer", time.monotonic()))
+            _bar_moves_before_the_first_batch(page)
+            phases.append(("step progress", time.monotonic()))
+            _kill_and_restart_a_worker(page)
+            phases.append(("kill and restart", time.monotonic()))
+            _screenshots(page, 800)
+            phases.append(("screenshots at 800 px", time.monotonic()))
+
+            # 1400 px
+            page.set_viewport_size({"width": 1400, "height": 1400})
+            page.wait_for_timeout(400)
+            _check_layout(page, "1400 px")
+            _screenshots(page, 1400)
+            phases.append(("1400 px", time.monotonic()))
+            last, parts = t0, []
+            for name, t in phases:
+                parts.append(f"{name} {t - last:.1f}s")
+                last = t
+            print("browser test phases: " + ", ".join(parts))
+
             errors = page.locator(".jp-OutputArea-output[data-mime-type="
-                                  "'application/vnd.jupyter.stderr'] >> text=Traceback")
-            assert errors.count() == 0, errors.first.inner_text()
+                                  "'application/vnd.jupyter.stderr']")
+            assert errors.count() == 0, f"a stderr box in a cell: {errors.first.inner_text()}"
         except BaseException:
             page.screenshot(path=str(tmp_path / "failure.png"))
             print("JupyterLab log:\n" + (work / "lab.log").read_text()[-4000:])
@@ -176,8 +232,142 @@ def test_controller_notebook_in_chromium_generates_into_the_gallery(lab, tmp_pat
             raise
         finally:
             context.close()
-    assert SCREENSHOT.stat().st_size > 10_000
-    assert len(list((work / "outputs").glob("*.png"))) >= 8
+    print(f"browser test body: {time.monotonic() - t0:.0f}s")
+    for width in (800, 1400):
+        for name in PANELS:
+            assert (SHOTS / f"{name}-{width}.png").stat().st_size > 5_000
+    assert len(list((work / "outputs").glob("*.png"))) >= 12
+
+
+def _open_file_browser(page) -> None:
+    """JupyterLab's left side bar with the file browser, as a person usually has it."""
+    stack = page.locator("#jp-left-stack")
+    if not stack.is_visible():
+        page.locator(".jp-SideBar.jp-mod-left [data-id='filebrowser']").first.click()
+    stack.wait_for(state="visible")
+    assert stack.bounding_box()["width"] > 150
+
+
+def _check_layout(page, where: str) -> None:
+    gen = page.locator(".colabswarm-generate")
+    assert gen.evaluate(_BACKGROUND_JS) == "rgb(255, 255, 255)", \
+        "the colours' contrast is computed against a white background"
+    problems = page.evaluate(_LAYOUT_JS)
+    headers = gen.locator(".jupyter-widget-Collapse-header")
+    for i in range(headers.count()):  # LoRAs, img2img, X/Y grid: each opened in turn
+        headers.nth(i).click()
+        page.wait_for_timeout(150)
+        problems += [f"(section {i + 1} open) {p}" for p in page.evaluate(_LAYOUT_JS)]
+        headers.nth(i).click()
+    assert not problems, f"at {where}:\n" + "\n".join(problems[:20])
+
+
+def _viewer_opens_in_view(page) -> None:
+    gen = page.locator(".colabswarm-generate")
+    viewer = gen.locator(".colabswarm-viewer")
+    box = gen.locator(".colabswarm-gallery")
+    box.evaluate("el => el.scrollIntoView({block: 'start'})")  # the viewer is above: off screen
+    page.wait_for_timeout(200)
+    thumb = box.locator(".colabswarm-thumb").nth(2)
+    seed = thumb.locator(".widget-html-content").inner_text().strip()
+    thumb.click()  # on the picture itself
+    _text_when(page, ".colabswarm-viewer", f"Seed: {seed}", 15)
+    page.wait_for_timeout(300)
+    vb = viewer.bounding_box()
+    height = page.viewport_size["height"]
+    assert vb and vb["y"] >= -1 and vb["y"] + vb["height"] <= height + 1, \
+        f"the viewer is not in view after a click: {vb}, window height {height}"
+    assert "colabswarm-selected" in (thumb.get_attribute("class") or "")
+    viewer.press("ArrowRight")  # the viewer has focus: the arrow keys step
+    deadline = time.monotonic() + 10
+    while f"Seed: {seed}," in viewer.inner_text():
+        assert time.monotonic() < deadline, "the right arrow key did not step to the next image"
+        page.wait_for_timeout(100)
+
+
+def _bar_moves_before_the_first_batch(page) -> None:
+    gen = page.locator(".colabswarm-generate")
+    gen.locator(".widget-text:has(label:text-is('Steps')) input").fill("150")
+    gen.locator(".widget-text:has(label:text-is('Images')) input").fill("4")
+    gen.locator(".widget-text:has(label:text-is('Seed')) input").fill("")
+    count = gen.locator(".colabswarm-gallery .colabswarm-thumb").count()
+    total = _gallery_total(page)
+    gen.locator("button", has_text="Generate").first.click()
+    seen, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        state = gen.evaluate("""el => {
+            const rows = el.querySelectorAll('.colabswarm-runbar');
+            const last = rows[rows.length - 1];
+            const bar = last && last.querySelector('.progress-bar');
+            return {label: last ? last.innerText : '', width: bar ? bar.style.width : ''};
+        }""")
+        m = re.search(r"Run (\d+).*?(\d+) of 4 images \((\d+)%\)", state["label"], re.S)
+        if m and int(m.group(1)) > 1:
+            seen.append((int(m.group(2)), int(m.group(3)), _gallery_total(page),
+                         state["width"]))
+            if int(m.group(2)) == 4:
+                break
+        page.wait_for_timeout(100)
+    early = [s for s in seen if s[0] == 0 and s[1] > 0 and s[2] == total]
+    assert early, f"the bar did not move before the first batch landed: {seen}"
+    assert any(float(s[3].rstrip("%") or 0) > 0 for s in early), seen
+    _wait_count(page, gen.locator(".colabswarm-gallery .colabswarm-thumb"),
+                min(count + 4, 60), 60)
+
+
+def _gallery_total(page) -> int:
+    text = page.locator(".colabswarm-generate .colabswarm-row").filter(
+        has_text="Gallery").first.inner_text()
+    m = re.search(r"([\d,]+) images?", text)
+    return int(m.group(1).replace(",", "")) if m else 0
+
+
+def _kill_and_restart_a_worker(page) -> None:
+    """A worker process dies mid-run (SIGKILL): its row says so and offers Restart; the run
+    completes elsewhere; Restart brings it back; no cell shows a stderr box meanwhile."""
+    gen = page.locator(".colabswarm-generate")
+    gen.locator(".widget-text:has(label:text-is('Steps')) input").fill("30")
+    gen.locator(".widget-text:has(label:text-is('Images')) input").fill("12")
+    row = page.locator(".colabswarm-backend-local0")
+    pid = int(re.search(r"process (\d+) of this notebook", row.inner_text()).group(1))
+    total = _gallery_total(page)
+    gen.locator("button", has_text="Generate").first.click()
+    page.wait_for_timeout(600)
+    os.kill(pid, signal.SIGKILL)
+    _text_when(page, ".colabswarm-backend-local0", "has exited", 60)
+    status, hint = (row.locator(".widget-html-content").nth(i).inner_text() for i in (1, 2))
+    assert "errored" in status and "retrying in" in status, status
+    assert "process on this machine" in hint and "tunnel" not in hint, hint
+    deadline = time.monotonic() + 60
+    while _gallery_total(page) < total + 12:  # its images were made by the other worker
+        assert time.monotonic() < deadline, "the run did not finish without the dead worker"
+        page.wait_for_timeout(200)
+    page.locator(".colabswarm-backends").screenshot(path=str(SHOTS / "backends-dead.png"))
+    row.locator("button", has_text="Restart").click()
+    deadline = time.monotonic() + 90
+    status = row.locator(".widget-html-content").nth(1)
+    while not status.inner_text().strip().lstrip("\u25cf ").startswith("running"):
+        assert time.monotonic() < deadline, row.inner_text()
+        page.wait_for_timeout(250)
+    assert "Restarted local0" in page.locator(".colabswarm-backends").inner_text()
+
+
+def _screenshots(page, width: int) -> None:
+    """Each panel whole: the window is made tall enough for the tallest one first (a panel
+    taller than the window would be cut, with JupyterLab's bars drawn over it)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    size = page.viewport_size
+    tallest = max(page.locator(f".colabswarm-{name}").bounding_box()["height"]
+                  for name in PANELS)
+    page.set_viewport_size({"width": size["width"],
+                            "height": max(size["height"], int(tallest) + 400)})
+    page.wait_for_timeout(400)
+    for name in PANELS:
+        el = page.locator(f".colabswarm-{name}")
+        el.evaluate("el => el.scrollIntoView({block: 'center'})")
+        page.wait_for_timeout(100)
+        el.screenshot(path=str(SHOTS / f"{name}-{width}.png"))
+    page.set_viewport_size(size)
 
 
 def _wait_count(page, locator, n: int, timeout: float) -> None:

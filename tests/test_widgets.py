@@ -109,6 +109,11 @@ def test_every_colour_passes_wcag_aa_and_status_colours_are_far_apart():
     for where, colour in found:
         assert _base.contrast_ratio(colour, bg) >= 4.5, (where, colour)
     assert _base.contrast_ratio("#ffd700", bg) < 4.5, "gold, the old 'loading', fails"
+    for kind, colour in _base.BUTTON_COLOURS.items():  # white text on coloured buttons
+        assert _base.contrast_ratio("#ffffff", colour) >= 4.5, kind
+    for path in WIDGETS.glob("*.py"):
+        assert "button_style=" not in path.read_text(), \
+            f"{path.name}: ipywidgets' own button colours (white text under 4.5:1)"
 
     def lab(c: str) -> tuple[float, float, float]:
         rgb = [int(c[i:i + 2], 16) / 255 for i in (1, 3, 5)]

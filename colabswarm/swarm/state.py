@@ -843,7 +843,7 @@ class SwarmState:
                 if len(self._skips_logged) >= _SKIP_MEMORY:
                     self._skips_logged.clear()
                 self._skips_logged.add(key)
-                out(Log("skip", f"{b.name} skipped for a {it.template.kind} job: {text}"))
+                out(Log("skip", f"{b.name} skipped for {self._job_words(it)}: {text}"))
         for b, batch in plan:
             self._launch(b, batch, now, out)
         if plan:
@@ -854,6 +854,14 @@ class SwarmState:
                 out(Log("info", f"{b.name} runs a copy of {len(f.items)} image(s) held by "
                                 f"{f.backend.name} (first result wins)"))
                 self._launch(b, [it for it in f.items if not it.done], now, out, copy_of=f)
+
+    def _job_words(self, it: Item) -> str:
+        """'an upscale tile', 'an img2img job', 'a txt2img job': for log lines people read."""
+        run = self.runs.get(it.run_id)
+        if run is not None and run.kind == "upscale":
+            return "an upscale tile"
+        kind = it.template.kind
+        return f"{'an' if kind[:1] in 'aeiou' else 'a'} {kind} job"
 
     def _fail_unservable(self, out: _Out) -> None:
         """Items no registered backend could ever serve fail now, with the reason."""

@@ -21,12 +21,14 @@ import ipywidgets as w
 from PIL import Image
 
 __all__ = [
+    "BUTTON_COLOURS",
     "COLOURS",
     "PANEL_BACKGROUND",
     "STATUS_COLOURS",
     "Panel",
     "TaskThread",
     "Throttle",
+    "button_style",
     "contrast_ratio",
     "download_link_html",
     "error_html",
@@ -57,6 +59,14 @@ COLOURS = {
     "skip": "#6a1b9a",
     "debug": "#5c5c5c",
 }
+# buttons with white text: ipywidgets' own success/danger/warning/primary colours give white
+# text 2.2:1 to 3.7:1, so the panels colour their buttons from here (each >= 4.5:1 with white)
+BUTTON_COLOURS = {
+    "success": "#1b6e2d",
+    "danger": "#b3261e",
+    "warning": "#8f4a00",
+    "primary": "#1258a8",
+}
 # a backend's status as the panel draws it (text and border); the swarm's own colour names
 # (snapshot["colour"]) stay what code compares
 STATUS_COLOURS = {
@@ -67,16 +77,21 @@ STATUS_COLOURS = {
     "disabled": "#8f5200",  # brown-orange: switched off
 }
 
-# Rows wrap instead of scrolling sideways; text wraps at word boundaries; a full-width box is
-# 100% wide with no side margin (ipywidgets' 2px margins made it overflow by 4px).
+# Rows wrap instead of scrolling sideways; text wraps at word boundaries. Every ipywidget has a
+# 2px margin and every box `overflow: auto`, so a child 100% wide (or wider) made a scrollbar
+# 4px wide: a control is at most its box's width less its margins, a full-width one has no side
+# margin, and images shrink to fit.
 _CSS = f"""
 .colabswarm {{ max-width: 100%; box-sizing: border-box; }}
+.colabswarm .jupyter-widgets {{ max-width: calc(100% - 2 * var(--jp-widgets-margin, 2px)); }}
+.colabswarm .widget-box, .colabswarm.widget-box {{ max-width: 100%; }}
+.colabswarm .widget-image {{ height: auto; }}
 .colabswarm .colabswarm-row {{ display: flex; flex-flow: row wrap; align-items: center;
   max-width: 100%; }}
 .colabswarm .widget-html-content {{ white-space: normal; line-height: 1.45;
   overflow-wrap: anywhere; word-break: normal; }}
 .colabswarm .widget-html, .colabswarm .widget-label {{ height: auto; max-width: 100%; }}
-.colabswarm .colabswarm-full {{ width: 100%; margin-left: 0; margin-right: 0;
+.colabswarm .colabswarm-full {{ width: 100%; max-width: 100%; margin-left: 0; margin-right: 0;
   box-sizing: border-box; }}
 .colabswarm code {{ overflow-wrap: anywhere; }}
 .colabswarm .widget-inline-hbox .widget-label {{ overflow: visible; }}
@@ -115,6 +130,12 @@ def row(children: Sequence[w.Widget], *, gap: str = "0 4px", **layout: Any) -> w
         **layout}))
     box.add_class("colabswarm-row")
     return box
+
+
+def button_style(kind: str) -> dict[str, str]:
+    """A coloured button's style (Button(style=button_style("danger"))): the palette's colour
+    with white text, at least 4.5:1, instead of ipywidgets' lighter ones."""
+    return {"button_color": BUTTON_COLOURS[kind], "text_color": "#ffffff"}
 
 
 def full_width(widget: w.Widget) -> w.Widget:

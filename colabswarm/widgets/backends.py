@@ -25,6 +25,7 @@ from ._base import (
     Panel,
     TaskThread,
     Throttle,
+    button_style,
     error_html,
     full_width,
     muted_html,
@@ -82,8 +83,10 @@ def _status_html(snap: dict[str, Any]) -> str:
             f'</span><span style="color:{COLOURS["text"]}">{html.escape(rest)}</span>')
 
 
-def _title_html(snap: dict[str, Any]) -> str:
+def _title_html(snap: dict[str, Any], local: Any = None) -> str:
     device = f" · {html.escape(str(snap['device']))}" if snap.get("device") else ""
+    if local is not None:
+        device += f" · process {getattr(local, 'pid', '?')} of this notebook"
     models = ", ".join(snap.get("models") or []) or "?"
     loaded = snap.get("model_loaded")
     role = f" · {html.escape(snap['role'])} token" if snap.get("role") else ""
@@ -108,9 +111,9 @@ class _Row:
 
     def __init__(self, panel: BackendsPanel, name: str) -> None:
         self.name = name
-        self.title = w.HTML(layout=w.Layout(width="100%"))
-        self.status = w.HTML(layout=w.Layout(width="100%"))
-        self.hint = w.HTML(layout=w.Layout(width="100%"))
+        self.title = w.HTML()
+        self.status = w.HTML()
+        self.hint = w.HTML()
         self.allow_idle = w.Checkbox(description="AllowIdle", indent=False,
                                      layout=w.Layout(width="95px"))
         self.enabled = w.Checkbox(description="enabled", indent=False,
@@ -128,18 +131,20 @@ class _Row:
                               tooltip="ask this worker for its state now",
                               layout=w.Layout(width="auto", display="none"))
         self.restart = w.Button(description="Restart", icon="power-off",
-                                button_style="warning",
+                                style=button_style("warning"),
                                 tooltip="restart this worker's process (same address and token)",
                                 layout=w.Layout(width="auto", display="none"))
         self.remote = RemoteControls(panel.swarm, name)  # with the worker's admin token only
         self.box = w.VBox(
             [self.title, self.status, self.hint,
-             row([self.allow_idle, self.enabled, self.slots, self.up, self.down, self.remove,
-                  self.retry, self.restart]),
+             row([row([self.allow_idle, self.enabled, self.slots]),  # groups wrap whole
+                  row([self.up, self.down, self.remove, self.retry, self.restart])]),
              self.remote.widget],
             layout=w.Layout(border="3px solid #5c5c5c", padding="4px", margin="3px 0",
                             width="100%"),
         )
+        self.box.add_class("colabswarm-backend")
+        self.box.add_class("colabswarm-backend-" + re.sub(r"[^A-Za-z0-9_-]", "-", name))
         self.colour = "grey"
         self.restarting = False
         self.allow_idle.observe(lambda c: panel._on_change(self.name, "allow_idle", c["new"]),
@@ -156,7 +161,7 @@ class _Row:
     def show(self, snap: dict[str, Any], local: Any) -> None:
         self.colour = snap["colour"]
         self.box.layout.border = f"3px solid {STATUS_COLOURS.get(snap['status'], '#5c5c5c')}"
-        self.title.value = _title_html(snap)
+        self.title.value = _title_html(snap, local)
         self.status.value = _status_html(snap)
         away = snap["status"] in _AWAY
         self.hint.value = self._hint(snap, local) if away or self.restarting else ""
@@ -210,7 +215,7 @@ class BackendsPanel(Panel):
         self.rows: dict[str, _Row] = {}
         self.rows_box = w.VBox(layout=w.Layout(width="100%"))
         self.empty = w.HTML("<i>No backends yet: paste a worker's share string below.</i>")
-        self.summary = w.HTML(layout=w.Layout(width="100%"))
+        self.summary = w.HTML()
         self.share_text = full_width(w.Textarea(
             placeholder="Paste one or more share strings (one per line), e.g.\n"
                         "https://example.trycloudflare.com#token=...",
@@ -220,12 +225,12 @@ class BackendsPanel(Panel):
         self.new_slots = w.BoundedIntText(value=2, min=1, max=64, description="slots",
                                           layout=w.Layout(width="110px"),
                                           style={"description_width": "35px"})
-        self.add_button = w.Button(description="Add", button_style="primary", icon="plus",
+        self.add_button = w.Button(description="Add", style=button_style("primary"), icon="plus",
                                    layout=w.Layout(width="auto"))
         self.check_button = w.Button(description="Check now", icon="refresh",
                                      tooltip="ask every backend for its state now",
                                      layout=w.Layout(width="auto"))
-        self.message = w.HTML(layout=w.Layout(width="100%"))
+        self.message = w.HTML()
         self.add_anyway = w.VBox(layout=w.Layout(width="100%"))
         self.tasks = TaskThread("colabswarm-backends")
         self.add_button.on_click(lambda _b: self._add_in_background())

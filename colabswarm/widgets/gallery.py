@@ -181,7 +181,7 @@ class Gallery:
         self.box.add_class("colabswarm-gallery")
 
         # the viewer
-        self.viewer_image = w.Image(format="png", layout=w.Layout(max_width="100%"))
+        self.viewer_image = w.Image(format="png")
         self.viewer_text = w.HTML()
         self.prev_button = w.Button(description="Prev", icon="arrow-left",
                                     tooltip="the previous image (left arrow key)",

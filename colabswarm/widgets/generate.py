@@ -36,6 +36,7 @@ from ._base import (
     Panel,
     TaskThread,
     Throttle,
+    button_style,
     download_link_html,
     error_html,
     full_width,
@@ -92,7 +93,7 @@ class GeneratePanel(Panel):
         self._setting_history = False
         self.tasks = TaskThread("colabswarm-generate")
         label = {"description_width": "80px"}
-        num = w.Layout(width="180px")
+        num = w.Layout(width="170px")  # two to a row in a 360 px output
 
         # ----- the form --------------------------------------------------------------------
         self.prompt = full_width(w.Textarea(
@@ -106,14 +107,14 @@ class GeneratePanel(Panel):
         self.history_pick = w.Dropdown(description="Recent", options=[("(prompts used here)",
                                                                        -1)],
                                        value=-1, style={"description_width": "50px"},
-                                       layout=w.Layout(width="320px", max_width="100%"))
+                                       layout=w.Layout(width="320px"))
         self.model = w.Dropdown(description="Model", options=[("default", _DEFAULT_MODEL)],
                                 value=_DEFAULT_MODEL, style=label,
-                                layout=w.Layout(width="300px", max_width="100%"))
+                                layout=w.Layout(width="300px"))
         self.sampler = w.Dropdown(description="Sampler",
                                   options=[(DEFAULT_SAMPLER, DEFAULT_SAMPLER)],
                                   value=DEFAULT_SAMPLER, style=label,
-                                  layout=w.Layout(width="300px", max_width="100%"))
+                                  layout=w.Layout(width="300px"))
         self.width = w.BoundedIntText(512, min=8, max=16384, step=8, description="Width",
                                       style=label, layout=num)
         self.height = w.BoundedIntText(512, min=8, max=16384, step=8, description="Height",
@@ -134,7 +135,7 @@ class GeneratePanel(Panel):
         # LoRAs
         self.lora_name = w.Dropdown(description="LoRA", options=[("(none offered)", "")],
                                     value="", style=label,
-                                    layout=w.Layout(width="300px", max_width="100%"))
+                                    layout=w.Layout(width="300px"))
         self.lora_weight = w.BoundedFloatText(0.8, min=-4.0, max=4.0, step=0.05,
                                               description="weight", style=label, layout=num)
         self.lora_add = w.Button(description="Add LoRA", icon="plus",
@@ -150,12 +151,12 @@ class GeneratePanel(Panel):
         self.init_source = w.Dropdown(description="Init image",
                                       options=[("none: txt2img", "")], value="",
                                       style=label,
-                                      layout=w.Layout(width="340px", max_width="100%"))
+                                      layout=w.Layout(width="340px"))
         self.init_upload = w.FileUpload(accept="image/*", multiple=False, description="Upload",
                                         layout=w.Layout(width="auto"))
         self.strength = w.FloatSlider(0.75, min=0.05, max=1.0, step=0.05,
                                       description="Strength", style=label,
-                                      layout=w.Layout(width="340px", max_width="100%"))
+                                      layout=w.Layout(width="340px"))
         self.init_preview = w.Image(format="jpeg", layout=w.Layout(display="none",
                                                                    width="96px"))
         init_box = w.VBox([
@@ -168,20 +169,20 @@ class GeneratePanel(Panel):
         # X/Y grid
         opts = _axis_options([])
         self.grid_x = w.Dropdown(description="X axis", options=opts, value="cfg", style=label,
-                                 layout=w.Layout(width="300px", max_width="100%"))
+                                 layout=w.Layout(width="300px"))
         self.grid_x_values = w.Text(description="values", placeholder="5, 7, 9", style=label,
-                                    layout=w.Layout(width="300px", max_width="100%"))
+                                    layout=w.Layout(width="300px"))
         self.grid_y = w.Dropdown(description="Y axis", options=[("none", _NO_Y), *opts],
                                  value=_NO_Y, style=label,
-                                 layout=w.Layout(width="300px", max_width="100%"))
+                                 layout=w.Layout(width="300px"))
         self.grid_y_values = w.Text(description="values",
                                     placeholder="Euler, DPM++ 2M Karras", style=label,
-                                    layout=w.Layout(width="300px", max_width="100%"))
-        self.grid_button = w.Button(description="Make grid", icon="th", button_style="success",
+                                    layout=w.Layout(width="300px"))
+        self.grid_button = w.Button(description="Make grid", icon="th",
+                                    style=button_style("success"),
                                     layout=w.Layout(width="auto"))
         self.grid_message = w.HTML()
-        self.grid_image = w.Image(format="png", layout=w.Layout(display="none",
-                                                                max_width="100%"))
+        self.grid_image = w.Image(format="png", layout=w.Layout(display="none",))
         self.grid_caption = w.HTML()
         grid_box = w.VBox([
             row([self.grid_x, self.grid_x_values]),
@@ -197,15 +198,14 @@ class GeneratePanel(Panel):
             self.grid_caption,
         ])
         self.more = w.Accordion(children=[lora_box, init_box, grid_box],
-                                titles=("LoRAs", "img2img", "X/Y grid"), selected_index=None,
-                                layout=w.Layout(width="100%"))
+                                titles=("LoRAs", "img2img", "X/Y grid"), selected_index=None)
 
-        self.generate_button = w.Button(description="Generate", button_style="success",
+        self.generate_button = w.Button(description="Generate", style=button_style("success"),
                                         icon="play", layout=w.Layout(width="auto"))
-        self.interrupt_button = w.Button(description="Interrupt", button_style="danger",
+        self.interrupt_button = w.Button(description="Interrupt", style=button_style("danger"),
                                          icon="stop", layout=w.Layout(width="auto"))
         self.message = w.HTML()
-        self.queue = w.HTML(queue_line(swarm.status()), layout=w.Layout(width="100%"))
+        self.queue = w.HTML(queue_line(swarm.status()))
         self.bars = RunBars("images")
         self.output_folder = w.HTML(self._folder_html())
         folder = getattr(swarm, "output_dir", None)

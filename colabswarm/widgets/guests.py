@@ -15,7 +15,7 @@ from typing import Any
 import ipywidgets as w
 
 from ..errors import ColabSwarmError
-from ._base import error_html, ok_html, row
+from ._base import button_style, error_html, ok_html, row
 
 __all__ = ["GuestsSection"]
 
@@ -56,7 +56,7 @@ class _GuestRow:
         self.name = name
         self.label = w.HTML()
         self.copy = w.HTML()
-        self.revoke = w.Button(description="Revoke", icon="ban", button_style="warning",
+        self.revoke = w.Button(description="Revoke", icon="ban", style=button_style("warning"),
                                layout=w.Layout(width="95px"),
                                tooltip=f"take {name}'s token back: its next request gets 401")
         self.revoke.on_click(lambda _b: section.revoke(self.name))

@@ -73,12 +73,12 @@ class LogsPanel(Panel):
                                 layout=w.Layout(width="160px"))
         self.text = w.Text(placeholder="filter text", description="Find",
                            style={"description_width": "40px"}, continuous_update=True,
-                           layout=w.Layout(width="240px", max_width="100%"))
+                           layout=w.Layout(width="240px"))
         self.order = w.Dropdown(options=ORDERS, value=ORDERS[0], description="Order",
                                 style={"description_width": "45px"},
-                                layout=w.Layout(width="290px", max_width="100%"))
+                                layout=w.Layout(width="290px"))
         self.count = w.HTML()
-        self.output = w.HTML(layout=w.Layout(width="100%"))
+        self.output = w.HTML()
         self.level.observe(lambda _c: self.refresh(), "value")
         self.text.observe(lambda _c: self.refresh(), "value")
         self.order.observe(lambda _c: self.refresh(), "value")

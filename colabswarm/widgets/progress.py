@@ -92,8 +92,7 @@ class _Bar:
     def __init__(self) -> None:
         self.label = w.HTML(layout=w.Layout(flex="1 1 220px", min_width="0"))
         self.bar = w.FloatProgress(value=0.0, min=0.0, max=1.0,
-                                   layout=w.Layout(flex="2 1 200px", min_width="120px",
-                                                   max_width="100%"))
+                                   layout=w.Layout(flex="2 1 200px", min_width="120px",))
         self.box = row([self.label, self.bar])
         self.box.add_class("colabswarm-runbar")
 

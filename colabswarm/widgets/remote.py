@@ -13,7 +13,7 @@ from typing import Any
 import ipywidgets as w
 
 from ..errors import ColabSwarmError
-from ._base import error_html, ok_html
+from ._base import button_style, error_html, ok_html, row
 
 __all__ = ["RemoteControls"]
 
@@ -28,14 +28,14 @@ class RemoteControls:
                                     tooltip="the worker's recent log lines (tokens masked)")
         self.free_button = w.Button(description="Free memory", icon="eraser", layout=small)
         self.interrupt_button = w.Button(description="Interrupt worker", icon="stop",
-                                         button_style="warning", layout=small,
+                                         style=button_style("warning"), layout=small,
                                          tooltip="stop every job on this worker, everyone's")
         self.output = w.HTML()
         self.logs_button.on_click(lambda _b: self.show_logs())
         self.free_button.on_click(lambda _b: self.free())
         self.interrupt_button.on_click(lambda _b: self.interrupt())
-        self.widget = w.VBox([w.HBox([self.logs_button, self.free_button,
-                                      self.interrupt_button]), self.output])
+        self.widget = w.VBox([row([self.logs_button, self.free_button,
+                                   self.interrupt_button]), self.output])
         self.widget.layout.display = "none"
 
     def show(self, snap: dict[str, Any]) -> None:

@@ -23,6 +23,7 @@ from ._base import (
     Panel,
     TaskThread,
     Throttle,
+    button_style,
     download_link_html,
     error_html,
     full_width,
@@ -65,35 +66,33 @@ class UpscalePanel(Panel):
 
         self.source = w.Dropdown(description="Image", options=[("(none yet)", _NONE)],
                                  value=_NONE, style=label,
-                                 layout=w.Layout(width="420px", max_width="100%"))
+                                 layout=w.Layout(width="420px"))
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="Upload",
                                    layout=w.Layout(width="auto"))
         self.scale = w.Dropdown(description="Scale", options=[2, 3, 4], value=2, style=label,
                                 layout=short)
         self.upscaler = w.Combobox(description="Upscaler", value="lanczos",
                                    options=["lanczos", "tiny-upscaler"], ensure_option=False,
-                                   style=label, layout=w.Layout(width="260px", max_width="100%"))
+                                   style=label, layout=w.Layout(width="260px"))
         self.tile = w.BoundedIntText(512, min=64, max=4096, step=8, description="Tile",
                                      style=label, layout=short)
         self.overlap = w.BoundedIntText(64, min=0, max=1024, step=8, description="Overlap",
                                         style=label, layout=short)
         self.denoise = w.FloatSlider(0.3, min=0.0, max=1.0, step=0.05, description="Denoise",
-                                     style=label, layout=w.Layout(width="340px",
-                                                                  max_width="100%"))
+                                     style=label, layout=w.Layout(width="340px",))
         self.steps = w.BoundedIntText(20, min=1, max=10000, description="Steps", style=label,
                                       layout=short)
         self.prompt = full_width(w.Text(description="Prompt",
                                         placeholder="blank: the image's own prompt",
                                         style=label))
-        self.start_button = w.Button(description="Start", button_style="success",
+        self.start_button = w.Button(description="Start", style=button_style("success"),
                                      icon="expand", layout=w.Layout(width="auto"))
         self.progress = w.FloatProgress(value=0.0, min=0.0, max=1.0,
                                         layout=w.Layout(flex="2 1 200px", min_width="120px"))
         self.progress_text = w.HTML(muted_html("tiles"),
                                     layout=w.Layout(flex="1 1 200px", min_width="0"))
         self.message = w.HTML()
-        self.result_image = w.Image(format="png", layout=w.Layout(display="none",
-                                                                  max_width="100%"))
+        self.result_image = w.Image(format="png", layout=w.Layout(display="none",))
         self.result_text = w.HTML()
         self.download = w.HTML()
 

@@ -15,7 +15,17 @@ from typing import Any
 import ipywidgets as w
 
 from ..errors import ColabSwarmError
-from ._base import COLOURS, Panel, error_html, full_width, muted_html, ok_html, row, style_widget
+from ._base import (
+    COLOURS,
+    Panel,
+    button_style,
+    error_html,
+    full_width,
+    muted_html,
+    ok_html,
+    row,
+    style_widget,
+)
 from .guests import GuestsSection
 
 __all__ = ["WorkerPanel", "copy_button_html", "qr_png"]
@@ -66,10 +76,10 @@ class WorkerPanel(Panel):
         self.reopen_button = w.Button(description="Reopen tunnel", icon="refresh",
                                       tooltip="a new public URL, same token",
                                       layout=w.Layout(width="auto"))
-        self.stop_button = w.Button(description="Stop worker", button_style="danger",
+        self.stop_button = w.Button(description="Stop worker", style=button_style("danger"),
                                     icon="stop", layout=w.Layout(width="auto"))
         self.confirm_text = w.HTML()
-        self.confirm_button = w.Button(description="Yes, stop it", button_style="danger",
+        self.confirm_button = w.Button(description="Yes, stop it", style=button_style("danger"),
                                        icon="check", layout=w.Layout(width="auto"))
         self.cancel_button = w.Button(description="Cancel", icon="times",
                                       layout=w.Layout(width="auto"))
