@@ -422,6 +422,33 @@ def test_gallery_order_cap_notice_and_viewer(swarm, workers):
     panel.close()
 
 
+def test_a_gallery_of_thousands_holds_a_page_of_widgets_and_bounded_bytes(tmp_path):
+    """1,500 images: the browser gets one page of thumbnails, the panel holds what fits in
+    its byte budget, and the notice says what is where."""
+    from colabswarm.swarm.outputs import GeneratedImage
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 32), "teal").save(buf, format="PNG")
+    data = buf.getvalue()
+    g = gallery.Gallery(page=40, keep=1000, keep_bytes=600 * len(data), folder=tmp_path)
+    made = [GeneratedImage(None, seed, "w", seed, 0.1, {"prompt": "x", "width": 32,
+                                                         "height": 32}, png=data)
+            for seed in range(1500)]
+    for i, im in enumerate(made):
+        g.add(im, run=i // 500)
+    g.wait_idle(60)
+    assert g.total == 1500 and len(g.entries) == 600, "held: the byte budget's worth"
+    assert [e.image.seed for e in g.entries] == list(range(900, 1500))
+    assert len(g.box.children) == 40
+    assert sum(e.widget is not None for e in g.entries) == 40, "widgets only for the page"
+    notice = _text(g.notice.value)
+    assert "Showing the newest 40 of 1,500 images" in notice
+    assert f"holds the last 600; every image is saved in {tmp_path}" in notice
+    g.order.value = "seed order"
+    assert [e.image.seed for e in g.visible()][:3] == [900, 901, 902]
+    g.close()
+
+
 def _link_bytes(link_html: str) -> tuple[str, bytes]:
     name = re.search(r'download="([^"]+)"', link_html).group(1)
     b64 = re.search(r'data-b64="([^"]+)"', link_html).group(1)

@@ -3,7 +3,8 @@ downloads.
 
 - Newest first, oldest first or seed order; a bounded, scrollable box that shows the first
   `page` thumbnails of that order ("Showing the newest 60 of 1,234 images"), more on request;
-  the panel holds the last `keep` images (every image is also saved in the output folder).
+  the panel holds the last `keep` images, at most `keep_bytes` of PNGs (every image is also
+  saved in the output folder).
 - Clicking a thumbnail (anywhere on it) opens the viewer above the gallery and scrolls it into
   view; the chosen thumbnail is outlined; Prev/Next (or the arrow keys once the viewer has
   focus) step through the gallery's order.
@@ -147,10 +148,13 @@ _VIEW_JS = (
 class Gallery:
     """Thumbnails, viewer and downloads; `widget` is its part of the Generate panel."""
 
-    def __init__(self, *, page: int = 60, keep: int = 1000, thumb_size: int = 128,
-                 folder: Any = None, update_every: float = 0.15) -> None:
+    def __init__(self, *, page: int = 60, keep: int = 1000, keep_bytes: int = 384 * 2**20,
+                 thumb_size: int = 128, folder: Any = None,
+                 update_every: float = 0.15) -> None:
         self.page = page
         self.keep = max(keep, page)
+        self.keep_bytes = keep_bytes  # the PNGs held (the viewer, downloads and zips need them)
+        self._held = 0
         self.thumb_size = thumb_size
         self.folder = folder
         self.entries: list[Entry] = []  # oldest first, at most `keep`
@@ -250,9 +254,13 @@ class Gallery:
             self._numbers += 1
             self.total += 1
             self.entries.append(Entry(g, run, self._numbers, thumb))
-            if len(self.entries) > self.keep:
-                dropped = self.entries[:len(self.entries) - self.keep]
-                del self.entries[:len(dropped)]
+            self._held += _png_size(g)
+            # the oldest go first, by count or by bytes (a page always stays)
+            while len(self.entries) > self.page and (len(self.entries) > self.keep
+                                                     or self._held > self.keep_bytes):
+                old = self.entries.pop(0)
+                self._held -= _png_size(old.image)
+                dropped.append(old)
         for e in dropped:
             if e.widget is not None:
                 e.widget.close()
@@ -457,6 +465,7 @@ class Gallery:
                     e.widget = None
             self.entries = []
             self.total = 0
+            self._held = 0
             self.shown = self.page
             self.selected = None
         self.viewer.layout.display = "none"

@@ -76,7 +76,8 @@ def _axis_options(loras: list[str]) -> list[tuple[str, str]]:
 class GeneratePanel(Panel):
     """Prompt in, images out; every number on it comes from the swarm's events."""
 
-    def __init__(self, swarm: Any, *, page: int = 60, keep: int = 1000, thumb_size: int = 128,
+    def __init__(self, swarm: Any, *, page: int = 60, keep: int = 1000,
+                 keep_bytes: int = 384 * 2**20, thumb_size: int = 128,
                  update_every: float = 0.2) -> None:
         super().__init__()
         self.swarm = swarm
@@ -209,7 +210,8 @@ class GeneratePanel(Panel):
         self.bars = RunBars("images")
         self.output_folder = w.HTML(self._folder_html())
         folder = getattr(swarm, "output_dir", None)
-        self.gallery = Gallery(page=page, keep=keep, thumb_size=thumb_size,
+        self.gallery = Gallery(page=page, keep=keep, keep_bytes=keep_bytes,
+                               thumb_size=thumb_size,
                                folder=Path(folder).resolve() if folder is not None else None)
         self.gallery.on_reuse = self.reuse
         self.gallery.on_reuse_seed = self.reuse_seed
