@@ -7,8 +7,9 @@ notebook's outputs (every section of the Generate panel opened in turn); clickin
 opens the viewer in view, the arrow keys step, its download links save a PNG with parameters
 and the run's zip; a run's bar moves with the workers' steps before its first batch lands; a
 worker killed mid-run and restarted from its row leaves no stderr box in any cell and the run
-completes. Screenshots of every panel at 800 and 1400 px go to docs/screenshots/. Skipped only where Debian's chromium (or the jupyterlab
-/ playwright packages) are missing; `playwright install` is never needed.
+completes. Screenshots of every panel at 800 and 1400 px go to docs/screenshots/. Skipped only
+where Debian's chromium (or the jupyterlab / playwright packages) are missing; `playwright
+install` is never needed.
 """
 
 from __future__ import annotations

@@ -711,6 +711,10 @@ def test_logs_panel_filters_dedupes_orders_and_logs_runs(swarm, workers):
                    (4.0, "warning", "a")]) == [(2.0, "info", "b", 1, 2.0),
                                                (3.0, "info", "a", 2, 1.0),
                                                (4.0, "warning", "a", 1, 4.0)]
+    # running, errored, running: far apart, the order of events stays
+    far = [(0.0, "info", "up")] + [(i, "info", f"line {i}") for i in range(1, 10)]
+    assert [e[2] for e in dedupe(far + [(10.0, "info", "up")], window=8)][-1] == "up"
+    assert len(dedupe(far + [(10.0, "info", "up")], window=8)) == 11
     small = start_worker("tiny", name="small", limits=Limits(max_pixels=64 * 64))
     try:
         panel = LogsPanel(swarm, update_every=0.05)

@@ -2,7 +2,8 @@
 event, filtered by level and text.
 
 A line that repeats (one dead worker's "seed N goes back" five times) is shown once with its
-count and when it first happened. Newest first, or oldest first following the end (the box
+count and when it first happened; a line that comes back much later is shown again, so the
+order of events stays readable. Newest first, or oldest first following the end (the box
 stays scrolled to the newest line without a script). Words wrap whole. The swarm's records
 also reach Python's logging ("colabswarm.swarm"), never a cell's stderr by themselves.
 """
@@ -39,19 +40,23 @@ def _snapshot(logs: Any) -> list[tuple[float, str, str]]:
     return []
 
 
-def dedupe(entries: list[tuple[float, str, str]]) -> list[tuple[float, str, str, int, float]]:
-    """(last time, level, message, count, first time) per distinct (level, message), in the
-    order of each one's last occurrence (oldest first)."""
-    seen: dict[tuple[str, str], list[Any]] = {}
+def dedupe(entries: list[tuple[float, str, str]], window: int = 8
+           ) -> list[tuple[float, str, str, int, float]]:
+    """(last time, level, message, count, first time): a line that repeats one of the last
+    `window` lines shown is folded into it (moved to its newest place, counted); an old line
+    that comes back later is a line of its own, so "running, errored, running" keeps its
+    order. Oldest first."""
+    out: list[list[Any]] = []
     for t, level, message in entries:
-        key = (level, message)
-        if key in seen:
-            item = seen.pop(key)  # moves to the end: ordered by the last occurrence
-            item[0], item[3] = t, item[3] + 1
-            seen[key] = item
+        for i in range(len(out) - 1, max(len(out) - window, 0) - 1, -1):
+            if out[i][1] == level and out[i][2] == message:
+                item = out.pop(i)
+                item[0], item[3] = t, item[3] + 1
+                out.append(item)
+                break
         else:
-            seen[key] = [t, level, message, 1, t]
-    return [tuple(v) for v in seen.values()]  # type: ignore[misc]
+            out.append([t, level, message, 1, t])
+    return [tuple(v) for v in out]  # type: ignore[misc]
 
 
 def _clock(t: float) -> str:
