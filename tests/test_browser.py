@@ -219,6 +219,7 @@ def test_controller_notebook_in_chromium_at_800_and_1400_px(lab, tmp_path: Path)
                 _check_layout(page, f"{width} px with the file browser open")
                 if width == 1400:
                     _screenshots(page, 1400)
+                    _grid_from_the_page(page)
             phases.append(("1400, 600 and 1600 px", time.monotonic()))
             last, parts = t0, []
             for name, t in phases:
@@ -380,6 +381,27 @@ def _kill_and_restart_a_worker(page) -> None:
     while _gallery_total(page) < total + 12:  # every image of the run, none lost
         assert time.monotonic() < deadline, "the run did not finish"
         page.wait_for_timeout(200)
+
+
+def _grid_from_the_page(page) -> None:
+    """The X/Y grid section: two axes typed in, Make grid, the labelled grid shown."""
+    gen = page.locator(".colabswarm-generate")
+    gen.locator(".jupyter-widget-Collapse-header", has_text="X/Y grid").click()
+    gen.locator(".widget-dropdown:has(label:text-is('Y axis')) select").select_option(
+        label="Sampler")
+    values = gen.locator(".widget-text:has(label:text-is('values')) input")
+    values.nth(0).fill("4, 9")
+    values.nth(1).fill('Euler, "DPM++ 2M Karras"')
+    gen.locator("button", has_text="Make grid").click()
+    assert "2x2 grid" in _text_when(page, ".colabswarm-generate", "2x2 grid", 60)
+    page.wait_for_timeout(300)
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"],
+                            "height": int(gen.bounding_box()["height"]) + 400})
+    gen.evaluate("el => el.scrollIntoView({block: 'center'})")
+    page.wait_for_timeout(300)
+    gen.screenshot(path=str(SHOTS / "generate-grid-1400.png"))
+    page.set_viewport_size(size)
 
 
 def _screenshots(page, width: int) -> None:

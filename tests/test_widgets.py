@@ -146,7 +146,7 @@ def test_every_row_of_every_panel_wraps(swarm, workers):
 
 
 # ----- backends --------------------------------------------------------------------------
-def test_local_rows_count_down_retry_and_restart(swarm):
+def test_local_rows_count_down_and_restart(swarm):
     from colabswarm.swarm.local import start_local_workers
 
     local = start_local_workers(1, "tiny", swarm, env={"OMP_NUM_THREADS": "1"})
@@ -155,8 +155,8 @@ def test_local_rows_count_down_retry_and_restart(swarm):
         row = panel.rows["local0"]
         assert row.colour == "green" and row.status_text.startswith("running")
         assert row.restart.layout.display == "" and row.retry.layout.display == "none"
-        border = _base.STATUS_COLOURS["running"]
-        assert border in row.box.layout.border
+        assert f"process {local[0].pid} of this notebook" in _text(row.title.value)
+        assert _base.STATUS_COLOURS["running"] in row.box.layout.border
 
         local[0].proc.kill()  # a dead process: errored, with the hint for a local process
         wait_until(lambda: row.colour == "red", what="red without AllowIdle")
@@ -167,39 +167,43 @@ def test_local_rows_count_down_retry_and_restart(swarm):
         assert "process on this machine" in hint and "exited" in hint and "Restart" in hint
         assert "tunnel" not in hint, "a local process has no tunnel"
         assert row.retry.layout.display == ""
-        counts = [int(re.search(r"retrying in (\d+)", row.status_text).group(1))]
-        wait_until(lambda: int(re.search(r"retrying in (\d+)", row.status_text).group(1))
-                   != counts[0] or "retrying" not in row.status_text, what="the count to move")
+        first = int(re.search(r"retrying in (\d+)", row.status_text).group(1))
+        wait_until(lambda: "retrying" not in row.status_text or int(re.search(
+            r"retrying in (\d+)", row.status_text).group(1)) != first, what="the count to move")
 
         row.restart.click()  # restarts the process, then asks it at once
         wait_until(lambda: row.colour == "green", what="green after Restart")
         wait_until(lambda: "Restarted local0" in panel.message.value, what="the message")
         wait_until(lambda: row.hint.value == "", what="the hint to go")
         assert row.retry.layout.display == "none" and not row.restart.disabled
-
-        row.allow_idle.value = True  # an AllowIdle peer goes grey; restarted from code,
-        local[0].proc.kill()  # "Retry now" brings it back without waiting for the next try
-        wait_until(lambda: row.colour == "grey", what="an AllowIdle peer going grey")
-        assert row.status_text.startswith("idle (away)")
-        local[0].restart()
-        row.retry.click()
-        wait_until(lambda: row.colour == "green", timeout=10, what="green after Retry now")
         panel.close()
     finally:
         local.stop()
 
 
-def test_a_tunnelled_row_says_check_the_tunnel(swarm, spawn):
-    proc = spawn(name="peer", env={"OMP_NUM_THREADS": "1"})
+def test_a_tunnelled_row_says_check_the_tunnel_and_retry_now_brings_it_back(swarm):
+    from colabswarm.backend.serve import start_worker
+
+    h = start_worker("tiny", name="peer")
+    port, token = int(h.share.split("#")[0].rsplit(":", 1)[1]), h.token
     panel = BackendsPanel(swarm, update_every=0.05)
-    panel.add(proc.share)
+    panel.add(h.share)
     row = panel.rows["peer"]
     assert row.restart.layout.display == "none", "not a process of this notebook"
-    proc.kill()
-    wait_until(lambda: row.colour == "red", what="red")
-    hint = _text(row.hint.value)
-    assert "tunnel" in hint and "new share string" in hint
-    panel.close()
+    row.allow_idle.value = True  # a peer that comes and goes: grey while away
+    h.stop()
+    try:
+        wait_until(lambda: row.colour == "grey", what="an AllowIdle peer going grey")
+        assert row.status_text.startswith("idle (away)") and "retrying in" in row.status_text
+        hint = _text(row.hint.value)
+        assert "tunnel" in hint and "new share string" in hint
+        h = start_worker("tiny", name="peer", port=port, token=token)  # back, same address
+        row.retry.click()  # at once, not at the next try
+        wait_until(lambda: row.colour == "green", timeout=10, what="green after Retry now")
+        assert row.hint.value == "" and row.retry.layout.display == "none"
+    finally:
+        panel.close()
+        h.stop()
 
 
 def test_bad_share_strings_show_errors_and_unreachable_ones_can_be_added_anyway(swarm,

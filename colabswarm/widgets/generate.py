@@ -103,8 +103,10 @@ class GeneratePanel(Panel):
         self.negative_prompt = full_width(w.Textarea(
             description="Negative", placeholder="blurry", style=label,
             layout=w.Layout(height="42px")))
-        self.prompt_list = w.Checkbox(description="one prompt per line (a prompt list)",
-                                      indent=False, layout=w.Layout(width="auto"))
+        self.prompt_list = w.Checkbox(description="one prompt per line", indent=False,
+                                      tooltip="a prompt list: each line is a prompt, and "
+                                              "Images is how many of each",
+                                      layout=w.Layout(width="auto"))
         self.history_pick = w.Dropdown(description="Recent", options=[("(prompts used here)",
                                                                        -1)],
                                        value=-1, style={"description_width": "50px"},
