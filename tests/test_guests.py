@@ -76,7 +76,8 @@ def test_a_guest_generates_and_cannot_touch_others_jobs_or_the_owners_routes(sha
     for method, path in (("GET", f"/v1/jobs/{owners['id']}"),
                          ("POST", f"/v1/jobs/{owners['id']}/interrupt"),
                          ("DELETE", f"/v1/jobs/{owners['id']}"),
-                         ("GET", f"/v1/jobs/{owners['id']}/images/0")):
+                         ("GET", f"/v1/jobs/{owners['id']}/images/0"),
+                         ("GET", f"/v1/jobs/{owners['id']}/images")):
         r = http.request(method, path, headers=_auth(tok["bob"]))
         assert r.status_code == 403, (method, path, r.text)
         assert "only its own jobs" in _detail(r, ErrorKind.FORBIDDEN)

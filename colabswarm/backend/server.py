@@ -764,8 +764,8 @@ def create_app(worker: WorkerApp) -> Any:
             **_errors(404, 409, 422),
         },
     )
-    async def job_images(job_id: str = _ID) -> Response:
-        job = _job(job_id)
+    async def job_images(request: Request, job_id: str = _ID) -> Response:
+        job = _job(job_id, request)
         if job.state != "done":
             raise ColabSwarmError(f"Job {job_id} is {job.state}; images come when it is done.",
                                   kind=ErrorKind.NOT_READY)
