@@ -51,7 +51,8 @@ def _worker(args: argparse.Namespace) -> int:
             tunnel_deadline_s=args.tunnel_deadline,
             loras=(args.lora or []) + ([args.loras_dir] if args.loras_dir else []) or None,
             lora_cache=args.lora_cache, compile=args.compile,
-            compile_batches=args.compile_batches, compile_cache=args.compile_cache,
+            compile_batches=args.compile_batches, compile_sizes=args.compile_sizes,
+            compile_cache=args.compile_cache,
         )
     except ColabSwarmError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -100,6 +101,8 @@ def _serve_gpus(args: argparse.Namespace) -> int:
         extra += ["--loras-dir", args.loras_dir]
     extra += ["--lora-cache", str(args.lora_cache)]
     extra += ["--compile", args.compile, "--compile-batches", args.compile_batches]
+    if args.compile_sizes:
+        extra += ["--compile-sizes", args.compile_sizes]
     if args.compile_cache:
         extra += ["--compile-cache", args.compile_cache]
     stop = threading.Event()
@@ -203,6 +206,10 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--compile-batches", default="1,2,4,8", metavar="N,N,...",
                    help="batch sizes compiled at each image size (default 1,2,4,8; capped by "
                         "the worker's max images per job)")
+    w.add_argument("--compile-sizes", default=None, metavar="WxH,...",
+                   help="image sizes compiled at start (default: the model's own, 512x512 or "
+                        "1024x1024), e.g. 512x512,576x576 to add upscale tiles; other sizes are "
+                        "compiled when a job asks for them")
     w.add_argument("--compile-cache", default=None, metavar="FOLDER",
                    help="keep compiled artifacts here so a restart skips most of the compile "
                         "(default: colabswarm's cache folder); a folder only you can write to")

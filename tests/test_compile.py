@@ -313,3 +313,41 @@ def test_a_swarm_sends_a_compiled_worker_only_its_batch_sizes():
             sw.close()
     finally:
         handle.stop()
+
+
+# ----- the compile cache ----------------------------------------------------------------------
+def test_the_compile_cache_is_one_file_per_run_keyed_by_model_and_read_back(tmp_path,
+                                                                            monkeypatch):
+    """torch's artifact functions are stood in for (this CPU compiles nothing with inductor):
+    the worker writes what save_cache_artifacts gives into a subfolder of the owner's folder
+    keyed by GPU, software, model and mode, and a restarted worker loads it before compiling."""
+    from colabswarm.backend import compiled
+
+    loaded: list[bytes] = []
+    saves = iter(range(1, 100))
+    misses = iter(range(0, 1000))
+    monkeypatch.setattr(compiled, "_mega_cache", lambda: (
+        lambda: (b"artifacts %d" % next(saves), None), loaded.append))
+    monkeypatch.setattr(compiled, "_cache_counts", lambda: (0, next(misses)))  # always a miss
+
+    def run(model: str) -> None:
+        eng = Engine(models=[model], compile="default", compile_batches=(1,),
+                     compile_fn=FakeCompile(released=True), compile_cache=str(tmp_path))
+        handle = start_worker(engine=eng, name="cached")
+        try:
+            assert _wait_compiled(handle).state == "ready"
+        finally:
+            handle.stop()
+
+    run("tiny")
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("cpu-torch") and "-tiny-default-" in folder.name
+    (first,) = folder.glob("*.bin")
+    assert first.read_bytes() == b"artifacts 1" and loaded == []
+    run("tiny")  # a restart: reads the file before compiling, writes its own
+    assert loaded == [b"artifacts 1"]
+    assert sorted(p.read_bytes() for p in folder.glob("*.bin")) == [b"artifacts 1",
+                                                                     b"artifacts 2"]
+    assert not list(folder.glob("*.tmp")), "files are written whole or not at all"
+    run("tiny-xl")  # another model: its own folder, nothing of the other read
+    assert loaded == [b"artifacts 1"] and len(list(tmp_path.iterdir())) == 2

@@ -6,8 +6,9 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
 
 - **Shapes.** Compiled graphs are per shape (image size x batch size; ``dynamic=False``). After
   a model loads, its native size (512 for SD 1.x, 1024 for SDXL) is compiled at each of the
-  worker's batch sizes (1, 2, 4, 8 by default, capped by ``Limits.max_images``); a job of a new
-  image size runs eagerly and queues that size (at most ``MAX_SIZES`` sizes per model). A size
+  worker's batch sizes (1, 2, 4, 8 by default, capped by ``Limits.max_images``), or the sizes
+  its owner names instead; a job of a new image size runs eagerly and queues that size (at most
+  ``MAX_SIZES`` sizes per model). A size
   is listed in ``Info.compile.shapes`` once all its batch sizes are done and batch 1 compiled;
   the controller then sends it only the listed batch sizes for that size.
 - **The engine never compiles.** The UNet's and the decoder's ``forward`` are replaced (on the
@@ -41,6 +42,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import threading
 import time
@@ -189,6 +191,28 @@ def choose_mode(asked: str, device: str, device_map: str | None = None) -> tuple
     return "reduce-overhead", f"auto: CUDA graphs on {name}"
 
 
+def check_sizes(sizes: object) -> tuple[tuple[int, int], ...]:
+    """Image sizes to compile at start, "512x512,576x576" or pairs (none: the native one)."""
+    if sizes is None:
+        return ()
+    items = [p.strip() for p in sizes.split(",") if p.strip()] if isinstance(sizes, str) \
+        else list(sizes)  # type: ignore[call-overload]
+    out = []
+    for item in items:
+        try:
+            w, h = ((int(v) for v in item.lower().split("x")) if isinstance(item, str)
+                    else (int(item[0]), int(item[1])))
+        except (ValueError, TypeError, IndexError):
+            raise InvalidRequest(f"compile sizes are WIDTHxHEIGHT, like '512x512,576x576' "
+                                 f"(got {item!r}).") from None
+        if not (64 <= w <= 4096 and 64 <= h <= 4096 and w % 8 == 0 and h % 8 == 0):
+            raise InvalidRequest(f"compile size {w}x{h}: each side 64..4096, a multiple of 8.")
+        out.append((w, h))
+    if len(out) > MAX_SIZES:
+        raise InvalidRequest(f"at most {MAX_SIZES} compile sizes.")
+    return tuple(out)
+
+
 def native_side(pipe: Any) -> int:
     """The model's own image side: 512 for SD 1.x, 1024 for SDXL (64..1024, a multiple of 8)."""
     side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
@@ -301,9 +325,15 @@ def _cloned(out: Any) -> Any:
     return out
 
 
+BACKEND_ENV = "COLABSWARM_COMPILE_BACKEND"
+
+
 def _torch_compile(fn: Callable[..., Any], mode: str, fullgraph: bool) -> Callable[..., Any]:
     import torch
 
+    backend = os.environ.get(BACKEND_ENV)
+    if backend:  # tests and CPU smoke runs of the benchmarks: e.g. dynamo's "eager" backend
+        return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
     return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=fullgraph,
                          dynamic=False)
 
@@ -373,13 +403,17 @@ class Compiler:
     test seam: ``compile_fn(fn, mode, fullgraph)`` instead of ``torch.compile``."""
 
     def __init__(self, mode: str, why: str = "", *, batches: tuple[int, ...] = DEFAULT_BATCHES,
+                 sizes: tuple[tuple[int, int], ...] = (),
                  cache_dir: str | os.PathLike[str] | None = None,
-                 compile_fn: CompileFn | None = None, max_sizes: int = MAX_SIZES) -> None:
+                 compile_fn: CompileFn | None = None, max_sizes: int = MAX_SIZES,
+                 background: bool = True) -> None:
         if mode not in ("off", "reduce-overhead", "default"):
             raise InvalidRequest(f"unknown compile mode {mode!r}")
         self.mode, self.why = mode, why
         self.batches = check_batches(batches)
+        self.sizes = check_sizes(sizes)
         self.max_sizes = max_sizes
+        self.background = background
         self.cache_dir = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir else None
         self._compile_fn = compile_fn or _torch_compile
         self._lock = threading.Lock()       # compile/warm-up vs compiled calls and UNet changes
@@ -436,20 +470,36 @@ class Compiler:
             if decoder is not None:  # the decoder runs once per job: graphs do not pay there
                 self._install(att, "decoder", decoder, "default")
             self._att = att
-            self._status.clear()
-            self._errors.clear()
-            self._seconds.clear()
-            self._sizes = []
+            with self._cv:
+                self._status.clear()
+                self._errors.clear()
+                self._seconds.clear()
+                self._sizes = []
             self._started_at = time.monotonic()
-            self._queue_size(att.native, att.native)
+            for w, h in self.sizes or ((att.native, att.native),):
+                self._queue_size(w, h)
             limit = max(64, 4 * self.max_sizes * len(self.batches))
             for name in ("recompile_limit", "cache_size_limit"):
                 if hasattr(torch._dynamo.config, name):
                     setattr(torch._dynamo.config, name,
                             max(getattr(torch._dynamo.config, name), limit))
         log.info("compile (%s): %d shapes of %s queued", self.why or self.mode,
-                 len(self.batches), model)
-        self._start_thread()
+                 len(self._status), model)
+        if self.background:
+            self._start_thread()
+
+    def compile_now(self) -> None:
+        """Compile every queued shape on this thread (benchmarks: ``background=False``)."""
+        while True:
+            with self._cv:
+                if not self._tasks:
+                    return
+                epoch, shape = self._tasks.popleft()
+            with self._lock:
+                if shape is None:
+                    self._reset()
+                elif self._att is not None and epoch == self._epoch:
+                    self._compile_shape(self._att, shape)
 
     def detach(self) -> None:
         """The model is being swapped out (engine thread): back to eager modules; compiled
@@ -466,9 +516,9 @@ class Compiler:
                 if module is not None:
                     module.__dict__.pop("forward", None)
             self._epoch += 1
-            self._status.clear()
-            self._sizes = []
             with self._cv:
+                self._status.clear()
+                self._sizes = []
                 self._tasks.clear()
                 self._tasks.append((self._epoch, None))  # reset dynamo's caches first
                 self._cv.notify_all()
@@ -507,6 +557,11 @@ class Compiler:
             if plan.unload_adapters:
                 with self._cv:
                     self._cv.notify_all()
+
+    def gpu_turn(self) -> Any:
+        """A context for the engine's other GPU work (upscales, freeing memory): it never runs
+        while CUDA graphs are being recorded."""
+        return self._gpu.engine() if self.on else nullcontext()
 
     def info(self) -> CompileInfo:
         if not self.on:
@@ -861,7 +916,8 @@ class Compiler:
             folder.mkdir(parents=True, exist_ok=True)
             run = getattr(self, "_run_file", None)
             if run is None:
-                run = self._run_file = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.bin"
+                run = self._run_file = (f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
+                                        f"{secrets.token_hex(3)}.bin")
             tmp = folder / (run + ".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, folder / run)
@@ -883,34 +939,39 @@ def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 
 class _Turns:
-    """The engine's jobs and the compile thread's CUDA-graph recording take turns on the GPU:
-    a recording waits for the job that runs, and the next job waits for the recording (a few
-    seconds), so the recorder is never starved by back-to-back jobs."""
+    """GPU work of the worker (jobs, upscales, freeing memory) and the compile thread's CUDA
+    graph recording take turns: a recording waits for the work that runs, and new work waits
+    for the recording (a few seconds), so the recorder is never starved by back-to-back jobs.
+    Work may nest on one thread (it never waits for itself)."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
-        self._job = False
+        self._busy = 0                # GPU work running, on any thread
         self._recording = False
         self._waiting = False
+        self._depth = threading.local()
 
     @contextmanager
     def engine(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
         with self._cv:
-            while self._recording or self._waiting:
+            while depth == 0 and (self._recording or self._waiting):
                 self._cv.wait()
-            self._job = True
+            self._busy += 1
+        self._depth.n = depth + 1
         try:
             yield
         finally:
+            self._depth.n = depth
             with self._cv:
-                self._job = False
+                self._busy -= 1
                 self._cv.notify_all()
 
     @contextmanager
     def recorder(self) -> Iterator[None]:
         with self._cv:
             self._waiting = True
-            while self._job:
+            while self._busy:
                 self._cv.wait()
             self._waiting, self._recording = False, True
         try:

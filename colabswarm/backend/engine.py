@@ -45,6 +45,7 @@ from .compiled import (
     Compiler,
     check_batches,
     check_mode,
+    check_sizes,
     choose_mode,
     default_cache_dir,
 )
@@ -200,6 +201,7 @@ class Engine:
     lora_cache: int = 4
     compile: str = "off"  # off | auto | reduce-overhead | default (compiled.py)
     compile_batches: tuple[int, ...] = DEFAULT_BATCHES
+    compile_sizes: tuple[tuple[int, int], ...] = ()  # compiled at start (none: the native)
     compile_cache: str | None = None  # the compile cache folder (None: colabswarm's own)
     compile_fn: Any = field(default=None, repr=False)  # test seam: instead of torch.compile
 
@@ -208,6 +210,7 @@ class Engine:
             raise InvalidRequest("lora_cache must be at least 1 (adapters kept loaded).")
         self.compile = check_mode(self.compile)
         self.compile_batches = check_batches(self.compile_batches)
+        self.compile_sizes = check_sizes(self.compile_sizes)
         # found and hashed now: a bad file stops the worker at start, not at a stranger's job
         self._lora_files: dict[str, LoraFile] = find_loras(self.loras)
         # (model, LoRA hash) pairs that failed to load: refused up front from then on
@@ -223,7 +226,8 @@ class Engine:
         self.device = _pick_device(self.device)
         mode, why = choose_mode(self.compile, self.device, self.device_map)
         self._compiler = Compiler(
-            mode, why, batches=self.compile_batches, compile_fn=self.compile_fn,
+            mode, why, batches=self.compile_batches, sizes=self.compile_sizes,
+            compile_fn=self.compile_fn,
             cache_dir=self.compile_cache or (default_cache_dir() if mode != "off" else None),
         )
         self.load_seconds: dict[str, float] = {}  # measured seconds to load each model
@@ -436,7 +440,8 @@ class Engine:
         self._upscaled.clear()
         gc.collect()
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            with self._compiler.gpu_turn():  # never while CUDA graphs are being recorded
+                torch.cuda.empty_cache()
 
     # ----- running -----------------------------------------------------------------------
     def run(
@@ -454,7 +459,8 @@ class Engine:
                 raise InvalidRequest(f"{req.kind} needs 1 or {n} init images, got {len(inits)}.")
             inits = inits * n if len(inits) == 1 else inits
         if req.kind == "upscale":
-            return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
+            with self._compiler.gpu_turn():
+                return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
         import torch
 
         self.load(req.model)
@@ -478,7 +484,8 @@ class Engine:
         if req.kind == "img2img":
             size = (req.width, req.height)
             if req.crops:
-                big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
+                with self._compiler.gpu_turn():
+                    big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
                 inits = [crop_edge(big, box) for box in req.crops]
             inits = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
                      for im in inits]

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..errors import ColabSwarmError, TunnelError
 from ..protocol import Limits, clean_name, encode_share, mask_token, new_token
-from .compiled import DEFAULT_BATCHES, check_batches, check_mode
+from .compiled import DEFAULT_BATCHES, check_batches, check_mode, check_sizes
 from .connections import guarded_protocol
 from .server import WorkerApp, create_app
 
@@ -38,6 +38,7 @@ def make_engine(
     lora_cache: int = 4,
     compile: str = "auto",
     compile_batches: str | tuple[int, ...] | list[int] = DEFAULT_BATCHES,
+    compile_sizes: str | list[tuple[int, int]] | None = None,
     compile_cache: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The real diffusers engine, or the bench-only simulator when simulate_speed is set.
@@ -62,6 +63,7 @@ def make_engine(
         device_map=device_map, upscalers_dir=upscalers_dir,
         loras=[os.fspath(p) for p in loras] if loras is not None else None,
         lora_cache=lora_cache, compile=compile, compile_batches=batches,
+        compile_sizes=check_sizes(compile_sizes),
         compile_cache=os.fspath(compile_cache) if compile_cache is not None else None,
     )
 
@@ -183,6 +185,7 @@ def start_worker(
     lora_cache: int = 4,
     compile: str = "auto",
     compile_batches: str | tuple[int, ...] | list[int] = DEFAULT_BATCHES,
+    compile_sizes: str | list[tuple[int, int]] | None = None,
     compile_cache: str | os.PathLike[str] | None = None,
 ) -> WorkerHandle:
     """Serve a model from this process on a background thread; returns at once with a handle.
@@ -195,8 +198,10 @@ def start_worker(
     ``compile``: 'auto' (default: on where it pays, a CUDA GPU of compute capability 8.0+ with
     Triton and 4+ CPU cores; off on CPU and MPS), 'reduce-overhead' (torch.compile with CUDA
     graphs), 'default' (torch.compile without them) or 'off'. A compiled worker serves at once,
-    eagerly, while it compiles its native size at ``compile_batches`` (capped by
-    ``limits.max_images``) in the background; ``Info.compile`` says how far it got.
+    eagerly, while it compiles the model's own size (or ``compile_sizes`` instead, e.g.
+    "512x512,576x576" to add upscale tiles) at ``compile_batches`` (capped by
+    ``limits.max_images``) in the background; a job of another size runs eagerly and queues its
+    size. ``Info.compile`` says how far it got.
     ``compile_cache``: a folder for compiled artifacts, so a restart skips most of the compile
     (default: colabswarm's cache folder; on Colab, a Drive folder keeps them across sessions).
     Only point it at a folder nobody else can write to: the worker runs what it finds there.
@@ -210,7 +215,7 @@ def start_worker(
         upscalers_dir=upscalers_dir, simulate_speed=simulate_speed,
         simulate_step_seconds=simulate_step_seconds, loras=loras, lora_cache=lora_cache,
         compile=compile, compile_batches=check_batches(compile_batches, lim.max_images),
-        compile_cache=compile_cache,
+        compile_sizes=compile_sizes, compile_cache=compile_cache,
     )
     worker = WorkerApp(
         eng, token, lim, name=clean_name(name or socket.gethostname()),
