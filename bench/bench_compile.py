@@ -20,9 +20,9 @@ order, skipping a stage its time budget cannot fit (and saying so in the JSON):
    empty inductor cache (what a new Colab session with a Drive folder has): its compile seconds,
    and batch-1 jobs sent while it compiles (their latency shows whether a job ever waits
    behind compilation);
-5. ``default`` (inductor without CUDA graphs), cold, as 3;
-6. ``raw compiled``: the raw loop with the worker's own compiled modules
-   (``Compiler(background=False)``, from the cache), the bar for the swarm's compiled rows.
+5. ``raw compiled``: the raw loop with the worker's own compiled modules
+   (``Compiler(background=False)``, from the cache), the bar for the swarm's compiled rows;
+6. ``default`` (inductor without CUDA graphs), cold, as 3 (the first stage the budget drops).
 
 The parent merges both children's JSON into ``--out``/compile.json and prints a table.
 
