@@ -603,11 +603,6 @@ class Compiler:
             detail = detail[:299] + "…"
         return CompileInfo(mode=self.mode, state=state, detail=detail, shapes=shapes)
 
-    def seconds(self) -> dict[str, float]:
-        """Seconds each shape took to compile and warm ('512x512 batch 8' -> s)."""
-        with self._cv:
-            return {str(s): v for s, v in self._seconds.items()}
-
     def close(self) -> None:
         with self._cv:
             self._closing = True
