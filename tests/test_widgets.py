@@ -305,6 +305,7 @@ def test_worker_panel_shows_share_qr_health_and_stops(swarm):
         assert qr.size[0] == qr.size[1] >= 100
         text = re.sub(r"<[^>]+>", " ", panel.details.value)
         assert "ready" in text and "mine" in text and "0 served" in text and "tiny" in text
+        assert "Compile" in text and "auto: off on cpu" in text  # the compiled path's state
         assert "Tunnel: none" in panel.tunnel.value
         swarm.add(handle.share)
         swarm.generate("x", images=1, width=64, height=64, steps=2)
