@@ -24,7 +24,15 @@ measured. Later stages, each skipped when the ``--budget-s`` left is too small:
 with ``device_map="balanced"``: does it load and generate across both GPUs?), ``overhead``
 (issue 2's bench_worker at batch 4, in a subprocess) and ``sdxl`` (raw vs two workers, 1024 px).
 
+With ``--compile MODE`` (issue 14) the workers run compiled: they start with ``--compile MODE
+--compile-batches B --compile-sizes S`` and a shared compile cache, the swarm rows wait until
+every worker's ``Info.compile`` is ready (the compile seconds are recorded, not timed in a row),
+and a ``rawc`` stage measures the raw loop with the same compiled modules on each GPU (one
+after the other, ``bench/bench_compile.py``'s ``raw compiled`` stage, from the workers' cache):
+the bar for compiled workers.
+
     python -m bench.bench_multigpu --json $OUT/multigpu.json          # on a 2-GPU machine
+    python -m bench.bench_multigpu --stages workers,rawc,upscale --compile reduce-overhead
     python -m bench.bench_multigpu --tiny                             # CPU smoke run
 """
 
@@ -47,7 +55,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
-STAGES = "raw,dp,split,workers,upscale,balanced,overhead,sdxl"
+STAGES = "raw,dp,split,workers,rawc,upscale,balanced,overhead,sdxl"
 T_START = time.monotonic()
 
 
@@ -402,15 +410,87 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def compile_args(a: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Worker arguments and environment for --compile (eager workers: --compile off)."""
+    if a.compile == "off":
+        return ["--compile", "off"], {}
+    args = ["--compile", a.compile, "--compile-batches", a.compile_batches,
+            "--compile-cache", str(Path(a.compile_work) / "compile-cache")]
+    if a.compile_sizes:
+        args += ["--compile-sizes", a.compile_sizes]
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(Path(a.compile_work) / "inductor")}
+    if a.tiny:
+        env["COLABSWARM_COMPILE_BACKEND"] = "eager"
+    return args, env
+
+
+def wait_compiled(run: Run, group: Any) -> None:
+    """Until every worker's Info.compile is no longer compiling (or the budget runs out)."""
+    import asyncio
+
+    from colabswarm.backend.client import WorkerClient
+
+    async def one(share: str) -> dict[str, Any]:
+        async with WorkerClient(share) as c:
+            while run.left() > 60:
+                comp = (await c.info()).compile
+                if comp is None or comp.state != "compiling":
+                    return comp.model_dump() if comp else {}
+                await asyncio.sleep(1.0)
+            return {"state": "still compiling when the budget ran low"}
+
+    async def both() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(one(w.share or "") for w in group)))
+
+    t0 = time.perf_counter()
+    states = asyncio.run(both())
+    run.result["compile"] = {"mode": run.a.compile, "wait_s": round(time.perf_counter() - t0, 1),
+                             "workers": states}
+    log(f"compiled workers after {run.result['compile']['wait_s']}s: "
+        f"{[s.get('detail') for s in states]}")
+
+
 def stage_workers(run: Run, folder: str) -> Any:
     from colabswarm.swarm.local import start_local_workers
 
+    args, env = compile_args(run.a)
     t0 = time.perf_counter()
-    group = start_local_workers(run.a.gpus, model=folder)
+    group = start_local_workers(run.a.gpus, model=folder, extra_args=args, env=env)
     run.result["workers_load_s"] = round(time.perf_counter() - t0, 1)
     log(f"workers {[w.name for w in group]} loaded in {run.result['workers_load_s']}s "
         "(not timed in any row)")
+    if run.a.compile != "off":
+        wait_compiled(run, group)
     return group
+
+
+def stage_raw_compiled(run: Run, folder: str) -> None:
+    """The raw loop with the workers' compiled modules, on each GPU alone (a subprocess each,
+    bench_compile's 'raw compiled' stage; its compile comes from the workers' cache)."""
+    a = run.a
+    best = run.result.get("best_batch", a.batches[-1])
+    for i, gpu in enumerate(a.gpus):
+        out = Path(a.compile_work) / f"rawc-gpu{gpu}.json"
+        cmd = [sys.executable, "-m", "bench.bench_compile", "--child", "sd15", "--only", "rawc",
+               "--deadline", str(time.time() + max(30.0, run.left() - 10)), "--json", str(out),
+               "--model-dir", folder, "--size", str(a.size), "--steps", str(a.steps),
+               "--cfg", str(a.cfg), "--batches", f"1,{best}" if best != 1 else "1",
+               "--images-b1", str(a.images_b1), "--images-bn", str(max(1, a.images // best)),
+               "--modes", a.compile, "--work", str(a.compile_work),
+               "--device", "cpu" if a.tiny else "cuda:0"]
+        if a.tiny:
+            cmd.append("--tiny")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1",
+               "CUDA_VISIBLE_DEVICES": "" if a.tiny else str(gpu),
+               "TORCHINDUCTOR_CACHE_DIR": str(Path(a.compile_work) / "inductor")}
+        rc = subprocess.run(cmd, env=env, timeout=max(30.0, run.left())).returncode
+        res = json.loads(out.read_text()) if out.exists() else {}
+        st = res.get("stages", {}).get(f"raw compiled {a.compile}", {})
+        for key, row in st.items():
+            if key.startswith("b") and isinstance(row, dict):
+                run.row(f"raw compiled GPU{i} {key}", row)
+        if not st:
+            run.result["errors"][f"rawc GPU{i}"] = f"exit {rc}: {res.get('errors') or res}"
 
 
 def stage_swarm_rows(run: Run, members: list[tuple[str, str]], extra: bool = False) -> None:
@@ -537,7 +617,7 @@ def stage_sdxl(run: Run) -> None:
         del pipe
         free_memory()
     t0 = time.perf_counter()
-    group = start_local_workers(a.gpus, model=folder)
+    group = start_local_workers(a.gpus, model=folder, extra_args=["--compile", "off"])
     run.result["sdxl_workers_load_s"] = round(time.perf_counter() - t0, 1)
     try:
         members = [(w.name, w.share or "") for w in group]
@@ -577,6 +657,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sdxl-size", type=int, default=1024)
     p.add_argument("--sdxl-images", type=int, default=8)
     p.add_argument("--json", default=None)
+    p.add_argument("--compile", default="off",
+                   choices=["off", "auto", "reduce-overhead", "default"],
+                   help="the workers' compile mode (issue 14); default off, the eager rows")
+    p.add_argument("--compile-batches", default="1,8", help="compiled batch sizes")
+    p.add_argument("--compile-sizes", default="512x512,576x576",
+                   help="sizes the workers compile (upscale tiles are 576x576)")
+    p.add_argument("--compile-work", default="/tmp/bench-multigpu-compile",
+                   help="the workers' compile cache and inductor cache (kept between runs)")
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run: tiny-width SD 1.5 layout, 64 px, 2 steps, few images")
     from bench.bench_upscale import add_upscale_args
@@ -588,7 +676,10 @@ def main(argv: list[str] | None = None) -> int:
     a.dp_batches = [int(x) for x in a.dp_batches.split(",") if x]
     a.devices = a.devices.split(",")
     a.gpus = [int(g) for g in a.gpus.split(",")]
+    if a.compile == "off":
+        a.stages.discard("rawc")
     if a.tiny:
+        a.compile_sizes = "64x64"  # the smoke run's size
         a.size, a.steps = 64, 2
         a.images_b1, a.images, a.swarm_images, a.reps, a.dp_images = 4, 8, 8, 1, 8
         a.batches = [2, 4]
@@ -616,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
         run.stage("split", 20, stage_split, run, pipes["gpu0"])
     pipes.clear()
     free_memory()
-    needs_workers = {"workers", "upscale"} & a.stages
+    needs_workers = {"workers", "upscale", "rawc"} & a.stages
     group = (run.stage(min(needs_workers), 60, stage_workers, run, folder, key="start workers")
              if needs_workers else None)
     if group is not None:
@@ -624,6 +715,8 @@ def main(argv: list[str] | None = None) -> int:
             members = [(w.name, w.share or "") for w in group]
             if "workers" in a.stages:
                 run.stage("workers", 60, stage_swarm_rows, run, members, key="swarm")
+            if a.compile != "off":
+                run.stage("rawc", 60, stage_raw_compiled, run, folder)
             run.stage("upscale", 40, stage_upscale, run, members)
             if "workers" in a.stages:
                 run.stage("workers", 75, stage_swarm_rows, run, members, True,
@@ -662,6 +755,12 @@ def summarise(run: Run) -> None:
         s["best_raw_sum"] = best0 + best1
         s["batching_over_raw_sum"] = max(bat) / (best0 + best1)
         s["batching_target_0.95_met"] = max(bat) / (best0 + best1) >= 0.95
+    rawc = [max((r["img_s"] for k, r in rows.items() if k.startswith(f"raw compiled GPU{g} ")),
+                default=None) for g in (0, 1)]
+    if all(rawc) and bat:
+        s["compiled_raw_best_sum"] = sum(rawc)
+        s["batching_over_compiled_raw_sum"] = max(bat) / sum(rawc)
+        s["compiled_target_0.95_met"] = max(bat) / sum(rawc) >= 0.95
     for k, r in rows.items():
         if raw_b1 and "img_s" in r:
             s.setdefault("x_raw_b1", {})[k] = round(r["img_s"] / raw_b1, 3)

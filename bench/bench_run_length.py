@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"raw b{a.batch}: {out['raw']['img_s']:.3f} img/s", flush=True)
     del pipe
     free_memory()
-    group = start_local_workers([0] if not a.tiny else 1, model=folder)
+    group = start_local_workers([0] if not a.tiny else 1, model=folder,
+                                extra_args=["--compile", "off"])  # eager: issue 2's question
     sw = Swarm(output_dir=None, trace=True, max_batch=a.batch)
     try:
         sw.add(group[0].share or "", name="gpu0", slots=2)

@@ -217,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.tiny and a.model_dir == "/tmp/sd15-random":  # never leave a tiny model there
             a.model_dir = "/tmp/cs-tiny-sd15"
         folder = prepare_folder(a.model_dir, "sd15", tiny=a.tiny)
-        group = start_local_workers([int(g) for g in a.gpus.split(",")], model=folder)
+        group = start_local_workers([int(g) for g in a.gpus.split(",")], model=folder,
+                                    extra_args=["--compile", "off"])
         workers, stop = list(group), group.stop
     print(f"workers loaded in {time.perf_counter() - t0:.1f}s", flush=True)
     try:

@@ -394,7 +394,7 @@ async def _bench(a: argparse.Namespace) -> dict[str, Any]:
     paths = _parse_paths(a.paths)
     model = _prepare_model(a)
     t0 = time.perf_counter()
-    handle = start_worker(model=model, device=a.device)
+    handle = start_worker(model=model, device=a.device, compile="off")  # eager, as raw
     load_s = time.perf_counter() - t0
     engine = handle.worker.engine
     pipe = engine._loaded.txt2img  # the worker's own pipeline object: same modules, same memory

@@ -58,7 +58,9 @@ def _worker(args: argparse.Namespace) -> int:
             tunnel_deadline_s=args.tunnel_deadline, guests_file=args.guests_file,
             idle_stop=idle_stop,
             loras=(args.lora or []) + ([args.loras_dir] if args.loras_dir else []) or None,
-            lora_cache=args.lora_cache,
+            lora_cache=args.lora_cache, compile=args.compile,
+            compile_batches=args.compile_batches, compile_sizes=args.compile_sizes,
+            compile_cache=args.compile_cache,
         )
     except ColabSwarmError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -79,6 +81,9 @@ def _worker(args: argparse.Namespace) -> int:
           f"models {info.models}, listening on {handle.local_url}", flush=True)
     if args.simulate_speed is not None:
         print(f"BENCH MODE: simulated engine at speed x{args.simulate_speed:g}", flush=True)
+    elif info.compile is not None:
+        print(f"compile: {info.compile.mode} ({info.compile.detail or info.compile.state})",
+              flush=True)
     print("Share string (paste it into the controller; it holds the secret token):", flush=True)
     print(handle.share, flush=True)
     for name, limits in handle.guests().items():
@@ -129,6 +134,11 @@ def _serve_gpus(args: argparse.Namespace) -> int:
     extra += ["--lora-cache", str(args.lora_cache)]
     if args.idle_stop is not None:
         extra += ["--idle-stop", args.idle_stop]
+    extra += ["--compile", args.compile, "--compile-batches", args.compile_batches]
+    if args.compile_sizes:
+        extra += ["--compile-sizes", args.compile_sizes]
+    if args.compile_cache:
+        extra += ["--compile-cache", args.compile_cache]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -268,6 +278,22 @@ def _parser() -> argparse.ArgumentParser:
                    help="offer every .safetensors LoRA in this folder (and its subfolders)")
     w.add_argument("--lora-cache", type=int, default=4, metavar="N",
                    help="LoRAs kept loaded between jobs (default 4)")
+    w.add_argument("--compile", default="auto",
+                   choices=["auto", "off", "reduce-overhead", "default"],
+                   help="torch.compile the UNet and VAE decoder in the background while "
+                        "serving: auto (default) = on for CUDA GPUs of compute capability 8.0+ "
+                        "with 4+ CPU cores, reduce-overhead = with CUDA graphs, default = "
+                        "without, off")
+    w.add_argument("--compile-batches", default="1,2,4,8", metavar="N,N,...",
+                   help="batch sizes compiled at each image size (default 1,2,4,8; capped by "
+                        "the worker's max images per job)")
+    w.add_argument("--compile-sizes", default=None, metavar="WxH,...",
+                   help="image sizes compiled at start (default: the model's own, 512x512 or "
+                        "1024x1024), e.g. 512x512,576x576 to add upscale tiles; other sizes are "
+                        "compiled when a job asks for them")
+    w.add_argument("--compile-cache", default=None, metavar="FOLDER",
+                   help="keep compiled artifacts here so a restart skips most of the compile "
+                        "(default: colabswarm's cache folder); a folder only you can write to")
     w.add_argument("--max-pixels", type=int, default=None)
     w.add_argument("--max-steps", type=int, default=None)
     from .protocol import Limits

@@ -61,8 +61,10 @@ def test_a_lora_only_one_worker_has_runs_only_there(swarm):
     assert Counter(g.backend for g in r.images) == Counter({"styled": 6})
     assert any("plain skipped" in m and "does not have LoRA 'detail'" in m
                for _, _, m in swarm.logs), [m for _, _, m in swarm.logs]
-    plain = swarm.generate("a red fox", images=6, seed=10, **KW)
-    assert {g.backend for g in plain.images} == {"styled", "plain"}, "both serve plain jobs"
+    swarm.disable("styled")  # and the other one serves plain jobs of the same parameters
+    plain = swarm.generate("a red fox", images=2, seed=10, **KW)
+    assert {g.backend for g in plain.images} == {"plain"}
+    swarm.enable("styled")
 
 
 def test_lora_prompt_syntax_equals_the_loras_argument(swarm, tmp_path):

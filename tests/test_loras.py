@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from colabswarm.backend.client import WorkerClient
 from colabswarm.backend.loras import addnet_hash, find_loras
 from colabswarm.backend.tiny import build_tiny_lora
-from colabswarm.errors import InvalidRequest, JobFailed, ModelNotAvailable
+from colabswarm.errors import ErrorKind, InvalidRequest, ModelNotAvailable
 from colabswarm.protocol import JobRequest, LoraRef
 from tests.conftest import WorkerProcess
 from tests.imagecheck import assert_different, assert_identical, assert_same_picture
@@ -274,8 +274,9 @@ def test_sdxl_loras_on_unet_and_both_text_encoders(lora_worker, lora_files):
             assert_identical((await _one(c, xl()))[0], before, "SDXL, no LoRA after a LoRA")
             # an SD 1.x LoRA does not fit the SDXL model: the job fails, saying so, and
             # leaves nothing behind
-            with pytest.raises(JobFailed, match="does not fit"):
+            with pytest.raises(ModelNotAvailable, match="does not fit") as failed:
                 await c.run(xl(LoraRef(name="beta", hash=h["beta"])))
+            assert failed.value.kind is ErrorKind.MODEL_NOT_AVAILABLE
             assert_identical((await _one(c, xl()))[0], before, "SDXL after a LoRA that failed")
             # from then on the worker refuses it up front (422), and still runs it on SD
             with pytest.raises(InvalidRequest, match="does not fit"):

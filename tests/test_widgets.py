@@ -687,6 +687,8 @@ def test_worker_panel_shows_share_qr_health_and_asks_before_stopping(swarm):
         assert "Scan: the share string" in panel.qr_note.value, "the QR code has a label"
         text = _text(panel.details.value)
         assert "ready" in text and "mine" in text and "0 images in 0 jobs" in text
+        assert "tiny" in text
+        assert "Compile" in text and "auto: off on cpu" in text  # the compiled path's state
         assert "Tunnel: none" in panel.tunnel.value
         assert panel.reopen_button.layout.display == "none", "no tunnel, nothing to reopen"
         swarm.add(handle.share)

@@ -21,7 +21,8 @@ from tests.test_compat import OldWorker, _reply
 V1_FIELDS = frozenset({"kind", "prompt", "negative_prompt", "width", "height", "steps", "cfg",
                        "seeds", "model", "strength", "init_images", "upscaler", "scale"})
 USED = {"crops": [(0, 0, 64, 64)], "sampler": "Euler a",
-        "loras": [LoraRef(name="x", weight=0.5, hash="a" * 64)], "clip_skip": 2}
+        "loras": [LoraRef(name="x", weight=0.5, hash="a" * 64)], "clip_skip": 2,
+        "prompts": ["a fox", "an owl"]}
 
 
 class StrictOldWorker(OldWorker):

@@ -11,6 +11,10 @@ Nothing of one job stays on the pipeline for the next: each job runs with its ow
 sampler's scheduler (the model's own one is put back after), and LoRAs are switched per job on
 a small LRU of loaded adapters; a job without LoRAs runs with every adapter disabled, which is
 the pipeline's computation from before any LoRA was loaded.
+
+With ``compile`` on, the UNet and VAE decoder are compiled shape by shape in the background
+(``compiled.py``); the engine's calls run compiled for the shapes that are ready and eagerly
+otherwise, and LoRA jobs always eagerly.
 """
 
 from __future__ import annotations
@@ -36,6 +40,15 @@ from ..crops import crop_edge
 from ..errors import InvalidRequest, JobInterrupted, ModelNotAvailable
 from ..protocol import JobRequest, LoraRef
 from ..samplers import MAX_CLIP_SKIP, diffusers_clip_skip
+from .compiled import (
+    DEFAULT_BATCHES,
+    Compiler,
+    check_batches,
+    check_mode,
+    check_sizes,
+    choose_mode,
+    default_cache_dir,
+)
 from .loras import LoraFile, find_loras
 from .schedulers import SchedulerBank, available_samplers
 from .tiny import TINY_MODELS, tiny_model_dir
@@ -186,10 +199,18 @@ class Engine:
     warmup: bool = True
     loras: list[str] | str | None = None
     lora_cache: int = 4
+    compile: str = "off"  # off | auto | reduce-overhead | default (compiled.py)
+    compile_batches: tuple[int, ...] = DEFAULT_BATCHES
+    compile_sizes: tuple[tuple[int, int], ...] = ()  # compiled at start (none: the native)
+    compile_cache: str | None = None  # the compile cache folder (None: colabswarm's own)
+    compile_fn: Any = field(default=None, repr=False)  # test seam: instead of torch.compile
 
     def __post_init__(self) -> None:
         if self.lora_cache < 1:
             raise InvalidRequest("lora_cache must be at least 1 (adapters kept loaded).")
+        self.compile = check_mode(self.compile)
+        self.compile_batches = check_batches(self.compile_batches)
+        self.compile_sizes = check_sizes(self.compile_sizes)
         # found and hashed now: a bad file stops the worker at start, not at a stranger's job
         self._lora_files: dict[str, LoraFile] = find_loras(self.loras)
         # (model, LoRA hash) pairs that failed to load: refused up front from then on
@@ -203,6 +224,13 @@ class Engine:
             raise InvalidRequest("A worker needs at least one model.")
         self.default_model = next(iter(self._sources))
         self.device = _pick_device(self.device)
+        mode, why = choose_mode(self.compile, self.device, self.device_map)
+        self._compiler = Compiler(
+            mode, why, batches=self.compile_batches, sizes=self.compile_sizes,
+            compile_fn=self.compile_fn,
+            cache_dir=self.compile_cache or (default_cache_dir() if mode != "off" else None),
+        )
+        self.load_seconds: dict[str, float] = {}  # measured seconds to load each model
         self._loaded: _Loaded | None = None
         self._lock = threading.RLock()
         self._upscalers: dict[str, Any] = {}
@@ -302,6 +330,7 @@ class Engine:
         with self._lock:
             if self._loaded and self._loaded.name == src.name:
                 return src.name
+            self._compiler.detach()
             self._loaded = None
             self.free()
             t0 = time.perf_counter()
@@ -322,8 +351,11 @@ class Engine:
             if self.warmup:
                 self._warm_up(txt2img)
             self.upscaler_names()  # check the owner's upscale models now, not in a request
+            self.load_seconds[src.name] = round(time.perf_counter() - t0, 3)
             log.info("loaded %s (%s) in %.1fs on %s", src.name, src.kind,
                      time.perf_counter() - t0, self.device)
+            loaded = self._loaded
+            self._compiler.attach(txt2img, src.name, lambda: bool(loaded.adapters))
             return src.name
 
     def _load_pipeline(self, src: ModelSource) -> Any:
@@ -408,7 +440,8 @@ class Engine:
         self._upscaled.clear()
         gc.collect()
         if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+            with self._compiler.gpu_turn():  # never while CUDA graphs are being recorded
+                torch.cuda.empty_cache()
 
     # ----- running -----------------------------------------------------------------------
     def run(
@@ -426,7 +459,8 @@ class Engine:
                 raise InvalidRequest(f"{req.kind} needs 1 or {n} init images, got {len(inits)}.")
             inits = inits * n if len(inits) == 1 else inits
         if req.kind == "upscale":
-            return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
+            with self._compiler.gpu_turn():
+                return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
         import torch
 
         self.load(req.model)
@@ -453,7 +487,8 @@ class Engine:
         if req.kind == "img2img":
             size = (req.width, req.height)
             if req.crops:
-                big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
+                with self._compiler.gpu_turn():
+                    big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
                 inits = [crop_edge(big, box) for box in req.crops]
             inits = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
                      for im in inits]
@@ -488,7 +523,10 @@ class Engine:
         if on_step:
             on_step(0, total)
         t0 = time.perf_counter()
-        with self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras):
+        plan = self._compiler.job(req.width, req.height, n, loras=bool(req.loras),
+                                  adapters_loaded=bool(loaded.adapters))
+        with plan as p, self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras,
+                                                       p.unload_adapters):
             with torch.inference_mode(), _text_model_alias(pipe):
                 images = pipe(**common, callback_on_step_end=_callback).images
         self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)
@@ -497,8 +535,13 @@ class Engine:
     # ----- per-job sampler and LoRAs -----------------------------------------------------
     @contextmanager
     def _job_pipeline(self, loaded: _Loaded, pipe: Any, scheduler: Any,
-                      loras: list[LoraRef]) -> Iterator[None]:
-        """The pipeline with this job's scheduler and LoRAs; its own scheduler is back after."""
+                      loras: list[LoraRef], unload: bool = False) -> Iterator[None]:
+        """The pipeline with this job's scheduler and LoRAs; its own scheduler is back after.
+        ``unload``: remove every LoRA adapter first (a compiled model's plain job)."""
+        if unload and loaded.adapters:
+            with _quiet_lora_loading():
+                loaded.txt2img.unload_lora_weights()
+            loaded.adapters.clear()
         self._set_loras(loaded, loras)
         own = pipe.scheduler
         pipe.scheduler = scheduler
@@ -569,6 +612,14 @@ class Engine:
         loaded.adapters[lora.hash] = adapter
         log.info("loaded LoRA %s in %.2fs", lora.name, time.perf_counter() - t0)
         return adapter
+
+    def compile_info(self) -> Any:
+        """What the compiled path has (protocol.CompileInfo), for /v1/info."""
+        return self._compiler.info()
+
+    def close(self) -> None:
+        """Stop the compile thread (the worker is stopping)."""
+        self._compiler.close()
 
     def _note_speed(self, seconds: float, step_mpix: float) -> None:
         if step_mpix <= 0:

@@ -189,6 +189,9 @@ class JobManager:
             self._lock.notify_all()
         if self._thread and self._thread is not threading.current_thread():
             self._thread.join(timeout=30)
+        close = getattr(self.runner, "close", None)  # the engine's compile thread
+        if close is not None:
+            close()
         self._encoder.shutdown(wait=True, cancel_futures=False)
         self._png_pool.shutdown(wait=True, cancel_futures=False)
 

@@ -32,6 +32,7 @@ from ..protocol import (
     mask_token,
     new_token,
 )
+from .compiled import DEFAULT_BATCHES, check_batches, check_mode, check_sizes
 from .connections import guarded_protocol
 from .server import WorkerApp, create_app
 
@@ -114,11 +115,18 @@ def make_engine(
     simulate_step_seconds: float = 0.1,
     loras: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     lora_cache: int = 4,
+    compile: str = "auto",
+    compile_batches: str | tuple[int, ...] | list[int] = DEFAULT_BATCHES,
+    compile_sizes: str | list[tuple[int, int]] | None = None,
+    compile_cache: str | os.PathLike[str] | None = None,
 ) -> Any:
     """The real diffusers engine, or the bench-only simulator when simulate_speed is set.
 
     ``loras``: .safetensors LoRA files and/or folders of them (searched recursively), offered
-    by file name; ``lora_cache``: how many stay loaded between jobs."""
+    by file name; ``lora_cache``: how many stay loaded between jobs. ``compile``: off, auto,
+    reduce-overhead or default (see start_worker)."""
+    compile = check_mode(compile)
+    batches = check_batches(compile_batches)
     models = [model] if isinstance(model, str) else list(model)
     if simulate_speed is not None:
         from .simulated import SimulatedEngine
@@ -133,7 +141,9 @@ def make_engine(
         models=models, device=device, allow_downloads=allow_downloads,
         device_map=device_map, upscalers_dir=upscalers_dir,
         loras=[os.fspath(p) for p in loras] if loras is not None else None,
-        lora_cache=lora_cache,
+        lora_cache=lora_cache, compile=compile, compile_batches=batches,
+        compile_sizes=check_sizes(compile_sizes),
+        compile_cache=os.fspath(compile_cache) if compile_cache is not None else None,
     )
 
 
@@ -357,6 +367,10 @@ def start_worker(
     guests_file: str | None = None,
     idle_stop: str | float | None = None,
     on_idle_stop: Callable[[], Any] | None = None,
+    compile: str = "auto",
+    compile_batches: str | tuple[int, ...] | list[int] = DEFAULT_BATCHES,
+    compile_sizes: str | list[tuple[int, int]] | None = None,
+    compile_cache: str | os.PathLike[str] | None = None,
 ) -> WorkerHandle:
     """Serve a model from this process on a background thread; returns at once with a handle.
 
@@ -370,18 +384,31 @@ def start_worker(
     stops. idle_stop: "30m", "1h", seconds, or None (off, the default): stop the worker and its
     tunnel once no controller has contacted it for that long (a warning comes first, in the
     log and the panel); on_idle_stop is then called (e.g. to release a rented machine).
+    ``compile``: 'auto' (default: on where it pays, a CUDA GPU of compute capability 8.0+ with
+    Triton and 4+ CPU cores; off on CPU and MPS), 'reduce-overhead' (torch.compile with CUDA
+    graphs), 'default' (torch.compile without them) or 'off'. A compiled worker serves at once,
+    eagerly, while it compiles the model's own size (or ``compile_sizes`` instead, e.g.
+    "512x512,576x576" to add upscale tiles) at ``compile_batches`` (capped by
+    ``limits.max_images``) in the background; a job of another size runs eagerly and queues its
+    size. ``Info.compile`` says how far it got.
+    ``compile_cache``: a folder for compiled artifacts, so a restart skips most of the compile
+    (default: colabswarm's cache folder; on Colab, a Drive folder keeps them across sessions).
+    Only point it at a folder nobody else can write to: the worker runs what it finds there.
     """
     import uvicorn
 
     idle_stop_s = parse_duration(idle_stop)
     token = token or new_token()
+    lim = limits or Limits()
     eng = engine or make_engine(
         model, device=device, allow_downloads=allow_downloads, device_map=device_map,
         upscalers_dir=upscalers_dir, simulate_speed=simulate_speed,
         simulate_step_seconds=simulate_step_seconds, loras=loras, lora_cache=lora_cache,
+        compile=compile, compile_batches=check_batches(compile_batches, lim.max_images),
+        compile_sizes=compile_sizes, compile_cache=compile_cache,
     )
     worker = WorkerApp(
-        eng, token, limits, name=clean_name(name or socket.gethostname()),
+        eng, token, lim, name=clean_name(name or socket.gethostname()),
         simulated=simulate_speed is not None, guests_file=guests_file,
     )
     # proto IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are

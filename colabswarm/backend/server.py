@@ -389,6 +389,8 @@ class WorkerApp:
             jobs_served=self.jobs.jobs_served,
             results_held=held,
             step_seconds_per_mpix=self.engine.step_seconds_per_mpix,
+            load_seconds=dict(getattr(self.engine, "load_seconds", {})),
+            compile=self._compile_info(),
             simulated=self.simulated,
             samplers=self._samplers(),
             loras=[LoraInfo(name=f.name, hash=f.hash)
@@ -396,6 +398,11 @@ class WorkerApp:
             role=who.role,  # type: ignore[arg-type]
             **extra,
         )
+
+    def _compile_info(self) -> Any:
+        """The engine's compiled path (None: an engine that has none, e.g. the simulator)."""
+        info = getattr(self.engine, "compile_info", None)
+        return info() if info is not None else None
 
     def _samplers(self) -> list[str]:
         """What the engine runs (an engine that does not say runs the default only)."""

@@ -171,6 +171,11 @@ class WorkerPanel(Panel):
                        f"{info.queue_depth} queued"),
             ("Local", f"<code>{html.escape(h.local_url)}</code>"),
         ]
+        comp = info.compile
+        if comp is not None:  # the compiled fast path: mode, state, how far it got
+            shapes = ", ".join(f"{s.width}x{s.height} batches {s.batches}" for s in comp.shapes)
+            text = f"{comp.mode}, {comp.state}" + (f": {comp.detail}" if comp.detail else "")
+            rows.insert(4, ("Compile", html.escape(text + (f" [{shapes}]" if shapes else ""))))
         return "<table>" + "".join(
             f"<tr><td style='color:{COLOURS['muted']};padding-right:8px'>{k}</td>"
             f"<td style='color:{COLOURS['text']}'>{v}</td></tr>"

@@ -1,0 +1,985 @@
+"""A worker's compiled fast path: torch.compile of the UNet and the VAE decoder, compiled one
+shape at a time on a background thread while the engine keeps serving every job eagerly, and a
+compile cache that a restarted worker loads instead of compiling again.
+
+The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
+
+- **Shapes.** Compiled graphs are per shape (image size x batch size; ``dynamic=False``). After
+  a model loads, its native size (512 for SD 1.x, 1024 for SDXL) is compiled at each of the
+  worker's batch sizes (1, 2, 4, 8 by default, capped by ``Limits.max_images``), or the sizes
+  its owner names instead; a job of a new image size runs eagerly and queues that size (at most
+  ``MAX_SIZES`` sizes per model). A size
+  is listed in ``Info.compile.shapes`` once all its batch sizes are done and batch 1 compiled;
+  the controller then sends it only the listed batch sizes for that size.
+- **The engine never compiles.** The UNet's and the decoder's ``forward`` are replaced (on the
+  instances) by a dispatcher: a call whose inputs (shapes, dtypes, strides, the other
+  arguments) are those of a compiled, warmed shape runs the compiled code through
+  ``torch._dynamo.run`` (cached code only: should dynamo's guards still disagree, it runs
+  eagerly, never compiles); every other call runs the module's own forward. Timesteps are
+  passed on as float32 (the UNet's time embedding starts with ``timesteps.float()``, so this
+  is exact), so samplers with integer and float timesteps share the graphs.
+- **One lock per model.** The compile thread holds it while it compiles and warms one shape;
+  the engine thread takes it without waiting for a job that may run compiled, and runs the job
+  eagerly when it cannot (or when the compile thread is waiting for it: compilation comes
+  first). A job that changes the UNet (LoRA adapters loaded, switched or unloaded) waits for
+  it: a trace must never see the module change under it. CUDA graphs are recorded while no job
+  runs on the GPU (a second, short lock).
+- **LoRAs** run eagerly. A job without LoRAs on a compiled model unloads any adapters first, so
+  the compiled graphs (traced without them) apply again and compilation can go on.
+- **Cache.** Inductor's own caches (FX graph, AOTAutograd, Triton kernels) live in
+  ``TORCHINDUCTOR_CACHE_DIR`` (set to colabswarm's cache folder unless set already); with a
+  torch that has them (2.7+), ``torch.compiler.save_cache_artifacts`` files are written to the
+  owner's compile cache folder (a Drive folder on Colab: one file per run, not thousands of
+  small ones), in a subfolder keyed by GPU, torch, CUDA, Triton, diffusers, model, its
+  configuration, dtype and mode, and loaded back before compiling.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import InvalidRequest
+from ..protocol import CompiledShape, CompileInfo
+
+__all__ = [
+    "COMPILE_MODES",
+    "DEFAULT_BATCHES",
+    "MAX_SIZES",
+    "Compiler",
+    "JobPlan",
+    "Shape",
+    "cache_key",
+    "check_batches",
+    "check_mode",
+    "choose_mode",
+    "default_cache_dir",
+    "native_side",
+]
+
+log = logging.getLogger("colabswarm.compiled")
+
+COMPILE_MODES = ("auto", "off", "reduce-overhead", "default")
+DEFAULT_BATCHES = (1, 2, 4, 8)
+MAX_SIZES = 4              # image sizes compiled per model (the native one first)
+MAX_BATCH = 64             # a batch size past this is refused (CompiledShape allows 1024)
+_MIN_TORCH = (2, 5)        # parameters are graph inputs (not constants) from 2.5 on
+_AUTO_MIN_CAPABILITY = (8, 0)
+_AUTO_MIN_CPUS = 4
+_CACHE_FORMAT = 1
+_MAX_CACHE_FILE = 4 << 30  # bytes; a bigger file in the cache folder is not read
+_MAX_CACHE_FILES = 64
+_WARM_STEPS = (1, 2)       # compile + first run; then CUDA graph recording and a replay
+CompileFn = Callable[[Callable[..., Any], str, bool], Callable[..., Any]]
+
+
+# ----- the option --------------------------------------------------------------------------
+def check_mode(mode: object) -> str:
+    """The compile option as given, or InvalidRequest naming the choices."""
+    if not isinstance(mode, str) or mode.strip().lower() not in COMPILE_MODES:
+        raise InvalidRequest(
+            f"compile must be one of {', '.join(COMPILE_MODES)} (got {mode!r}): 'auto' compiles "
+            "where it pays (a CUDA GPU of compute capability 8.0+ with Triton and 4+ CPU "
+            "cores), 'reduce-overhead' is torch.compile with CUDA graphs, 'default' without."
+        )
+    return mode.strip().lower()
+
+
+def check_batches(batches: object, max_images: int | None = None) -> tuple[int, ...]:
+    """The batch sizes to compile at each image size: sorted, 1 always among them, capped by
+    the worker's max_images. Accepts a sequence of ints or a string like "1,2,4,8"."""
+    if isinstance(batches, str):
+        parts = [p.strip() for p in batches.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise InvalidRequest(
+                f"compile batches must be whole numbers separated by commas, like "
+                f"'1,2,4,8' (got {batches!r})."
+            )
+        values = [int(p) for p in parts]
+    else:
+        try:
+            values = [int(b) for b in batches]  # type: ignore[union-attr]
+        except (TypeError, ValueError):
+            raise InvalidRequest(
+                f"compile batches must be a list of whole numbers like [1, 2, 4, 8] "
+                f"(got {batches!r})."
+            ) from None
+    if not values or any(not 1 <= v <= MAX_BATCH for v in values):
+        raise InvalidRequest(f"compile batches must be 1..{MAX_BATCH} (got {values}).")
+    cap = max_images if max_images is not None else MAX_BATCH
+    return tuple(sorted({1} | {v for v in values if v <= cap}))
+
+
+def _torch_version() -> tuple[int, int]:
+    import torch
+
+    m = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    try:
+        return bool(has_triton())
+    except Exception:  # noqa: BLE001 - a broken Triton is no Triton
+        return False
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def choose_mode(asked: str, device: str, device_map: str | None = None) -> tuple[str, str]:
+    """(the mode to run, why). 'auto' is on only where it pays: a CUDA device of compute
+    capability 8.0 or newer, with Triton, a torch >= 2.5, at least 4 CPU cores and no
+    device_map; off on CPU and MPS. An explicit mode that cannot run is refused."""
+    asked = check_mode(asked)
+    if asked == "off":
+        return "off", "off (asked for)"
+    if device_map:
+        if asked == "auto":
+            return "off", "auto: off with device_map (the pipeline spans several devices)"
+        raise InvalidRequest(
+            f"compile={asked!r} does not go with device_map={device_map!r}: a compiled UNet "
+            "runs on one device. Use one of them (compile='off' to keep device_map)."
+        )
+    if _torch_version() < _MIN_TORCH:
+        if asked == "auto":
+            return "off", f"auto: off with torch {_torch_version()} (needs 2.5 or newer)"
+        raise InvalidRequest(
+            f"compile={asked!r} needs torch 2.5 or newer; upgrade torch or use compile='off'.")
+    if asked != "auto":
+        return asked, f"{asked} (asked for)"
+    if not device.startswith("cuda"):
+        return "off", f"auto: off on {device} (compiling pays on CUDA GPUs)"
+    import torch
+
+    if not torch.cuda.is_available():
+        return "off", "auto: off (CUDA is not available)"
+    if not _has_triton():
+        return "off", "auto: off (Triton is not installed; torch.compile needs it on GPUs)"
+    idx = torch.device(device).index
+    idx = torch.cuda.current_device() if idx is None else idx
+    cap = tuple(torch.cuda.get_device_capability(idx))
+    name = torch.cuda.get_device_name(idx)
+    if cap < _AUTO_MIN_CAPABILITY:
+        return "off", (f"auto: off on {name} (compute capability {cap[0]}.{cap[1]}; on by "
+                       "default from 8.0, or ask for compile='reduce-overhead')")
+    if _cpus() < _AUTO_MIN_CPUS:
+        return "off", (f"auto: off with {_cpus()} CPU cores (compiling would take the CPU "
+                       "that feeds the GPU for minutes; ask for compile='reduce-overhead')")
+    return "reduce-overhead", f"auto: CUDA graphs on {name}"
+
+
+def check_sizes(sizes: object) -> tuple[tuple[int, int], ...]:
+    """Image sizes to compile at start, "512x512,576x576" or pairs (none: the native one)."""
+    if sizes is None:
+        return ()
+    items = [p.strip() for p in sizes.split(",") if p.strip()] if isinstance(sizes, str) \
+        else list(sizes)  # type: ignore[call-overload]
+    out = []
+    for item in items:
+        try:
+            w, h = ((int(v) for v in item.lower().split("x")) if isinstance(item, str)
+                    else (int(item[0]), int(item[1])))
+        except (ValueError, TypeError, IndexError):
+            raise InvalidRequest(f"compile sizes are WIDTHxHEIGHT, like '512x512,576x576' "
+                                 f"(got {item!r}).") from None
+        if not (64 <= w <= 4096 and 64 <= h <= 4096 and w % 8 == 0 and h % 8 == 0):
+            raise InvalidRequest(f"compile size {w}x{h}: each side 64..4096, a multiple of 8.")
+        out.append((w, h))
+    if len(out) > MAX_SIZES:
+        raise InvalidRequest(f"at most {MAX_SIZES} compile sizes.")
+    return tuple(out)
+
+
+def native_side(pipe: Any) -> int:
+    """The model's own image side: 512 for SD 1.x, 1024 for SDXL (64..1024, a multiple of 8)."""
+    side = int(pipe.unet.config.sample_size) * int(getattr(pipe, "vae_scale_factor", 8))
+    return max(64, min(side, 1024)) // 8 * 8
+
+
+def default_cache_dir() -> Path:
+    from .tiny import cache_root
+
+    return cache_root() / "compile"
+
+
+# ----- shapes and their status -------------------------------------------------------------
+@dataclass(frozen=True, order=True)
+class Shape:
+    width: int
+    height: int
+    batch: int
+
+    def __str__(self) -> str:
+        return f"{self.width}x{self.height} batch {self.batch}"
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """What the engine does for one job: unload LoRA adapters first (so the compiled graphs
+    apply again), and whether calls of compiled shapes may run compiled."""
+
+    unload_adapters: bool = False
+    compiled: bool = False
+
+
+_EAGER = JobPlan()
+
+
+@dataclass
+class _Attached:
+    """The compiled state of one loaded model."""
+
+    epoch: int
+    model: str
+    pipe: Any
+    private: Any                     # the compile thread's own pipeline object (same modules)
+    unet: Any
+    decoder: Any | None              # None: the VAE decoder stays eager
+    has_adapters: Callable[[], bool]
+    native: int
+    fns: dict[str, Any] = field(default_factory=dict)      # "unet"/"decoder" -> compiled
+    run_only: dict[str, Any] = field(default_factory=dict)
+    fullgraph: dict[str, bool] = field(default_factory=dict)
+    ready_keys: dict[str, frozenset] = field(default_factory=dict)
+    cache_dir: Path | None = None
+    decoder_off: str | None = None   # why the decoder stays eager
+
+
+# ----- inputs as keys ----------------------------------------------------------------------
+def _sig(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ("T", tuple(value.shape), tuple(value.stride()), str(value.dtype),
+                str(value.device))
+    if value is None or isinstance(value, bool | int | float | str):
+        return ("V", value)
+    if isinstance(value, dict):
+        return ("D", tuple(sorted((str(k), _sig(v)) for k, v in value.items())))
+    if isinstance(value, list | tuple):
+        return ("L", tuple(_sig(v) for v in value))
+    return ("O", type(value).__qualname__, id(value))  # never equal to a warmed call's key
+
+
+def _key(args: tuple, kwargs: dict) -> tuple:
+    return (tuple(_sig(a) for a in args),
+            tuple(sorted((k, _sig(v)) for k, v in kwargs.items())))
+
+
+def _float_timestep(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The UNet's timestep as float32 on the sample's device: exact, since its time embedding
+    begins with ``timesteps.float()``; samplers with integer timesteps then share the graphs."""
+    if len(args) >= 2:
+        args = (args[0], _as_float(args[1], args[0]), *args[2:])
+    elif "timestep" in kwargs:
+        sample = args[0] if args else kwargs.get("sample")
+        kwargs = {**kwargs, "timestep": _as_float(kwargs["timestep"], sample)}
+    return args, kwargs
+
+
+def _as_float(t: Any, sample: Any) -> Any:
+    import torch
+
+    if isinstance(t, torch.Tensor):
+        return t if t.dtype == torch.float32 else t.to(torch.float32)
+    if isinstance(t, int | float) and isinstance(sample, torch.Tensor):
+        return torch.tensor(float(t), dtype=torch.float32, device=sample.device)
+    return t
+
+
+def _cloned(out: Any) -> Any:
+    """A CUDA graph's outputs live in its pool and are overwritten by its next replay: hand out
+    copies, so a sampler that keeps a model output across steps keeps the right one."""
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out.clone()
+    if isinstance(out, tuple):
+        return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in out)
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        out.sample = sample.clone()
+    return out
+
+
+BACKEND_ENV = "COLABSWARM_COMPILE_BACKEND"
+
+
+def _torch_compile(fn: Callable[..., Any], mode: str, fullgraph: bool) -> Callable[..., Any]:
+    import torch
+
+    backend = os.environ.get(BACKEND_ENV)
+    if backend:  # tests and CPU smoke runs of the benchmarks: e.g. dynamo's "eager" backend
+        return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
+    return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=fullgraph,
+                         dynamic=False)
+
+
+# ----- the cache ---------------------------------------------------------------------------
+def cache_key(model: str, mode: str, pipe: Any) -> str:
+    """The compile cache subfolder of this GPU, software, model and mode: a different GPU,
+    torch, CUDA, Triton, diffusers, model (name, configuration, dtype) or mode never reads
+    another's artifacts. Readable prefix, then a hash of everything."""
+    import torch
+
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:  # pragma: no cover - the engine needs it anyway
+        diffusers_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    unet = pipe.unet
+    device = unet.device
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        capability = list(torch.cuda.get_device_capability(device))
+    else:
+        gpu, capability = device.type, None
+    vae = getattr(pipe, "vae", None)
+    parts = {
+        "format": _CACHE_FORMAT, "torch": torch.__version__, "cuda": torch.version.cuda,
+        "triton": triton_version, "diffusers": diffusers_version,
+        "python": list(sys.version_info[:2]), "gpu": gpu, "capability": capability,
+        "model": model, "mode": mode, "dtype": str(unet.dtype), "pipeline": type(pipe).__name__,
+        "unet": dict(unet.config), "vae": dict(vae.config) if vae is not None else None,
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{gpu}-torch{torch.__version__}-{model}-{mode}")
+    return f"{slug.strip('-.')[:120]}-{digest[:16]}"
+
+
+def _mega_cache() -> tuple[Any, Any] | None:
+    import torch
+
+    save = getattr(torch.compiler, "save_cache_artifacts", None)
+    load = getattr(torch.compiler, "load_cache_artifacts", None)
+    return (save, load) if save is not None and load is not None else None
+
+
+def _cache_counts() -> tuple[int, int]:
+    """(hits, misses) of inductor's and AOTAutograd's caches so far in this process."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0, 0
+    ind, aot = counters["inductor"], counters["aot_autograd"]
+    return (int(ind.get("fxgraph_cache_hit", 0) + aot.get("autograd_cache_hit", 0)),
+            int(ind.get("fxgraph_cache_miss", 0) + aot.get("autograd_cache_miss", 0)))
+
+
+# ----- the compiler ------------------------------------------------------------------------
+class Compiler:
+    """One engine's compiled path. ``mode`` is what to run ('off', 'reduce-overhead' or
+    'default', after ``choose_mode``); ``why`` says how it was chosen. ``compile_fn`` is the
+    test seam: ``compile_fn(fn, mode, fullgraph)`` instead of ``torch.compile``."""
+
+    def __init__(self, mode: str, why: str = "", *, batches: tuple[int, ...] = DEFAULT_BATCHES,
+                 sizes: tuple[tuple[int, int], ...] = (),
+                 cache_dir: str | os.PathLike[str] | None = None,
+                 compile_fn: CompileFn | None = None, max_sizes: int = MAX_SIZES,
+                 background: bool = True) -> None:
+        if mode not in ("off", "reduce-overhead", "default"):
+            raise InvalidRequest(f"unknown compile mode {mode!r}")
+        self.mode, self.why = mode, why
+        self.batches = check_batches(batches)
+        self.sizes = check_sizes(sizes)
+        self.max_sizes = max_sizes
+        self.background = background
+        self.cache_dir = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir else None
+        self._compile_fn = compile_fn or _torch_compile
+        self._lock = threading.Lock()       # compile/warm-up vs compiled calls and UNet changes
+        self._gpu = _Turns()                # a job's GPU work vs the recording of CUDA graphs
+        self._want = threading.Event()      # the compile thread waits for _lock: yield it
+        self._cv = threading.Condition()
+        self._tasks: deque[tuple[int, Shape | None]] = deque()  # (epoch, shape); None: reset
+        self._status: dict[Shape, str] = {}  # pending | compiling | ready | failed
+        self._errors: dict[Shape, str] = {}
+        self._sizes: list[tuple[int, int]] = []
+        self._seconds: dict[Shape, float] = {}
+        self._tls = threading.local()
+        self._att: _Attached | None = None
+        self._epoch = 0
+        self._thread: threading.Thread | None = None
+        self._closing = False
+        self._started_at: float | None = None
+        self.calls: Counter[str] = Counter()  # compiled / eager calls, for tests and benches
+        if self.on:
+            self._setup_caches()
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+    # ----- what the engine calls -----------------------------------------------------------
+    def attach(self, pipe: Any, model: str, has_adapters: Callable[[], bool]) -> None:
+        """A model was loaded (engine thread): install the dispatchers, queue its native size."""
+        if not self.on:
+            return
+        import torch
+
+        with self._lock:
+            self._epoch += 1
+            unet = pipe.unet
+            vae = getattr(pipe, "vae", None)
+            # SDXL pipelines cast an fp16 VAE to fp32 around each decode and back: a compiled
+            # decoder would see its weights change under it every call, so it stays eager
+            upcasts = (vae is not None and vae.dtype == torch.float16
+                       and bool(getattr(vae.config, "force_upcast", False))
+                       and hasattr(type(pipe), "upcast_vae"))
+            decoder = getattr(vae, "decoder", None) if vae is not None and not upcasts else None
+            private = _quietly(type(pipe).from_pipe, pipe,
+                               scheduler=copy.deepcopy(pipe.scheduler))
+            private.set_progress_bar_config(disable=True)
+            att = _Attached(self._epoch, model, pipe, private, unet, decoder, has_adapters,
+                            native_side(pipe))
+            # frozen, as peft leaves them after a LoRA was loaded and unloaded: dynamo guards
+            # on requires_grad, and the graphs must still apply after a LoRA job
+            unet.requires_grad_(False)
+            if decoder is not None:
+                decoder.requires_grad_(False)
+            self._install(att, "unet", unet, self.mode)
+            if decoder is not None:  # the decoder runs once per job: graphs do not pay there
+                self._install(att, "decoder", decoder, "default")
+            self._att = att
+            with self._cv:
+                self._status.clear()
+                self._errors.clear()
+                self._seconds.clear()
+                self._sizes = []
+            self._started_at = time.monotonic()
+            for w, h in self.sizes or ((att.native, att.native),):
+                self._queue_size(w, h)
+            limit = max(64, 4 * self.max_sizes * len(self.batches))
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(torch._dynamo.config, name):
+                    setattr(torch._dynamo.config, name,
+                            max(getattr(torch._dynamo.config, name), limit))
+        log.info("compile (%s): %d shapes of %s queued", self.why or self.mode,
+                 len(self._status), model)
+        if self.background:
+            self._start_thread()
+
+    def compile_now(self) -> None:
+        """Compile every queued shape on this thread (benchmarks: ``background=False``)."""
+        while True:
+            with self._cv:
+                if not self._tasks:
+                    return
+                epoch, shape = self._tasks.popleft()
+            with self._lock:
+                if shape is None:
+                    self._reset()
+                elif self._att is not None and epoch == self._epoch:
+                    self._compile_shape(self._att, shape)
+
+    def detach(self) -> None:
+        """The model is being swapped out (engine thread): back to eager modules; compiled
+        state is dropped (a shape being compiled is waited for)."""
+        if not self.on or self._att is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            log.info("switching models waits for the compile of the current shape to finish")
+            self._lock.acquire()
+        try:
+            att, self._att = self._att, None
+            for name in ("unet", "decoder"):
+                module = att.unet if name == "unet" else att.decoder
+                if module is not None:
+                    module.__dict__.pop("forward", None)
+            self._epoch += 1
+            with self._cv:
+                self._status.clear()
+                self._sizes = []
+                self._tasks.clear()
+                self._tasks.append((self._epoch, None))  # reset dynamo's caches first
+                self._cv.notify_all()
+        finally:
+            self._lock.release()
+
+    @contextmanager
+    def job(self, width: int, height: int, images: int, *, loras: bool,
+            adapters_loaded: bool) -> Iterator[JobPlan]:
+        """Around one pipeline call of the engine thread. See the module docstring."""
+        att = self._att
+        if not self.on or att is None:
+            yield _EAGER
+            return
+        self._note_size(att, width, height)
+        changes_unet = loras or adapters_loaded
+        if changes_unet:
+            if not self._lock.acquire(blocking=False):
+                log.info("a job with LoRAs waits for the compile of the current shape")
+                self._lock.acquire()
+            held, plan = True, JobPlan(unload_adapters=adapters_loaded and not loras,
+                                       compiled=not loras)
+        else:
+            held = not self._want.is_set() and self._lock.acquire(blocking=False)
+            plan = JobPlan(compiled=held)
+        try:
+            with self._gpu.engine():
+                self._tls.mode = "run" if plan.compiled else "eager"
+                try:
+                    yield plan
+                finally:
+                    self._tls.mode = None
+        finally:
+            if held:
+                self._lock.release()
+            if plan.unload_adapters:
+                with self._cv:
+                    self._cv.notify_all()
+
+    def gpu_turn(self) -> Any:
+        """A context for the engine's other GPU work (upscales, freeing memory): it never runs
+        while CUDA graphs are being recorded."""
+        return self._gpu.engine() if self.on else nullcontext()
+
+    def info(self) -> CompileInfo:
+        if not self.on:
+            return CompileInfo(mode="off", state="off", detail=self.why[:300] or None)
+        with self._cv:
+            status = dict(self._status)
+            sizes = list(self._sizes)
+            errors = dict(self._errors)
+        shapes = []
+        for w, h in sizes:
+            mine = {s: st for s, st in status.items() if (s.width, s.height) == (w, h)}
+            done = all(st in ("ready", "failed") for st in mine.values())
+            ready = sorted(s.batch for s, st in mine.items() if st == "ready")
+            if mine and done and 1 in ready:
+                shapes.append(CompiledShape(width=w, height=h, batches=ready))
+        total = len(status)
+        finished = sum(st in ("ready", "failed") for st in status.values())
+        failed = [s for s, st in status.items() if st == "failed"]
+        if self._att is None:
+            state, detail = "compiling", "waiting for the model to load"
+        elif finished < total:
+            now = next((s for s, st in status.items() if st == "compiling"), None)
+            state = "compiling"
+            detail = f"compiling {finished}/{total} shapes" + (f" (now {now})" if now else "")
+        elif shapes:
+            state = "ready"
+            secs = round(time.monotonic() - (self._started_at or time.monotonic()))
+            detail = f"{total - len(failed)}/{total} shapes compiled ({secs} s)"
+        else:
+            state, detail = "failed", f"no shape compiled ({total} tried)"
+        if failed:
+            first = failed[0]
+            detail += f"; {len(failed)} failed, {first}: {errors.get(first, '?')}"
+        att = self._att
+        if att is not None and att.decoder_off:
+            detail += f"; VAE decoder eager ({att.decoder_off})"
+        detail = f"{self.why}; {detail}" if self.why.startswith("auto") else detail
+        if len(detail) > 300:
+            detail = detail[:299] + "…"
+        return CompileInfo(mode=self.mode, state=state, detail=detail, shapes=shapes)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closing = True
+            self._tasks.clear()
+            self._cv.notify_all()
+
+    # ----- dispatch ------------------------------------------------------------------------
+    def _install(self, att: _Attached, name: str, module: Any, mode: str) -> None:
+        import torch
+
+        orig = type(module).forward
+        att.fullgraph[name] = True
+        att.fns[name] = self._compile_fn(orig, mode, True)
+        att.run_only[name] = torch._dynamo.run(att.fns[name])
+        att.ready_keys[name] = frozenset()
+        clone = name == "unet" and mode == "reduce-overhead"
+        tls, calls = self._tls, self.calls
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            how = getattr(tls, "mode", None)
+            if how is None or att.epoch != self._epoch:
+                return orig(module, *args, **kwargs)
+            if how == "eager":
+                calls["eager"] += 1
+                return orig(module, *args, **kwargs)
+            a, k = _float_timestep(args, kwargs) if name == "unet" else (args, kwargs)
+            key = _key(a, k)
+            if how == "compile":
+                if tls.compiling != name:
+                    return orig(module, *args, **kwargs)
+                tls.keys[name].add(key)
+                out = att.fns[name](module, *a, **k)
+            elif key in att.ready_keys[name]:
+                calls["compiled"] += 1
+                out = att.run_only[name](module, *a, **k)
+            else:
+                calls["eager"] += 1
+                return orig(module, *args, **kwargs)
+            return _cloned(out) if clone else out
+
+        module.forward = forward
+
+    # ----- queue -----------------------------------------------------------------------------
+    def _note_size(self, att: _Attached, width: int, height: int) -> None:
+        with self._cv:
+            if (width, height) in self._sizes or len(self._sizes) >= self.max_sizes:
+                return
+        self._queue_size(width, height)
+        log.info("compile: %dx%d queued (a job of that size runs eagerly meanwhile)", width,
+                 height)
+
+    def _queue_size(self, width: int, height: int) -> None:
+        with self._cv:
+            if (width, height) in self._sizes:
+                return
+            self._sizes.append((width, height))
+            for b in self.batches:
+                shape = Shape(width, height, b)
+                self._status[shape] = "pending"
+                self._tasks.append((self._epoch, shape))
+            self._cv.notify_all()
+
+    def _start_thread(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._work, name="colabswarm-compile",
+                                            daemon=True)
+            self._thread.start()
+
+    # ----- the compile thread ----------------------------------------------------------------
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._tasks and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                epoch, shape = self._tasks.popleft()
+            self._want.set()
+            self._lock.acquire()
+            self._want.clear()
+            try:
+                if shape is None:
+                    self._reset()
+                    continue
+                att = self._att
+                if att is None or att.epoch != epoch or epoch != self._epoch:
+                    continue  # a model swapped out meanwhile
+                if att.has_adapters():
+                    # LoRA adapters are in the UNet: compile once a plain job has unloaded them
+                    with self._cv:
+                        self._tasks.appendleft((epoch, shape))
+                    self._lock.release()
+                    with self._cv:
+                        self._cv.wait(1.0)
+                    self._lock.acquire()
+                    continue
+                self._compile_shape(att, shape)
+            except Exception:  # noqa: BLE001 - the thread must live on; the shape is marked
+                log.exception("compile thread: unexpected error")
+            finally:
+                self._lock.release()
+
+    def _compile_shape(self, att: _Attached, shape: Shape) -> None:
+        if att.cache_dir is None:
+            att.cache_dir = self._load_cache(att)
+        with self._cv:
+            self._status[shape] = "compiling"
+        t0 = time.perf_counter()
+        hits, misses = _cache_counts()
+        try:
+            keys = self._warm(att, shape)
+        except Exception as exc:  # noqa: BLE001 - any failure: that shape stays eager
+            from .jobs import public_error
+
+            why = public_error(exc)
+            log.warning("compile of %s failed, it runs eagerly: %s", shape, why, exc_info=True)
+            with self._cv:
+                self._status[shape] = "failed"
+                self._errors[shape] = why[:120]
+            self._free_after_failure()
+            return
+        seconds = time.perf_counter() - t0
+        for name, found in keys.items():
+            att.ready_keys[name] = att.ready_keys[name] | frozenset(found)
+        with self._cv:
+            self._status[shape] = "ready"
+            self._seconds[shape] = round(seconds, 2)
+        hits2, misses2 = _cache_counts()
+        log.info("compiled %s in %.1f s%s", shape, seconds,
+                 " (from the cache)" if hits2 > hits and misses2 == misses else "")
+        if misses2 > misses:
+            self._save_cache(att)
+
+    def _warm(self, att: _Attached, shape: Shape) -> dict[str, set]:
+        """Compile and warm one shape with the compile thread's own pipeline object: a first
+        call compiles (and runs once), then, while no job runs on the GPU, a second records
+        CUDA graphs and replays them. Returns the input keys the compiled modules saw. The
+        decoder failing leaves it eager (from then on, for this model); the UNet failing
+        fails the shape."""
+        keys: dict[str, set] = {name: set() for name in att.fns}
+        self._tls.keys = keys
+        try:
+            for i, steps in enumerate(_WARM_STEPS):
+                with self._gpu.recorder() if i else nullcontext():
+                    latents = self._compiling(att, "unet", self._latents, att, shape, steps)
+                    if "decoder" in att.fns and att.decoder_off is None:
+                        self._warm_decoder(att, latents, keys)
+        except Exception as exc:
+            if att.fullgraph.get("unet") and _is_graph_break(exc):
+                log.info("the UNet does not compile as one graph here; compiling with breaks")
+                self._recompile(att, "unet", fullgraph=False)
+                return self._warm(att, shape)
+            raise
+        return keys
+
+    def _warm_decoder(self, att: _Attached, latents: Any, keys: dict[str, set]) -> None:
+        try:
+            self._compiling(att, "decoder", self._decode, att, latents)
+        except Exception as exc:  # noqa: BLE001 - the decoder then stays eager
+            if att.fullgraph.get("decoder") and _is_graph_break(exc):
+                self._recompile(att, "decoder", fullgraph=False)
+                return self._warm_decoder(att, latents, keys)
+            from .jobs import public_error
+
+            att.decoder_off = public_error(exc)[:120]
+            keys["decoder"].clear()
+            log.warning("the VAE decoder did not compile (%s); it runs eagerly for this model",
+                        att.decoder_off, exc_info=True)
+
+    def _recompile(self, att: _Attached, name: str, fullgraph: bool) -> None:
+        import torch
+
+        module = att.unet if name == "unet" else att.decoder
+        mode = self.mode if name == "unet" else "default"
+        att.fullgraph[name] = fullgraph
+        att.fns[name] = self._compile_fn(type(module).forward, mode, fullgraph)
+        att.run_only[name] = torch._dynamo.run(att.fns[name])
+
+    def _compiling(self, att: _Attached, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) with `name`'s calls going to its compiled function (this thread only)."""
+        self._tls.mode, self._tls.compiling = "compile", name
+        try:
+            return fn(*args)
+        finally:
+            self._tls.mode = self._tls.compiling = None
+
+    def _latents(self, att: _Attached, shape: Shape, steps: int) -> Any:
+        """txt2img latents of this shape (CFG on, so the UNet sees twice the batch, as in a
+        job). Prompt embeddings are made up (no tokenizer call from this thread); their shapes
+        and dtypes are the pipeline's own."""
+        import torch
+
+        pipe, unet = att.private, att.unet
+        n = shape.batch
+        text_dtype = getattr(getattr(pipe, "text_encoder_2", None) or
+                             getattr(pipe, "text_encoder", None), "dtype", unet.dtype)
+        seq = int(getattr(getattr(pipe, "tokenizer", None), "model_max_length", 77) or 77)
+        seq = seq if 0 < seq <= 512 else 77
+        dim = int(unet.config.cross_attention_dim)
+        embeds = torch.zeros(n, seq, dim, dtype=text_dtype, device=unet.device)
+        kw: dict[str, Any] = dict(prompt_embeds=embeds, negative_prompt_embeds=embeds.clone())
+        enc2 = getattr(pipe, "text_encoder_2", None)
+        if enc2 is not None:
+            pooled = torch.zeros(n, int(enc2.config.projection_dim), dtype=enc2.dtype,
+                                 device=unet.device)
+            kw.update(pooled_prompt_embeds=pooled, negative_pooled_prompt_embeds=pooled.clone())
+        gens = [torch.Generator("cpu").manual_seed(i) for i in range(n)]
+        with torch.inference_mode():
+            latents = pipe(**kw, num_inference_steps=steps, guidance_scale=7.0,
+                           width=shape.width, height=shape.height, generator=gens,
+                           output_type="latent").images
+            if unet.device.type == "cuda":
+                torch.cuda.synchronize(unet.device)
+        return latents
+
+    def _decode(self, att: _Attached, latents: Any) -> None:
+        """The VAE decode of those latents, as the pipeline calls it."""
+        import torch
+
+        vae = att.private.vae
+        with torch.inference_mode():
+            vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)
+            if latents.device.type == "cuda":
+                torch.cuda.synchronize(latents.device)
+
+    def _reset(self) -> None:
+        """Forget compiled code (after a model swap): dynamo's caches and the CUDA graphs this
+        thread recorded."""
+        import torch
+
+        torch._dynamo.reset()
+        try:
+            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+            reset_cudagraph_trees()
+        except ImportError:
+            pass
+
+    def _free_after_failure(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # ----- cache -----------------------------------------------------------------------------
+    def _setup_caches(self) -> None:
+        """Inductor's caches in colabswarm's cache folder (unless the owner set one); the
+        compile cache folder holds the portable artifact files."""
+        from .tiny import cache_root
+
+        if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+            local = cache_root() / "torchinductor"
+            if _mega_cache() is None and self.cache_dir is not None:
+                local = self.cache_dir / "inductor"  # no portable files: the folder itself
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(local)
+        try:
+            import torch._inductor.config as icfg
+
+            for name in ("fx_graph_cache", "bundle_triton_into_fx_graph_cache"):
+                if hasattr(icfg, name):
+                    setattr(icfg, name, True)
+            import torch._functorch.config as fcfg
+
+            if hasattr(fcfg, "enable_autograd_cache"):
+                fcfg.enable_autograd_cache = True
+        except ImportError:  # pragma: no cover - torch without inductor
+            pass
+
+    def _load_cache(self, att: _Attached) -> Path | None:
+        """Read this model's artifact files (compile thread, before its first shape)."""
+        mega = _mega_cache()
+        if mega is None or self.cache_dir is None:
+            return Path()
+        folder = self.cache_dir / cache_key(att.model, self.mode, att.pipe)
+        files = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)[-_MAX_CACHE_FILES:]
+        t0 = time.perf_counter()
+        loaded = 0
+        for path in files:
+            try:
+                if path.stat().st_size > _MAX_CACHE_FILE:
+                    log.warning("compile cache: %s is too large; skipped", path)
+                    continue
+                mega[1](path.read_bytes())
+                loaded += 1
+            except Exception:  # noqa: BLE001 - a bad file costs a compile, nothing more
+                log.warning("compile cache: could not load %s; compiling instead", path,
+                            exc_info=True)
+        if files:
+            log.info("compile cache: loaded %d of %d files from %s in %.1f s", loaded,
+                     len(files), folder, time.perf_counter() - t0)
+        return folder
+
+    def _save_cache(self, att: _Attached) -> None:
+        mega = _mega_cache()
+        folder = att.cache_dir
+        if mega is None or not folder or folder == Path():
+            return
+        try:
+            saved = mega[0]()
+            if not saved:
+                return
+            data = saved[0]
+            folder.mkdir(parents=True, exist_ok=True)
+            run = getattr(self, "_run_file", None)
+            if run is None:
+                run = self._run_file = (f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
+                                        f"{secrets.token_hex(3)}.bin")
+            tmp = folder / (run + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / run)
+            log.info("compile cache: wrote %s (%.1f MiB)", folder / run, len(data) / 2**20)
+        except Exception:  # noqa: BLE001 - the worker runs on without it
+            log.warning("compile cache: could not write to %s", folder, exc_info=True)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """fn(...) with diffusers' warnings silenced (from_pipe warns about casts it does not do)."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        dlog.set_verbosity(level)
+
+
+class _Turns:
+    """GPU work of the worker (jobs, upscales, freeing memory) and the compile thread's CUDA
+    graph recording take turns: a recording waits for the work that runs, and new work waits
+    for the recording (a few seconds), so the recorder is never starved by back-to-back jobs.
+    Work may nest on one thread (it never waits for itself)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._busy = 0                # GPU work running, on any thread
+        self._recording = False
+        self._waiting = False
+        self._depth = threading.local()
+
+    @contextmanager
+    def engine(self) -> Iterator[None]:
+        depth = getattr(self._depth, "n", 0)
+        with self._cv:
+            while depth == 0 and (self._recording or self._waiting):
+                self._cv.wait()
+            self._busy += 1
+        self._depth.n = depth + 1
+        try:
+            yield
+        finally:
+            self._depth.n = depth
+            with self._cv:
+                self._busy -= 1
+                self._cv.notify_all()
+
+    @contextmanager
+    def recorder(self) -> Iterator[None]:
+        with self._cv:
+            self._waiting = True
+            while self._busy:
+                self._cv.wait()
+            self._waiting, self._recording = False, True
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._recording = False
+                self._cv.notify_all()
+
+
+def _is_graph_break(exc: BaseException) -> bool:
+    try:
+        from torch._dynamo.exc import Unsupported
+    except ImportError:
+        return False
+    return isinstance(exc, Unsupported)

@@ -1,0 +1,353 @@
+"""The compiled fast path on a real worker: the option is checked and reported, 'auto' stays off
+on a CPU, shapes compile on a background thread while the worker answers /v1/info and runs jobs
+eagerly, a compiled shape is listed with its batch sizes (1 always among them) and then runs
+compiled, a failed compile leaves that shape eager, LoRA jobs stay right, and a swarm sends a
+compiled worker only its batch sizes.
+
+Most tests use a fake compile function (the engine's ``compile_fn`` seam): "compiling" a shape
+blocks until the test lets it go and records the thread it ran on, and the "compiled" function
+is the module's own forward, so the images must be exactly the eager ones. One test compiles
+for real with torch.compile (a counting FX backend: dynamo's real tracing, guards and cached
+code, without inductor's minutes of C++ compilation on this CPU).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from colabswarm.backend.client import WorkerClient
+from colabswarm.backend.compiled import DEFAULT_BATCHES, check_batches, check_mode
+from colabswarm.backend.engine import Engine
+from colabswarm.backend.serve import make_engine, start_worker
+from colabswarm.errors import InvalidRequest
+from colabswarm.protocol import CompiledShape, JobRequest, Limits
+from tests.imagecheck import assert_identical, assert_same_picture
+
+COMPILE_THREAD = "colabswarm-compile"
+
+
+class FakeCompile:
+    """A compile_fn for tests. The first call of a compiled function with a new input shape is
+    its "compile": it records the thread, waits for `release` and may fail (`fail_on(batch)`,
+    batch = the first input's first dimension). Then it runs the function itself."""
+
+    def __init__(self, fail_on=None, released: bool = False) -> None:
+        self.release = threading.Event()
+        if released:
+            self.release.set()
+        self.fail_on = fail_on
+        self.compiled_on: list[str] = []
+        self.calls = 0
+        self._seen: set = set()
+
+    def __call__(self, fn, mode, fullgraph):
+        def compiled(module, *args, **kwargs):
+            first = args[0] if args else next(iter(kwargs.values()))
+            key = (fn.__qualname__, tuple(first.shape))
+            if key not in self._seen:
+                self.compiled_on.append(threading.current_thread().name)
+                assert self.release.wait(60), "the test never let the compile finish"
+                if self.fail_on is not None and self.fail_on(first.shape[0]):
+                    raise RuntimeError("fake compiler: this shape does not compile")
+                self._seen.add(key)
+            self.calls += 1
+            return fn(module, *args, **kwargs)
+
+        return compiled
+
+
+def _req(seeds=(3, 4), width=64, height=64, **kw) -> JobRequest:
+    base = dict(prompt="a red fox", width=width, height=height, steps=3, cfg=7.0)
+    return JobRequest(seeds=list(seeds), **{**base, **kw})
+
+
+def _compiled_worker(fake, batches=(1, 2), **engine_kw):
+    eng = Engine(models=["tiny"], compile="default", compile_batches=batches, compile_fn=fake,
+                 **engine_kw)
+    return start_worker(engine=eng, name="compiled")
+
+
+def _wait_compiled(handle, timeout: float = 90.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = handle.info()
+        if info.compile.state != "compiling":
+            return info.compile
+        time.sleep(0.05)
+    raise AssertionError(f"still compiling after {timeout} s: {handle.info().compile}")
+
+
+async def _run(handle, req: JobRequest) -> list[np.ndarray]:
+    async with WorkerClient(handle.share) as c:
+        return [np.asarray(im) for im in await c.run(req)]
+
+
+@pytest.fixture(scope="module")
+def eager():
+    """A worker with compile off, for reference images."""
+    handle = start_worker("tiny", name="eager", compile="off")
+    yield handle
+    handle.stop()
+
+
+# ----- the option ------------------------------------------------------------------------------
+def test_a_bad_compile_value_is_refused_with_the_choices():
+    for bad in ("fast", "", None, "cudagraph"):
+        with pytest.raises(InvalidRequest) as err:
+            check_mode(bad)
+        assert "auto, off, reduce-overhead, default" in str(err.value)
+    with pytest.raises(InvalidRequest, match="auto, off, reduce-overhead, default"):
+        make_engine("tiny", compile="fast")
+    assert check_mode(" Reduce-Overhead ") == "reduce-overhead"
+
+
+def test_batch_sizes_are_checked_capped_and_always_hold_1():
+    assert check_batches("1,2,4,8") == DEFAULT_BATCHES
+    assert check_batches([8, 4]) == (1, 4, 8)
+    assert check_batches("2,4,8,16", max_images=4) == (1, 2, 4)
+    for bad in ("1,x", "", [0], [65], "1;2"):
+        with pytest.raises(InvalidRequest, match="compile batches"):
+            check_batches(bad)
+
+
+async def test_auto_stays_off_on_a_cpu_and_says_why(worker):
+    async with WorkerClient(worker.share) as c:
+        info = await c.info()
+    assert info.compile is not None
+    assert (info.compile.mode, info.compile.state) == ("off", "off")
+    assert "cpu" in (info.compile.detail or "")
+    assert info.load_seconds.get("tiny", 0) > 0, "the model's measured load time"
+
+
+def test_the_command_line_takes_and_reports_the_option(spawn):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    bad = subprocess.run([sys.executable, "-m", "colabswarm", "worker", "--compile", "fast"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "reduce-overhead" in bad.stderr, bad.stderr
+    proc = spawn("--model", "tiny", "--compile", "auto", "--compile-batches", "1,2",
+                 name="cli-compile")
+    assert any(line.startswith("compile: off (auto: off on cpu") for line in proc.lines), \
+        proc.lines
+
+
+# ----- background compilation -------------------------------------------------------------------
+async def test_a_compiling_worker_answers_and_serves_eagerly_then_runs_compiled(eager):
+    fake = FakeCompile()
+    handle = _compiled_worker(fake)
+    try:
+        async with WorkerClient(handle.share) as c:
+            info = await c.info()
+        assert info.state == "ready", "the worker serves while it compiles"
+        assert (info.compile.mode, info.compile.state) == ("default", "compiling")
+        assert info.compile.detail.startswith("compiling 0/2 shapes"), info.compile.detail
+        assert info.compile.shapes == []
+        assert info.load_seconds["tiny"] > 0
+        # the compile thread is stuck compiling; jobs run eagerly meanwhile, the same images
+        want = await _run(eager, _req())
+        got = await _run(handle, _req())
+        for a, b in zip(want, got, strict=True):
+            assert_identical(a, b, "an eager job on a compiling worker")
+        assert fake.calls == 0 and handle.worker.engine._compiler.calls["eager"] > 0
+
+        fake.release.set()
+        comp = _wait_compiled(handle)
+        assert comp.state == "ready", comp
+        assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1, 2])]
+        assert comp.detail.startswith("2/2 shapes compiled"), comp.detail
+        before = fake.calls
+        got = await _run(handle, _req())
+        assert fake.calls > before, "a job of a compiled shape runs compiled"
+        for a, b in zip(want, got, strict=True):
+            assert_identical(a, b, "a compiled job (the fake compiles to the same function)")
+        assert set(fake.compiled_on) == {COMPILE_THREAD}, fake.compiled_on
+    finally:
+        handle.stop()
+
+
+async def test_a_new_image_size_runs_eagerly_and_is_compiled_in_the_background(eager):
+    fake = FakeCompile(released=True)
+    handle = _compiled_worker(fake, batches=(1,))
+    try:
+        assert _wait_compiled(handle).shapes == [CompiledShape(width=64, height=64, batches=[1])]
+        fake.release.clear()  # the next compile waits for the test
+        before = fake.calls
+        want = await _run(eager, _req(seeds=[9], width=96))
+        got = await _run(handle, _req(seeds=[9], width=96))
+        assert_identical(want[0], got[0], "a job of a new size")
+        assert fake.calls == before, "the new size ran eagerly"
+        comp = handle.info().compile
+        assert comp.state == "compiling" and comp.detail.startswith("compiling 1/2"), comp
+        assert [(s.width, s.height) for s in comp.shapes] == [(64, 64)]
+        fake.release.set()
+        comp = _wait_compiled(handle)
+        assert [(s.width, s.height, s.batches) for s in comp.shapes] == [(64, 64, [1]),
+                                                                          (96, 64, [1])]
+        await _run(handle, _req(seeds=[9], width=96))
+        assert fake.calls > before, "now compiled"
+        assert set(fake.compiled_on) == {COMPILE_THREAD}, "the engine thread never compiles"
+    finally:
+        handle.stop()
+
+
+async def test_a_failed_compile_leaves_that_shape_eager_and_lists_the_rest():
+    fake = FakeCompile(fail_on=lambda batch: batch == 4, released=True)  # batch 2 (CFG: 4)
+    handle = _compiled_worker(fake, batches=(1, 2))
+    try:
+        comp = _wait_compiled(handle)
+        assert comp.state == "ready"
+        assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])]
+        assert "1 failed, 64x64 batch 2" in comp.detail and "does not compile" in comp.detail
+        assert len(await _run(handle, _req(seeds=[1, 2]))) == 2, "batch 2 still runs (eagerly)"
+    finally:
+        handle.stop()
+    fake = FakeCompile(fail_on=lambda batch: True, released=True)
+    handle = _compiled_worker(fake, batches=(1,))
+    try:
+        comp = _wait_compiled(handle)
+        assert (comp.state, comp.shapes) == ("failed", []), comp
+        assert len(await _run(handle, _req(seeds=[1]))) == 1
+    finally:
+        handle.stop()
+
+
+# ----- a real torch.compile ----------------------------------------------------------------------
+class CountingBackend:
+    """A torch.compile backend that runs dynamo's captured graph as is and counts its runs."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def __call__(self, gm, example_inputs):
+        def run(*args):
+            self.runs += 1
+            return gm(*args)
+
+        return run
+
+    def compile_fn(self, fn, mode, fullgraph):
+        import torch
+
+        return torch.compile(fn, backend=self, fullgraph=fullgraph, dynamic=False)
+
+
+@pytest.fixture(scope="module")
+def lora_file(tmp_path_factory):
+    from colabswarm.backend.tiny import build_tiny_lora
+
+    return build_tiny_lora(tmp_path_factory.mktemp("lora") / "alpha.safetensors", "tiny", 1)
+
+
+def _engine_images(eng: Engine, req: JobRequest) -> list[np.ndarray]:
+    return [np.asarray(im) for im in eng.run(req)]
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
+def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lora_file):
+    from torch._dynamo.utils import counters
+
+    from colabswarm.protocol import LoraRef
+
+    backend = CountingBackend()
+    loras = [str(lora_file)] if model == "tiny" else None
+    eng = Engine(models=[model], compile="default", compile_batches=(1,),
+                 compile_fn=backend.compile_fn, loras=loras)
+    ref = Engine(models=[model], loras=loras)
+    handle = start_worker(engine=eng, name="real-compile", limits=Limits(max_images=4))
+    try:
+        comp = _wait_compiled(handle, timeout=300)
+        assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
+        assert "VAE decoder eager" not in (comp.detail or ""), comp.detail
+        graphs = counters["stats"]["unique_graphs"]
+        for sampler in (None, "DPM++ 2M Karras"):  # float and integer timesteps
+            req = _req(seeds=[5], sampler=sampler)
+            runs = backend.runs
+            got = _engine_images(eng, req)
+            assert backend.runs - runs == 3 + 1, f"3 UNet steps + the decoder compiled ({sampler})"
+            assert_same_picture(_engine_images(ref, req)[0], got[0], f"compiled, {sampler}")
+        if model == "tiny":
+            lora = LoraRef(name="alpha", hash=eng.lora_files["alpha"].hash, weight=1.0)
+            req = _req(seeds=[5], loras=[lora])
+            runs = backend.runs
+            got = _engine_images(eng, req)
+            assert backend.runs == runs, "a LoRA job runs eagerly"
+            assert_identical(_engine_images(ref, req)[0], got[0], "a LoRA job")
+            runs = backend.runs
+            got = _engine_images(eng, _req(seeds=[5]))
+            assert backend.runs - runs == 4, "after the LoRA job the compiled graphs apply again"
+            assert_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0], "after a LoRA")
+        assert counters["stats"]["unique_graphs"] == graphs, "the engine thread compiled"
+    finally:
+        handle.stop()
+        ref.close()
+
+
+# ----- a swarm and a compiled worker --------------------------------------------------------------
+def test_a_swarm_sends_a_compiled_worker_only_its_batch_sizes():
+    from colabswarm.swarm import Swarm
+
+    fake = FakeCompile(released=True)
+    handle = _compiled_worker(fake, batches=(1, 2))
+    try:
+        assert _wait_compiled(handle).shapes[0].batches == [1, 2]
+        sw = Swarm(output_dir=None, trace=True)
+        try:
+            sw.add(handle.share, name="compiled")
+            res = sw.generate("a fox", images=7, seed=1, width=64, height=64, steps=2,
+                              save=False)
+            assert len(res.images) == 7
+            sizes = [n for _b, n, *_ in sw.trace]
+            assert set(sizes) <= {1, 2}, sizes
+            # another size is not compiled: any batch size goes there
+            res = sw.generate("a fox", images=7, seed=1, width=72, height=64, steps=2,
+                              save=False)
+            assert max(n for _b, n, *_ in sw.trace[len(sizes):]) > 2, sw.trace
+        finally:
+            sw.close()
+    finally:
+        handle.stop()
+
+
+# ----- the compile cache ----------------------------------------------------------------------
+def test_the_compile_cache_is_one_file_per_run_keyed_by_model_and_read_back(tmp_path,
+                                                                            monkeypatch):
+    """torch's artifact functions are stood in for (this CPU compiles nothing with inductor):
+    the worker writes what save_cache_artifacts gives into a subfolder of the owner's folder
+    keyed by GPU, software, model and mode, and a restarted worker loads it before compiling."""
+    from colabswarm.backend import compiled
+
+    loaded: list[bytes] = []
+    saves = iter(range(1, 100))
+    misses = iter(range(0, 1000))
+    monkeypatch.setattr(compiled, "_mega_cache", lambda: (
+        lambda: (b"artifacts %d" % next(saves), None), loaded.append))
+    monkeypatch.setattr(compiled, "_cache_counts", lambda: (0, next(misses)))  # always a miss
+
+    def run(model: str) -> None:
+        eng = Engine(models=[model], compile="default", compile_batches=(1,),
+                     compile_fn=FakeCompile(released=True), compile_cache=str(tmp_path))
+        handle = start_worker(engine=eng, name="cached")
+        try:
+            assert _wait_compiled(handle).state == "ready"
+        finally:
+            handle.stop()
+
+    run("tiny")
+    (folder,) = tmp_path.iterdir()
+    assert folder.name.startswith("cpu-torch") and "-tiny-default-" in folder.name
+    (first,) = folder.glob("*.bin")
+    assert first.read_bytes() == b"artifacts 1" and loaded == []
+    run("tiny")  # a restart: reads the file before compiling, writes its own
+    assert loaded == [b"artifacts 1"]
+    assert sorted(p.read_bytes() for p in folder.glob("*.bin")) == [b"artifacts 1",
+                                                                     b"artifacts 2"]
+    assert not list(folder.glob("*.tmp")), "files are written whole or not at all"
+    run("tiny-xl")  # another model: its own folder, nothing of the other read
+    assert loaded == [b"artifacts 1"] and len(list(tmp_path.iterdir())) == 2
