@@ -351,3 +351,28 @@ def test_the_compile_cache_is_one_file_per_run_keyed_by_model_and_read_back(tmp_
     assert not list(folder.glob("*.tmp")), "files are written whole or not at all"
     run("tiny-xl")  # another model: its own folder, nothing of the other read
     assert loaded == [b"artifacts 1"] and len(list(tmp_path.iterdir())) == 2
+
+
+def test_attaching_keeps_a_half_precision_model_in_half_precision():
+    """A GPU worker's model is fp16. The compile thread's own pipeline object shares its
+    modules; building it must not cast them (diffusers' ``from_pipe`` casts to float32 unless
+    told a dtype: the worker then ran its eager and compiled jobs in fp32, slower, with other
+    pictures than a worker with compile off)."""
+    import torch
+    from diffusers import AutoPipelineForText2Image
+
+    from colabswarm.backend.compiled import Compiler
+    from colabswarm.backend.engine import _dtype_kwarg
+    from colabswarm.backend.tiny import tiny_model_dir
+
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny_model_dir("tiny"),
+                                                     **{_dtype_kwarg(): torch.bfloat16})
+    before = {name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items()
+              if isinstance(m, torch.nn.Module)}
+    comp = Compiler("default", batches=(1,), compile_fn=FakeCompile(released=True),
+                    background=False)
+    comp.attach(pipe, "tiny", lambda: False)
+    after = {name: {p.dtype for p in m.parameters()} for name, m in pipe.components.items()
+             if isinstance(m, torch.nn.Module)}
+    assert after == before, f"attaching changed the model's dtypes: {before} -> {after}"
+    assert before["unet"] == {torch.bfloat16}

@@ -456,8 +456,11 @@ class Compiler:
                        and bool(getattr(vae.config, "force_upcast", False))
                        and hasattr(type(pipe), "upcast_vae"))
             decoder = getattr(vae, "decoder", None) if vae is not None and not upcasts else None
-            private = _quietly(type(pipe).from_pipe, pipe,
-                               scheduler=copy.deepcopy(pipe.scheduler))
+            # the same modules under a pipeline object of its own (its own scheduler and
+            # progress state). Not ``from_pipe``: it casts the shared modules to float32 unless
+            # given a dtype, which turned an fp16 worker into a slow fp32 one
+            private = _quietly(type(pipe), **{**pipe.components,
+                                              "scheduler": copy.deepcopy(pipe.scheduler)})
             private.set_progress_bar_config(disable=True)
             att = _Attached(self._epoch, model, pipe, private, unet, decoder, has_adapters,
                             native_side(pipe))
@@ -522,8 +525,10 @@ class Compiler:
                 self._tasks.clear()
                 self._tasks.append((self._epoch, None))  # reset dynamo's caches first
                 self._cv.notify_all()
+            _reset_cudagraph_trees()  # CUDA graph trees are per thread: this one's, now
         finally:
             self._lock.release()
+        self._start_thread()
 
     @contextmanager
     def job(self, width: int, height: int, images: int, *, loras: bool,
@@ -555,8 +560,7 @@ class Compiler:
             if held:
                 self._lock.release()
             if plan.unload_adapters:
-                with self._cv:
-                    self._cv.notify_all()
+                self._start_thread()
 
     def gpu_turn(self) -> Any:
         """A context for the engine's other GPU work (upscales, freeing memory): it never runs
@@ -664,20 +668,26 @@ class Compiler:
                 self._status[shape] = "pending"
                 self._tasks.append((self._epoch, shape))
             self._cv.notify_all()
+        self._start_thread()
 
     def _start_thread(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._thread = threading.Thread(target=self._work, name="colabswarm-compile",
-                                            daemon=True)
-            self._thread.start()
+        """Start the compile thread if there is work and none runs. It ends when the queue is
+        empty: a thread that ran torch ops and lives on idle keeps its own OpenMP team, which
+        on a CPU made the engine thread's jobs three times slower (bench/diag_compile.py)."""
+        with self._cv:
+            if not self.background or self._closing or not self._tasks:
+                return
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._work, name="colabswarm-compile",
+                                                daemon=True)
+                self._thread.start()
 
     # ----- the compile thread ----------------------------------------------------------------
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._tasks and not self._closing:
-                    self._cv.wait()
-                if self._closing:
+                if self._closing or not self._tasks:
+                    self._thread = None
                     return
                 epoch, shape = self._tasks.popleft()
             self._want.set()
@@ -692,13 +702,11 @@ class Compiler:
                     continue  # a model swapped out meanwhile
                 if att.has_adapters():
                     # LoRA adapters are in the UNet: compile once a plain job has unloaded them
+                    # (that job starts the thread again)
                     with self._cv:
                         self._tasks.appendleft((epoch, shape))
-                    self._lock.release()
-                    with self._cv:
-                        self._cv.wait(1.0)
-                    self._lock.acquire()
-                    continue
+                        self._thread = None
+                    return
                 self._compile_shape(att, shape)
             except Exception:  # noqa: BLE001 - the thread must live on; the shape is marked
                 log.exception("compile thread: unexpected error")
@@ -834,12 +842,7 @@ class Compiler:
         import torch
 
         torch._dynamo.reset()
-        try:
-            from torch._inductor.cudagraph_trees import reset_cudagraph_trees
-
-            reset_cudagraph_trees()
-        except ImportError:
-            pass
+        _reset_cudagraph_trees()
 
     def _free_after_failure(self) -> None:
         import gc
@@ -921,8 +924,18 @@ class Compiler:
             log.warning("compile cache: could not write to %s", folder, exc_info=True)
 
 
+def _reset_cudagraph_trees() -> None:
+    """Drop the CUDA graphs recorded by the calling thread (torch keeps one tree per thread)."""
+    try:
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+    except ImportError:
+        return
+    reset_cudagraph_trees()
+
+
 def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-    """fn(...) with diffusers' warnings silenced (from_pipe warns about casts it does not do)."""
+    """fn(...) with diffusers' warnings silenced (a pipeline built from parts warns about
+    optional parts it lacks)."""
     from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
