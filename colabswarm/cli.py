@@ -55,6 +55,7 @@ def _worker(args: argparse.Namespace) -> int:
             allow_downloads=args.allow_downloads, device_map=args.device_map,
             upscalers_dir=args.upscalers_dir, simulate_speed=args.simulate_speed,
             simulate_step_seconds=args.simulate_step_seconds,
+            simulate_load_seconds=args.simulate_load_seconds,
             tunnel_deadline_s=args.tunnel_deadline, guests_file=args.guests_file,
             idle_stop=idle_stop,
             loras=(args.lora or []) + ([args.loras_dir] if args.loras_dir else []) or None,
@@ -328,6 +329,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="BENCH ONLY: sleep instead of denoising, at this relative speed")
     w.add_argument("--simulate-step-seconds", type=float, default=0.1,
                    help="BENCH ONLY: seconds per step per megapixel at speed 1, batch 1")
+    w.add_argument("--simulate-load-seconds", type=float, default=0.0,
+                   help="BENCH ONLY: seconds the simulated engine takes to switch models")
     w.set_defaults(func=_worker)
     d = sub.add_parser("demo", help="a local swarm of tiny-model workers, end to end")
     d.add_argument("--workers", type=int, default=3)

@@ -113,6 +113,7 @@ def make_engine(
     upscalers_dir: str | None = None,
     simulate_speed: float | None = None,
     simulate_step_seconds: float = 0.1,
+    simulate_load_seconds: float = 0.0,
     loras: str | os.PathLike[str] | list[str | os.PathLike[str]] | None = None,
     lora_cache: int = 4,
     compile: str = "auto",
@@ -132,7 +133,7 @@ def make_engine(
         from .simulated import SimulatedEngine
 
         return SimulatedEngine(speed=simulate_speed, step_s=simulate_step_seconds,
-                               models=tuple(models))
+                               models=tuple(models), load_s=simulate_load_seconds)
     from .engine import Engine
 
     if isinstance(loras, str | os.PathLike):
@@ -358,6 +359,7 @@ def start_worker(
     upscalers_dir: str | None = None,
     simulate_speed: float | None = None,
     simulate_step_seconds: float = 0.1,
+    simulate_load_seconds: float = 0.0,
     tunnel_deadline_s: float = 60.0,
     ngrok_authtoken: str | None = None,
     wait_ready: bool = True,
@@ -403,7 +405,8 @@ def start_worker(
     eng = engine or make_engine(
         model, device=device, allow_downloads=allow_downloads, device_map=device_map,
         upscalers_dir=upscalers_dir, simulate_speed=simulate_speed,
-        simulate_step_seconds=simulate_step_seconds, loras=loras, lora_cache=lora_cache,
+        simulate_step_seconds=simulate_step_seconds,
+        simulate_load_seconds=simulate_load_seconds, loras=loras, lora_cache=lora_cache,
         compile=compile, compile_batches=check_batches(compile_batches, lim.max_images),
         compile_sizes=compile_sizes, compile_cache=compile_cache,
     )

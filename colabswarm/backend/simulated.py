@@ -2,11 +2,14 @@
 
 It lets scheduling benchmarks put backends of known, different speeds side by side on one CPU
 machine. It is never a default: a worker runs it only with ``--simulate-speed`` and says so in
-its info (``simulated: true``).
+its info (``simulated: true``). It holds one of its models at a time, as the real engine does:
+a job for another model first "loads" it (``load_s`` seconds of sleep), and ``load_seconds``
+reports that time per model as a real engine's measured loads would.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,6 +21,9 @@ from ..protocol import JobRequest
 
 __all__ = ["SimulatedEngine"]
 
+log = logging.getLogger("colabswarm.simulated")
+log.setLevel(logging.INFO)  # bench-only: its loads are in the worker's log without -v
+
 
 @dataclass
 class SimulatedEngine:
@@ -27,10 +33,17 @@ class SimulatedEngine:
     step_s: float = 0.01
     batch_cost: float = 0.35
     models: tuple[str, ...] = ("tiny",)
+    load_s: float = 0.0
 
     def __post_init__(self) -> None:
         if self.speed <= 0:
             raise ValueError("simulated speed must be > 0")
+        if not self.models:
+            raise ValueError("a simulated engine needs at least one model")
+        if not 0 <= self.load_s <= 3600:
+            raise ValueError("simulated load seconds must be within 0-3600")
+        self._loaded = self.models[0]
+        self.load_seconds: dict[str, float] = {m: self.load_s for m in self.models}
         self.device = "sim"
         self.allow_downloads = False
         # it knows its own speed, as a real engine knows it after its warm-up
@@ -42,7 +55,7 @@ class SimulatedEngine:
 
     @property
     def loaded_model(self) -> str | None:
-        return self.models[0]
+        return self._loaded
 
     def upscaler_names(self) -> list[str]:
         return ["lanczos"]
@@ -57,7 +70,17 @@ class SimulatedEngine:
         return {"device": "sim", "gpu_name": f"simulated x{self.speed:g}"}
 
     def load(self, name: str | None = None) -> str:
-        return self.models[0]
+        name = name or self.models[0]
+        if name not in self.models:
+            from ..errors import ModelNotAvailable
+
+            raise ModelNotAvailable(f"This worker does not serve model {name!r}; it serves "
+                                    f"{list(self.models)}.")
+        if name != self._loaded:
+            log.info("simulated load of model %s (%.1f s)", name, self.load_s)
+            time.sleep(self.load_s)
+            self._loaded = name
+        return name
 
     def free(self) -> None:
         return None
@@ -69,6 +92,7 @@ class SimulatedEngine:
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
+        self.load(req.model)
         n = len(req.seeds)
         mpix = req.width * req.height / 1e6
         per_step = mpix * self.step_s * (1 + self.batch_cost * (n - 1)) / self.speed

@@ -454,6 +454,11 @@ def plan_dispatch(
                 margin, gain = (0.2, 0.25) if timed else (1.0, 1.0)
                 if timed and backlog.get(b.name, 0.0) > 0:
                     margin, gain = 0.02, 0.0
+                if b.name in switch:
+                    # a model load is a measured cost, not a speed guess: no 2x benefit of
+                    # the doubt for it (with it, an untimed idle worker loaded a model that
+                    # the others would have finished without; bench_switching --processes)
+                    margin, gain = min(margin, 0.2), min(gain, 0.25)
                 n = _choose_batch(b, n, len(same), upi, others, rate, backlog, cap, margin, gain,
                                   switch, sizes, memo)
                 if n == 0:
