@@ -57,7 +57,7 @@ class SimResult:
     loads: list[tuple[str, str, float]] = field(default_factory=list)  # who loaded what, when
 
 
-def _info(g: SimGPU) -> Info:
+def _info(g: SimGPU, hint: float | None = None) -> Info:
     compile_info = None
     if g.buckets:
         compile_info = CompileInfo(mode="reduce-overhead", state="ready", shapes=[
@@ -66,18 +66,20 @@ def _info(g: SimGPU) -> Info:
                 model_loaded=g.loaded, load_seconds={m: g.load_s for m in g.models},
                 capabilities=["txt2img", "img2img", "upscale", "tiles"], upscalers=["lanczos"],
                 limits=Limits(max_images=g.max_images), queue_depth=0, running=0, jobs_served=0,
-                compile=compile_info)
+                compile=compile_info, step_seconds_per_mpix=hint)
 
 
 def simulate(gpus: list[SimGPU], images: int | list[tuple[str | None, int]], *,
-             template: JobRequest | None = None, timed: bool = True,
+             template: JobRequest | None = None, timed: bool = True, hinted: bool = False,
              config: SwarmConfig | None = None) -> SimResult:
     """Run requests through a SwarmState over these GPUs: `images` images of one request, or
     (model, images) requests submitted one after the other at time 0. The makespan is when the
     last one is done.
 
     timed: the controller knows each GPU's speed line already (as after a first run);
-    otherwise it knows nothing and learns from the first jobs."""
+    otherwise it knows nothing and learns from the first jobs. hinted (with timed False): each
+    GPU's /v1/info gives its own warm-up figure (seconds per step and megapixel at batch 1), as
+    a real worker's does, but the controller has measured nothing yet."""
     tpl = template or JobRequest(prompt="sim", width=512, height=512, steps=20)
     requests = [(None, images)] if isinstance(images, int) else list(images)
     state = SwarmState(config or SwarmConfig(health_every=1e9))
@@ -120,7 +122,10 @@ def simulate(gpus: list[SimGPU], images: int | list[tuple[str | None, int]], *,
                 b.speed.observe(n, g.job_seconds(n), units)
             b.overhead_s = g.overhead
     for b, g in pending:  # registered first, as in use; then the requests, one by one
-        apply(state.handle(BackendAdded(b, 0.0, _info(g))))
+        hint = None
+        if hinted:
+            hint = g.job_seconds(1) / (tpl.steps * tpl.width * tpl.height / 1e6)
+        apply(state.handle(BackendAdded(b, 0.0, _info(g, hint))))
     loads: list[tuple[str, str, float]] = []
     for rid, (model, count) in enumerate(requests, 1):
         req = tpl if model is None else tpl.model_copy(update={"model": model})

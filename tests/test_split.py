@@ -94,3 +94,20 @@ def test_a_compiled_worker_gets_only_its_batch_sizes():
         assert sizes <= {1} | buckets, sizes
 
     check()
+
+
+def test_an_idle_worker_with_another_model_does_not_load_one_the_others_finish_first():
+    """Right after start (speeds known only from the workers' own warm-up figures), 100 images
+    for A: the two A workers finish them in about 6 s, so the B worker must not spend 8 s
+    loading A (it did: the 2x margin for speed guesses was applied to the load too; found by
+    bench_switching --processes). 400 images do pay a load."""
+    def run(images: int, policy: str):
+        return simulate(_three(), [("A", images)], timed=False, hinted=True,
+                        config=_switching(policy))
+
+    short = run(100, "cost")
+    assert short.loads == [], short.loads
+    long = run(400, "cost")
+    assert [g for g, _m, _s in long.loads] == ["g2"], long.loads
+    never = run(400, "never")
+    assert long.makespan < 0.9 * never.makespan, (long.makespan, never.makespan)
