@@ -33,3 +33,28 @@ class LoopbackServer:
         self.server.should_exit = True
         self.thread.join(10)
         self._sock.close()
+
+
+# ----- for proxies in front of a real worker (the compatibility tests' old workers) ----------
+async def read_body(receive) -> bytes:
+    """The whole request body of an ASGI http request."""
+    body = b""
+    while True:
+        msg = await receive()
+        body += msg.get("body", b"")
+        if not msg.get("more_body"):
+            return body
+
+
+async def reply(send, status: int, content: bytes, ctype: str, extra=()) -> None:
+    """One whole ASGI response."""
+    headers = [(b"content-type", ctype.encode()),
+               (b"content-length", str(len(content)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": content})
+
+
+async def relay(send, r, content: bytes) -> None:
+    """Pass on the real worker's answer `r` (an httpx.Response) with this content."""
+    extra = [(b"x-seed", r.headers["x-seed"].encode())] if "x-seed" in r.headers else []
+    await reply(send, r.status_code, content, r.headers.get("content-type", ""), extra)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from colabswarm.swarm import Swarm
-from tests.asgiserver import LoopbackServer
+from tests.asgiserver import LoopbackServer, read_body, relay, reply
 
 _NEW_FIELDS = ("crops",)
 
@@ -27,19 +27,14 @@ class OldWorker(LoopbackServer):
         super().__init__(self.app, "old-worker")
 
     async def app(self, scope, receive, send) -> None:
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         method, path = scope["method"], scope["path"]
         if method == "POST" and path == "/v1/jobs":
             unknown = [f for f in _NEW_FIELDS if f in json.loads(body or b"{}")]
             if unknown:
                 self.refused += 1
                 detail = f"{unknown[0]}: Extra inputs are not permitted"
-                return await _reply(send, 422, json.dumps({"detail": detail}).encode(),
+                return await reply(send, 422, json.dumps({"detail": detail}).encode(),
                                     "application/json")
         if self._client is None:
             self._client = httpx.AsyncClient(base_url=self.target, timeout=60)
@@ -53,15 +48,7 @@ class OldWorker(LoopbackServer):
             info = r.json()
             info["capabilities"] = [c for c in info["capabilities"] if c != "tiles"]
             content = json.dumps(info).encode()
-        extra = [(b"x-seed", r.headers["x-seed"].encode())] if "x-seed" in r.headers else []
-        await _reply(send, r.status_code, content, r.headers.get("content-type", ""), extra)
-
-
-async def _reply(send, status: int, content: bytes, ctype: str, extra=()) -> None:
-    headers = [(b"content-type", ctype.encode()),
-               (b"content-length", str(len(content)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
+        await relay(send, r, content)
 
 
 def test_a_new_controller_uses_a_worker_from_before_tile_jobs(worker):

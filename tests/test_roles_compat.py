@@ -17,7 +17,7 @@ from colabswarm.backend.serve import start_worker
 from colabswarm.errors import BackendUnavailable, ErrorKind
 from colabswarm.protocol import Info
 from colabswarm.swarm import Swarm
-from tests.asgiserver import LoopbackServer
+from tests.asgiserver import LoopbackServer, read_body, relay, reply
 
 _NEW_INFO_FIELDS = ("role", "guest", "usage", "controllers")
 _NEW_ROUTES = ("/v1/logs", "/v1/guests")
@@ -30,17 +30,12 @@ class WorkerBeforeRoles(LoopbackServer):
         super().__init__(self.app, "worker-before-roles")
 
     async def app(self, scope, receive, send) -> None:
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         method, path = scope["method"], scope["path"]
         headers = {k.decode(): v.decode() for k, v in scope["headers"]}
         self.client_ids.add(headers.get("x-colabswarm-client", "-"))
         if path.startswith(_NEW_ROUTES):  # Starlette's answer for a path it does not have
-            return await _reply(send, 404, b'{"detail":"Not Found"}', "application/json")
+            return await reply(send, 404, b'{"detail":"Not Found"}', "application/json")
         async with httpx.AsyncClient(base_url=self.target, timeout=60) as client:
             qs = scope["query_string"].decode()
             fwd = {k: v for k, v in headers.items() if k in ("authorization", "content-type")}
@@ -52,15 +47,7 @@ class WorkerBeforeRoles(LoopbackServer):
             for key in _NEW_INFO_FIELDS:
                 info.pop(key, None)
             content = json.dumps(info).encode()
-        extra = [(b"x-seed", r.headers["x-seed"].encode())] if "x-seed" in r.headers else []
-        await _reply(send, r.status_code, content, r.headers.get("content-type", ""), extra)
-
-
-async def _reply(send, status: int, content: bytes, ctype: str, extra=()) -> None:
-    headers = [(b"content-type", ctype.encode()),
-               (b"content-length", str(len(content)).encode()), *extra]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": content})
+        await relay(send, r, content)
 
 
 def test_a_controller_with_roles_uses_a_worker_from_before_them(worker):

@@ -15,7 +15,8 @@ import httpx
 
 from colabswarm.backend.client import WorkerClient
 from colabswarm.protocol import JobRequest, LoraRef
-from tests.test_compat import OldWorker, _reply
+from tests.asgiserver import read_body, reply
+from tests.test_compat import OldWorker
 
 # JobRequest's fields in the first /v1 workers (git: 52b67c6, "init_images")
 V1_FIELDS = frozenset({"kind", "prompt", "negative_prompt", "width", "height", "steps", "cfg",
@@ -30,18 +31,13 @@ class StrictOldWorker(OldWorker):
     422 for any field they did not have."""
 
     async def app(self, scope, receive, send) -> None:
-        body = b""
-        while True:
-            msg = await receive()
-            body += msg.get("body", b"")
-            if not msg.get("more_body"):
-                break
+        body = await read_body(receive)
         if scope["method"] == "POST" and scope["path"] == "/v1/jobs":
             unknown = sorted(set(json.loads(body or b"{}")) - V1_FIELDS)
             if unknown:
                 self.refused += 1
                 detail = json.dumps({"detail": f"{unknown[0]}: Extra inputs are not permitted"})
-                return await _reply(send, 422, detail.encode(), "application/json")
+                return await reply(send, 422, detail.encode(), "application/json")
 
         async def replay() -> dict:
             return {"type": "http.request", "body": body, "more_body": False}

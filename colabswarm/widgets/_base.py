@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ipywidgets as w
@@ -321,6 +321,16 @@ def thumbnail_jpeg(image: Image.Image, size: int = 128) -> bytes:
     buf = io.BytesIO()
     thumb.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
+
+
+def read_uploads(change: dict[str, Any]) -> Iterator[tuple[str, Image.Image | None, str]]:
+    """The images of a FileUpload change, as (name, RGB image or None, why not readable)."""
+    for f in change["new"] or ():
+        name = f.get("name", "upload")
+        try:
+            yield name, Image.open(io.BytesIO(bytes(f["content"]))).convert("RGB"), ""
+        except Exception as exc:  # a file that is not an image: the panel says so
+            yield name, None, f"{name} is not an image I can read: {exc}"
 
 
 def _span(colour: str, message: str) -> str:

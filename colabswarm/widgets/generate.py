@@ -16,7 +16,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import html
-import io
 import itertools
 import threading
 import time
@@ -42,6 +41,7 @@ from ._base import (
     full_width,
     muted_html,
     ok_html,
+    read_uploads,
     row,
     style_widget,
     swarm_open,
@@ -490,14 +490,11 @@ class GeneratePanel(Panel):
             self.init_source.value = key
 
     def _on_upload(self, change: dict[str, Any]) -> None:
-        for f in change["new"] or ():
-            name = f.get("name", "upload")
-            try:
-                im = Image.open(io.BytesIO(bytes(f["content"]))).convert("RGB")
-            except Exception as exc:
-                self.message.value = error_html(f"{name} is not an image I can read: {exc}")
-                continue
-            self.add_init_image(im, name)
+        for name, im, why in read_uploads(change):
+            if im is None:
+                self.message.value = error_html(why)
+            else:
+                self.add_init_image(im, name)
 
     def _show_init_preview(self) -> None:
         found = self._init_images.get(self.init_source.value)

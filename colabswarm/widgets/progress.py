@@ -17,18 +17,10 @@ from typing import Any
 
 import ipywidgets as w
 
+from ..swarm.controller import format_duration
 from ._base import COLOURS, row
 
 __all__ = ["RunBars", "RunInfo", "queue_line", "run_fraction"]
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m {s % 60}s"
-    return f"{s // 3600}h {s % 3600 // 60}m"
 
 
 def queue_line(status: Any) -> str:
@@ -52,7 +44,7 @@ def queue_line(status: Any) -> str:
     elif eta < 1.0:
         est = " (finishing…)"
     else:
-        est = f" (est. {_duration(eta)})"
+        est = f" (est. {format_duration(eta)})"
     return f"{current} current generations: {', '.join(parts)}{est}"
 
 
@@ -131,7 +123,7 @@ class RunBars:
             state = ""
             if r.finished:
                 took = (r.ended or time.monotonic()) - r.started
-                state = (f" · done in {_duration(took)}" if not r.error else
+                state = (f" · done in {format_duration(took)}" if not r.error else
                          f" · <span style='color:{COLOURS['error']}'>"
                          f"{html.escape(r.error[:120])}</span>")
             self._describe(bar, r, value, pct, state)

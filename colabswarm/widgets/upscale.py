@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import html
-import io
 import itertools
 import threading
 from typing import Any
@@ -30,6 +29,7 @@ from ._base import (
     muted_html,
     ok_html,
     png,
+    read_uploads,
     row,
     style_widget,
     swarm_open,
@@ -162,14 +162,11 @@ class UpscalePanel(Panel):
                     self.upscaler.options = names
 
     def _on_upload(self, change: dict[str, Any]) -> None:
-        for f in change["new"] or ():
-            name = f.get("name", "upload")
-            try:
-                im = Image.open(io.BytesIO(bytes(f["content"]))).convert("RGB")
-            except Exception as exc:
-                self.message.value = error_html(f"{name} is not an image I can read: {exc}")
-                continue
-            self.add_image(im, name)
+        for name, im, why in read_uploads(change):
+            if im is None:
+                self.message.value = error_html(why)
+            else:
+                self.add_image(im, name)
 
     def add_image(self, image: Image.Image, name: str = "image") -> None:
         """Offer a PIL image as a source, as an upload would (for code and tests)."""
