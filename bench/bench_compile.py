@@ -79,7 +79,8 @@ class Worker:
                "--compile-batches", ",".join(str(b) for b in a.batches),
                "--compile-sizes", f"{a.size}x{a.size}",
                "--compile-cache", str(a.cache_dir), "--parent-pid", str(os.getpid())]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # a crash in native code prints every thread's Python stack (kept in the JSON)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         if inductor_dir is not None:
             env["TORCHINDUCTOR_CACHE_DIR"] = str(inductor_dir)
         if a.tiny:
@@ -124,6 +125,13 @@ class Worker:
     def warnings(self) -> list[str]:
         return [line[:300] for _, line in self.lines
                 if " WARNING " in line or " ERROR " in line or "Traceback" in line][:20]
+
+    def died(self) -> dict[str, Any] | None:
+        """The exit code and the last log lines, when the worker ended before stop()."""
+        code = self.proc.poll()
+        if code is None:
+            return None
+        return {"exit_code": code, "log_tail": [line[:300] for _, line in self.lines[-60:]]}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -378,6 +386,10 @@ class Child:
                     out["vs_eager"] = compare(imgs, self.images)
                     log(f"  {key}: vs eager {out['vs_eager']}")
         finally:
+            died = w.died()
+            if died:
+                out["worker_died"] = died
+                log(f"  {key}: the worker ended with exit code {died['exit_code']}")
             w.stop()
             out["worker_warnings"] = w.warnings()
 
@@ -491,7 +503,8 @@ def _child_cmd(a: argparse.Namespace, model: str, deadline: float, json_path: Pa
            "--cfg", str(a.cfg), "--batches", a.sdxl_batches if xl else a.sd15_batches,
            "--images-b1", str(a.images_b1), "--images-bn", str(a.images_bn),
            "--compare-images", str(a.compare_images), "--modes", ",".join(a.modes),
-           "--work", str(Path(a.work) / model), "--device", "cpu" if a.tiny else "cuda:0"]
+           "--work", str(Path(a.work) / model), "--device", "cpu" if a.tiny else "cuda:0",
+           "--only", a.only]
     if a.tiny:
         cmd.append("--tiny")
     if not a.fused:
@@ -647,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda:0", help=argparse.SUPPRESS)
     p.add_argument("--only", default="raw,off,cold,restart,rawc",
-                   help="a child's stages (bench_multigpu runs 'rawc' alone)")
+                   help="the stages run (e.g. 'cold,restart' for the cache alone; "
+                        "bench_multigpu runs 'rawc' alone)")
     a = p.parse_args(argv)
     a.models = [m for m in a.models.split(",") if m]
     a.modes = [m for m in a.modes.split(",") if m]

@@ -474,7 +474,7 @@ def stage_raw_compiled(run: Run, folder: str) -> None:
         cmd = [sys.executable, "-m", "bench.bench_compile", "--child", "sd15", "--only", "rawc",
                "--deadline", str(time.time() + max(30.0, run.left() - 10)), "--json", str(out),
                "--model-dir", folder, "--size", str(a.size), "--steps", str(a.steps),
-               "--cfg", str(a.cfg), "--batches", f"1,{best}" if best != 1 else "1",
+               "--cfg", str(a.cfg), "--batches", rawc_batches(a.rawc_batches, best),
                "--images-b1", str(a.images_b1), "--images-bn", str(max(1, a.images // best)),
                "--modes", a.compile, "--work", str(a.compile_work),
                "--device", "cpu" if a.tiny else "cuda:0"]
@@ -491,6 +491,12 @@ def stage_raw_compiled(run: Run, folder: str) -> None:
                 run.row(f"raw compiled GPU{i} {key}", row)
         if not st:
             run.result["errors"][f"rawc GPU{i}"] = f"exit {rc}: {res.get('errors') or res}"
+
+
+def rawc_batches(spec: str, best: int) -> str:
+    """The rawc stage's batch sizes: `spec` with 'best' as the best raw batch, deduplicated."""
+    sizes = [best if b == "best" else int(b) for b in spec.split(",") if b]
+    return ",".join(str(b) for b in sorted(set(sizes)))
 
 
 def stage_swarm_rows(run: Run, members: list[tuple[str, str]], extra: bool = False) -> None:
@@ -663,6 +669,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compile-batches", default="1,8", help="compiled batch sizes")
     p.add_argument("--compile-sizes", default="512x512,576x576",
                    help="sizes the workers compile (upscale tiles are 576x576)")
+    p.add_argument("--rawc-batches", default="1,best",
+                   help="batch sizes of the rawc rows ('best': the best raw batch, all the "
+                        "0.95x bar needs)")
     p.add_argument("--compile-work", default="/tmp/bench-multigpu-compile",
                    help="the workers' compile cache and inductor cache (kept between runs)")
     p.add_argument("--tiny", action="store_true",

@@ -13,8 +13,10 @@ code, without inductor's minutes of C++ compilation on this CPU).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +30,7 @@ from colabswarm.protocol import CompiledShape, JobRequest, Limits
 from tests.imagecheck import assert_identical, assert_same_picture
 
 COMPILE_THREAD = "colabswarm-compile"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeCompile:
@@ -327,11 +330,12 @@ def test_a_swarm_sends_a_compiled_worker_only_its_batch_sizes():
 
 
 # ----- the compile cache ----------------------------------------------------------------------
-def test_the_compile_cache_is_one_file_per_run_keyed_by_model_and_read_back(tmp_path,
-                                                                            monkeypatch):
-    """torch's artifact functions are stood in for (this CPU compiles nothing with inductor):
-    the worker writes what save_cache_artifacts gives into a subfolder of the owner's folder
-    keyed by GPU, software, model and mode, and a restarted worker loads it before compiling."""
+def test_the_compile_cache_is_a_file_per_shape_keyed_by_model_and_all_read_back(tmp_path,
+                                                                               monkeypatch):
+    """torch's artifact functions are stood in for here (the next test uses the real ones):
+    the worker writes what save_cache_artifacts gives after each shape it compiled into a new
+    file of a subfolder of the owner's folder keyed by GPU, software, model and mode, and a
+    restarted worker loads every file before compiling."""
     from colabswarm.backend import compiled
 
     loaded: list[bytes] = []
@@ -342,7 +346,7 @@ def test_the_compile_cache_is_one_file_per_run_keyed_by_model_and_read_back(tmp_
     monkeypatch.setattr(compiled, "_cache_counts", lambda: (0, next(misses)))  # always a miss
 
     def run(model: str) -> None:
-        eng = Engine(models=[model], compile="default", compile_batches=(1,),
+        eng = Engine(models=[model], compile="default", compile_batches=(1, 2),
                      compile_fn=FakeCompile(released=True), compile_cache=str(tmp_path))
         handle = start_worker(engine=eng, name="cached")
         try:
@@ -353,15 +357,71 @@ def test_the_compile_cache_is_one_file_per_run_keyed_by_model_and_read_back(tmp_
     run("tiny")
     (folder,) = tmp_path.iterdir()
     assert folder.name.startswith("cpu-torch") and "-tiny-default-" in folder.name
-    (first,) = folder.glob("*.bin")
-    assert first.read_bytes() == b"artifacts 1" and loaded == []
-    run("tiny")  # a restart: reads the file before compiling, writes its own
-    assert loaded == [b"artifacts 1"]
     assert sorted(p.read_bytes() for p in folder.glob("*.bin")) == [b"artifacts 1",
                                                                      b"artifacts 2"]
+    assert loaded == []
+    run("tiny")  # a restart: reads both files before compiling, writes its own
+    assert sorted(loaded) == [b"artifacts 1", b"artifacts 2"]
+    assert len(list(folder.glob("*.bin"))) == 4
     assert not list(folder.glob("*.tmp")), "files are written whole or not at all"
     run("tiny-xl")  # another model: its own folder, nothing of the other read
-    assert loaded == [b"artifacts 1"] and len(list(tmp_path.iterdir())) == 2
+    assert len(loaded) == 2 and len(list(tmp_path.iterdir())) == 2
+
+
+_CACHE_SCRIPT = """
+import sys, types
+from pathlib import Path
+
+import torch
+from torch._dynamo.utils import counters
+
+from colabswarm.backend.compiled import Compiler, read_artifacts
+
+folder = Path(sys.argv[2])
+compiler = Compiler("default", background=False)  # the worker's cache settings
+fn = torch.compile(lambda x: (x.sin() * 2 + x.cos()).sum(1), dynamic=False)
+if sys.argv[1] == "restart":
+    print("loaded", *read_artifacts(folder))
+for rows in (3, 7):  # two shapes; after each, the compile thread's save
+    fn(torch.randn(rows, 5))
+    if sys.argv[1] == "first":
+        compiler._save_cache(types.SimpleNamespace(cache_dir=folder))
+ind, aot = counters["inductor"], counters["aot_autograd"]
+print("hits", ind["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
+      "misses", ind["fxgraph_cache_miss"] + aot["autograd_cache_miss"])
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_restarted_worker_finds_every_shape_it_compiled_in_the_cache_files(tmp_path):
+    """Real torch.compile (inductor, on this CPU) of a small function at two shapes, the
+    worker's cache file written after each, then a new process with empty local caches that
+    loads the folder: both shapes come from the files. (torch reads a file back as the last
+    save's part only: the worker's one run file, rewritten after each shape, gave back only the
+    last shape, and a restarted SD 1.5 worker compiled batch 1 again.)"""
+    import shutil
+    import subprocess
+    import sys
+
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler: inductor cannot compile on this CPU")
+    folder = tmp_path / "compile-cache"
+
+    def run(phase: str) -> list[str]:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{phase}"),
+               "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, phase, str(folder)],
+                             capture_output=True, text=True, env=env, timeout=500, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stdout.split()
+
+    first = run("first")
+    assert first[first.index("misses") + 1] != "0", first  # it really compiled
+    assert len(list(folder.glob("*.bin"))) == 2, list(folder.iterdir())
+    again = run("restart")
+    assert again[:3] == ["loaded", "2", "2"], again
+    assert again[again.index("misses") + 1] == "0", f"a shape was compiled again: {again}"
+    assert int(again[again.index("hits") + 1]) >= 2, again
 
 
 def test_attaching_keeps_a_half_precision_model_in_half_precision():

@@ -13,7 +13,7 @@ import psutil
 import pytest
 
 from colabswarm.swarm import Swarm
-from colabswarm.swarm.local import start_local_workers
+from colabswarm.swarm.local import detect_gpus, start_local_workers
 from tests.conftest import wait_until
 
 
@@ -37,6 +37,9 @@ def test_two_local_workers_start_serve_crash_restart_and_stop(tmp_path):
         for w in group:  # the token never sits on a world-readable command line
             cmdline = " ".join(psutil.Process(w.pid).cmdline())
             assert "--name" in cmdline and w.token not in cmdline
+            if not detect_gpus():  # CPU workers are never shown a GPU their owner hid
+                visible = psutil.Process(w.pid).environ().get("CUDA_VISIBLE_DEVICES")
+                assert visible == os.environ.get("CUDA_VISIBLE_DEVICES"), visible
 
         os.kill(group[1].pid, signal.SIGKILL)
         wait_until(lambda: group.crashed() == [group[1]], what="crash noticed")
@@ -109,3 +112,13 @@ def test_cli_gpus_flag_starts_one_worker_per_device(tmp_path):
             proc.kill()
             pytest.fail("worker --gpus did not stop on SIGINT")
     wait_until(lambda: _gone(children), timeout=20, what="child workers stopped")
+
+
+@pytest.mark.parametrize("visible, gpus", [("", []), ("-1", []), ("1,3", [1, 3]),
+                                           ("0,-1,2", [0]), (" 2 ", [2])])
+def test_hidden_gpus_stay_hidden(monkeypatch, visible, gpus):
+    """CUDA_VISIBLE_DEVICES is obeyed (nvidia-smi lists every GPU regardless): on a GPU
+    machine with the GPUs hidden, local workers are CPU workers named local0, local1..."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert detect_gpus() == gpus
+

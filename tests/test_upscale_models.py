@@ -205,7 +205,9 @@ def test_a_spandrel_that_does_not_import_is_reported_not_raised(models, tmp_path
             up.import_spandrel()
         (only,) = up.model_files(str(tmp_path))
         assert "einops" in only.problem and "pip install" in only.problem
-        assert not [k for k in sys.modules if k.split(".")[0] in ("spandrel", "torchvision")]
+        assert not [k for k in sys.modules if k.split(".")[0] == "spandrel"]
+        if not up._torchvision_works():  # its placeholders are gone again (a real one stays)
+            assert not [k for k in sys.modules if k.split(".")[0] == "torchvision"]
     finally:
         sys.modules.update(saved)
 

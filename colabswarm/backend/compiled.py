@@ -22,16 +22,24 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   the engine thread takes it without waiting for a job that may run compiled, and runs the job
   eagerly when it cannot (or when the compile thread is waiting for it: compilation comes
   first). A job that changes the UNet (LoRA adapters loaded, switched or unloaded) waits for
-  it: a trace must never see the module change under it. CUDA graphs are recorded while no job
-  runs on the GPU (a second, short lock).
+  it: a trace must never see the module change under it.
+- **CUDA graphs are recorded by the engine thread**, in a shape's first compiled job: torch
+  keeps one graph tree per thread, so graphs recorded by the compile thread would never be
+  replayed by the engine (they only held memory). The compile thread compiles and runs each
+  shape once (no recording). While the engine records, nothing else in the worker calls CUDA:
+  the compile thread is shut out by the lock, freeing memory waits for the engine's lock, and
+  /v1/info reports the GPU memory the engine read last. On a GPU the compile thread then waits
+  for more work rather than ending: a thread's end tears down its torch state at a moment of
+  its own. (A restarted worker died when these overlapped: docs/BENCHMARKS.md.)
 - **LoRAs** run eagerly. A job without LoRAs on a compiled model unloads any adapters first, so
   the compiled graphs (traced without them) apply again and compilation can go on.
 - **Cache.** Inductor's own caches (FX graph, AOTAutograd, Triton kernels) live in
   ``TORCHINDUCTOR_CACHE_DIR`` (set to colabswarm's cache folder unless set already); with a
   torch that has them (2.7+), ``torch.compiler.save_cache_artifacts`` files are written to the
-  owner's compile cache folder (a Drive folder on Colab: one file per run, not thousands of
-  small ones), in a subfolder keyed by GPU, torch, CUDA, Triton, diffusers, model, its
-  configuration, dtype and mode, and loaded back before compiling.
+  owner's compile cache folder (a Drive folder on Colab: one file per compiled shape, not
+  thousands of small ones; ``write_artifacts`` says why never one file rewritten), in a
+  subfolder keyed by GPU, torch, CUDA, Triton, diffusers, model, its configuration, dtype and
+  mode, and all of them loaded back before compiling.
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +77,8 @@ __all__ = [
     "choose_mode",
     "default_cache_dir",
     "native_side",
+    "read_artifacts",
+    "write_artifacts",
 ]
 
 log = logging.getLogger("colabswarm.compiled")
@@ -83,7 +93,6 @@ _AUTO_MIN_CPUS = 4
 _CACHE_FORMAT = 1
 _MAX_CACHE_FILE = 4 << 30  # bytes; a bigger file in the cache folder is not read
 _MAX_CACHE_FILES = 64
-_WARM_STEPS = (1, 2)       # compile + first run; then CUDA graph recording and a replay
 CompileFn = Callable[[Callable[..., Any], str, bool], Callable[..., Any]]
 
 
@@ -417,7 +426,6 @@ class Compiler:
         self.cache_dir = Path(os.path.expanduser(os.fspath(cache_dir))) if cache_dir else None
         self._compile_fn = compile_fn or _torch_compile
         self._lock = threading.Lock()       # compile/warm-up vs compiled calls and UNet changes
-        self._gpu = _Turns()                # a job's GPU work vs the recording of CUDA graphs
         self._want = threading.Event()      # the compile thread waits for _lock: yield it
         self._cv = threading.Condition()
         self._tasks: deque[tuple[int, Shape | None]] = deque()  # (epoch, shape); None: reset
@@ -432,6 +440,9 @@ class Compiler:
         self._closing = False
         self._started_at: float | None = None
         self.calls: Counter[str] = Counter()  # compiled / eager calls, for tests and benches
+        # this process's compile cache files: <run id>-001.bin, -002.bin, ... one per save
+        self._run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._saves = 0
         if self.on:
             self._setup_caches()
 
@@ -550,22 +561,16 @@ class Compiler:
             held = not self._want.is_set() and self._lock.acquire(blocking=False)
             plan = JobPlan(compiled=held)
         try:
-            with self._gpu.engine():
-                self._tls.mode = "run" if plan.compiled else "eager"
-                try:
-                    yield plan
-                finally:
-                    self._tls.mode = None
+            self._tls.mode = "run" if plan.compiled else "eager"
+            try:
+                yield plan
+            finally:
+                self._tls.mode = None
         finally:
             if held:
                 self._lock.release()
             if plan.unload_adapters:
                 self._start_thread()
-
-    def gpu_turn(self) -> Any:
-        """A context for the engine's other GPU work (upscales, freeing memory): it never runs
-        while CUDA graphs are being recorded."""
-        return self._gpu.engine() if self.on else nullcontext()
 
     def info(self) -> CompileInfo:
         if not self.on:
@@ -671,9 +676,10 @@ class Compiler:
         self._start_thread()
 
     def _start_thread(self) -> None:
-        """Start the compile thread if there is work and none runs. It ends when the queue is
-        empty: a thread that ran torch ops and lives on idle keeps its own OpenMP team, which
-        on a CPU made the engine thread's jobs three times slower (bench/diag_compile.py)."""
+        """Start the compile thread if there is work and none runs. On a CPU it ends when the
+        queue is empty: a thread that ran torch ops and lives on idle keeps its own OpenMP
+        team, which made the engine thread's jobs three times slower (bench/diag_compile.py).
+        On a GPU it waits for more work instead (``_stays``)."""
         with self._cv:
             if not self.background or self._closing or not self._tasks:
                 return
@@ -683,9 +689,18 @@ class Compiler:
                 self._thread.start()
 
     # ----- the compile thread ----------------------------------------------------------------
+    def _stays(self) -> bool:
+        """Whether the compile thread waits for more work rather than ending: on a GPU, where
+        a thread's end tears down its CUDA state (graph tree, memory pool) at a moment that
+        may fall in the engine thread's recording of CUDA graphs."""
+        att = self._att
+        return att is not None and getattr(att.unet.device, "type", "cpu") == "cuda"
+
     def _work(self) -> None:
         while True:
             with self._cv:
+                while not self._closing and not self._tasks and self._stays():
+                    self._cv.wait()
                 if self._closing or not self._tasks:
                     self._thread = None
                     return
@@ -745,19 +760,16 @@ class Compiler:
             self._save_cache(att)
 
     def _warm(self, att: _Attached, shape: Shape) -> dict[str, set]:
-        """Compile and warm one shape with the compile thread's own pipeline object: a first
-        call compiles (and runs once), then, while no job runs on the GPU, a second records
-        CUDA graphs and replays them. Returns the input keys the compiled modules saw. The
-        decoder failing leaves it eager (from then on, for this model); the UNet failing
-        fails the shape."""
+        """Compile one shape with the compile thread's own pipeline object: one call of one
+        step compiles it and runs it once (CUDA graphs are the engine thread's to record).
+        Returns the input keys the compiled modules saw. The decoder failing leaves it eager
+        (from then on, for this model); the UNet failing fails the shape."""
         keys: dict[str, set] = {name: set() for name in att.fns}
         self._tls.keys = keys
         try:
-            for i, steps in enumerate(_WARM_STEPS):
-                with self._gpu.recorder() if i else nullcontext():
-                    latents = self._compiling(att, "unet", self._latents, att, shape, steps)
-                    if "decoder" in att.fns and att.decoder_off is None:
-                        self._warm_decoder(att, latents, keys)
+            latents = self._compiling(att, "unet", self._latents, att, shape, 1)
+            if "decoder" in att.fns and att.decoder_off is None:
+                self._warm_decoder(att, latents, keys)
         except Exception as exc:
             if att.fullgraph.get("unet") and _is_graph_break(exc):
                 log.info("the UNet does not compile as one graph here; compiling with breaks")
@@ -879,49 +891,90 @@ class Compiler:
 
     def _load_cache(self, att: _Attached) -> Path | None:
         """Read this model's artifact files (compile thread, before its first shape)."""
-        mega = _mega_cache()
-        if mega is None or self.cache_dir is None:
+        if _mega_cache() is None or self.cache_dir is None:
             return Path()
         folder = self.cache_dir / cache_key(att.model, self.mode, att.pipe)
-        files = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)[-_MAX_CACHE_FILES:]
         t0 = time.perf_counter()
-        loaded = 0
-        for path in files:
-            try:
-                if path.stat().st_size > _MAX_CACHE_FILE:
-                    log.warning("compile cache: %s is too large; skipped", path)
-                    continue
-                mega[1](path.read_bytes())
-                loaded += 1
-            except Exception:  # noqa: BLE001 - a bad file costs a compile, nothing more
-                log.warning("compile cache: could not load %s; compiling instead", path,
-                            exc_info=True)
-        if files:
-            log.info("compile cache: loaded %d of %d files from %s in %.1f s", loaded,
-                     len(files), folder, time.perf_counter() - t0)
+        loaded, found = read_artifacts(folder)
+        if found:
+            log.info("compile cache: loaded %d of %d files from %s in %.1f s", loaded, found,
+                     folder, time.perf_counter() - t0)
         return folder
 
     def _save_cache(self, att: _Attached) -> None:
-        mega = _mega_cache()
         folder = att.cache_dir
-        if mega is None or not folder or folder == Path():
+        if _mega_cache() is None or not folder or folder == Path():
             return
+        self._saves += 1
         try:
-            saved = mega[0]()
-            if not saved:
-                return
-            data = saved[0]
-            folder.mkdir(parents=True, exist_ok=True)
-            run = getattr(self, "_run_file", None)
-            if run is None:
-                run = self._run_file = (f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-"
-                                        f"{secrets.token_hex(3)}.bin")
-            tmp = folder / (run + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / run)
-            log.info("compile cache: wrote %s (%.1f MiB)", folder / run, len(data) / 2**20)
+            path = write_artifacts(folder, f"{self._run_id}-{self._saves:03d}.bin")
         except Exception:  # noqa: BLE001 - the worker runs on without it
             log.warning("compile cache: could not write to %s", folder, exc_info=True)
+            return
+        if path is not None:
+            log.info("compile cache: wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+
+
+def write_artifacts(folder: Path, name: str) -> Path | None:
+    """What torch's compile caches recorded since the last call, as the new file folder/name
+    (written whole or not at all). None when there is nothing to write or this torch has no
+    portable cache.
+
+    One file per call, never one file rewritten: torch (2.13 here, 2.11 on the device) appends
+    every save to one buffer and returns all of it, but reads a file back as one entry per kind
+    of artifact, the last appended (a ``dict`` over the entries). A run file rewritten after
+    each compiled shape therefore gave back only the last shape: a restarted SD 1.5 worker found
+    batch 8 in the cache and compiled batch 1 again (docs/BENCHMARKS.md). After writing, the
+    buffer is emptied so that the next file holds only what is new; torch has no public call
+    for that, so where its private buffer is not found each file is the whole buffer: bigger,
+    but still read back right, since every file of the folder is loaded."""
+    mega = _mega_cache()
+    if mega is None:
+        return None
+    saved = mega[0]()
+    if not saved:
+        return None
+    data = saved[0]
+    _empty_artifact_buffer()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    tmp = folder / (name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
+
+
+def read_artifacts(folder: Path) -> tuple[int, int]:
+    """Load the artifact files of `folder` (the newest ``_MAX_CACHE_FILES``) into torch's
+    caches: (loaded, found). A file that is too large or does not load costs a compile, nothing
+    more."""
+    mega = _mega_cache()
+    if mega is None or not folder.is_dir():
+        return 0, 0
+    files = sorted(folder.glob("*.bin"), key=lambda p: p.stat().st_mtime)[-_MAX_CACHE_FILES:]
+    loaded = 0
+    for path in files:
+        try:
+            if path.stat().st_size > _MAX_CACHE_FILE:
+                log.warning("compile cache: %s is too large; skipped", path)
+                continue
+            mega[1](path.read_bytes())
+            loaded += 1
+        except Exception:  # noqa: BLE001 - a bad file costs a compile, nothing more
+            log.warning("compile cache: could not load %s; compiling instead", path,
+                        exc_info=True)
+    return loaded, len(files)
+
+
+def _empty_artifact_buffer() -> None:
+    """Start torch's artifact buffer afresh after a save (see ``write_artifacts``)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager
+    except ImportError:
+        return
+    buffer = getattr(CacheArtifactManager, "_serializer", None)
+    if buffer is not None and callable(getattr(buffer, "clear", None)):
+        buffer.clear()
 
 
 def _reset_cudagraph_trees() -> None:
@@ -944,50 +997,6 @@ def _quietly(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     finally:
         dlog.set_verbosity(level)
-
-
-class _Turns:
-    """GPU work of the worker (jobs, upscales, freeing memory) and the compile thread's CUDA
-    graph recording take turns: a recording waits for the work that runs, and new work waits
-    for the recording (a few seconds), so the recorder is never starved by back-to-back jobs.
-    Work may nest on one thread (it never waits for itself)."""
-
-    def __init__(self) -> None:
-        self._cv = threading.Condition()
-        self._busy = 0                # GPU work running, on any thread
-        self._recording = False
-        self._waiting = False
-        self._depth = threading.local()
-
-    @contextmanager
-    def engine(self) -> Iterator[None]:
-        depth = getattr(self._depth, "n", 0)
-        with self._cv:
-            while depth == 0 and (self._recording or self._waiting):
-                self._cv.wait()
-            self._busy += 1
-        self._depth.n = depth + 1
-        try:
-            yield
-        finally:
-            self._depth.n = depth
-            with self._cv:
-                self._busy -= 1
-                self._cv.notify_all()
-
-    @contextmanager
-    def recorder(self) -> Iterator[None]:
-        with self._cv:
-            self._waiting = True
-            while self._busy:
-                self._cv.wait()
-            self._waiting, self._recording = False, True
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._recording = False
-                self._cv.notify_all()
 
 
 def _is_graph_break(exc: BaseException) -> bool:

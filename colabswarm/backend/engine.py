@@ -238,6 +238,10 @@ class Engine:
         # source, and the big image is made once per worker, not once per job
         self._upscaled: OrderedDict[tuple, Image.Image] = OrderedDict()
         self.step_seconds_per_mpix: float | None = None
+        # the GPU's name and memory, read on the engine's thread (load, after each job), never
+        # by /v1/info's thread: a CUDA call from another thread while the engine records CUDA
+        # graphs can break the recording (docs/ARCHITECTURE.md, "The compiled fast path")
+        self._gpu_seen: dict[str, Any] = {}
 
     # ----- what this engine offers -------------------------------------------------------
     @property
@@ -297,18 +301,22 @@ class Engine:
         return next((m.problem for m in model_files(self.upscalers_dir) if m.name == name), None)
 
     def device_info(self) -> dict[str, Any]:
+        """The device, and the GPU's name and memory as last read by the engine's thread (any
+        thread may ask; no CUDA call is made here)."""
+        return {"device": self.device, "gpu_name": None, **self._gpu_seen}
+
+    def _read_gpu(self) -> None:
+        """Read the GPU's name and free memory (the engine's thread, between GPU calls)."""
+        if not self.device.startswith("cuda"):
+            return
         import torch
 
-        info: dict[str, Any] = {"device": self.device, "gpu_name": None}
-        if self.device.startswith("cuda") and torch.cuda.is_available():
-            idx = torch.cuda.current_device()
-            free, total = torch.cuda.mem_get_info(idx)
-            info.update(
-                gpu_name=torch.cuda.get_device_name(idx),
-                gpu_memory_total=int(total),
-                gpu_memory_free=int(free),
-            )
-        return info
+        if not torch.cuda.is_available():
+            return
+        idx = torch.cuda.current_device()
+        free, total = torch.cuda.mem_get_info(idx)
+        self._gpu_seen = {"gpu_name": torch.cuda.get_device_name(idx),
+                          "gpu_memory_total": int(total), "gpu_memory_free": int(free)}
 
     # ----- loading -----------------------------------------------------------------------
     def _source_for(self, name: str | None) -> ModelSource:
@@ -355,6 +363,7 @@ class Engine:
             log.info("loaded %s (%s) in %.1fs on %s", src.name, src.kind,
                      time.perf_counter() - t0, self.device)
             loaded = self._loaded
+            self._read_gpu()
             self._compiler.attach(txt2img, src.name, lambda: bool(loaded.adapters))
             return src.name
 
@@ -437,11 +446,12 @@ class Engine:
         """Give cached GPU memory back (after a model swap or on request)."""
         import torch
 
-        self._upscaled.clear()
-        gc.collect()
-        if torch.cuda.is_available():
-            with self._compiler.gpu_turn():  # never while CUDA graphs are being recorded
+        with self._lock:  # never during a job: it may be recording CUDA graphs
+            self._upscaled.clear()
+            gc.collect()
+            if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+                self._read_gpu()
 
     # ----- running -----------------------------------------------------------------------
     def run(
@@ -459,8 +469,7 @@ class Engine:
                 raise InvalidRequest(f"{req.kind} needs 1 or {n} init images, got {len(inits)}.")
             inits = inits * n if len(inits) == 1 else inits
         if req.kind == "upscale":
-            with self._compiler.gpu_turn():
-                return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
+            return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
         import torch
 
         self.load(req.model)
@@ -487,8 +496,7 @@ class Engine:
         if req.kind == "img2img":
             size = (req.width, req.height)
             if req.crops:
-                with self._compiler.gpu_turn():
-                    big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
+                big = self.upscaled(inits[0], req.upscaler or "lanczos", req.scale)
                 inits = [crop_edge(big, box) for box in req.crops]
             inits = [im if im.size == size else im.resize(size, Image.Resampling.LANCZOS)
                      for im in inits]
@@ -529,6 +537,7 @@ class Engine:
                                                        p.unload_adapters):
             with torch.inference_mode(), _text_model_alias(pipe):
                 images = pipe(**common, callback_on_step_end=_callback).images
+            self._read_gpu()
         self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)
         return list(images)
 

@@ -33,7 +33,21 @@ _ALL: weakref.WeakSet[LocalWorker] = weakref.WeakSet()
 
 
 def detect_gpus() -> list[int]:
-    """GPU indices on this machine, without importing torch in the controller if possible."""
+    """GPU indices on this machine, without importing torch in the controller if possible.
+    ``CUDA_VISIBLE_DEVICES`` is obeyed: empty or -1 hides every GPU (nvidia-smi lists them all
+    the same), a list of indices keeps those."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        parts = [v.strip() for v in visible.split(",") if v.strip()]
+        # CUDA stops at the first entry that is not a device (-1 included)
+        ids: list[int] = []
+        for v in parts:
+            if not v.isdigit():
+                break
+            ids.append(int(v))
+        if ids or not parts or parts[0] == "-1":
+            return ids
+        # GPU UUIDs or MIG names are not mapped to indices: the machine's GPUs, as below
     if shutil.which("nvidia-smi"):
         try:
             out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
@@ -210,8 +224,11 @@ def start_local_workers(
         # the workers share the host's cores: oversubscribed OpenMP threads spin and crawl
         # (CPU workers), or steal time from the Python threads that launch GPU kernels
         worker_env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(ids))))
+    # with no GPU to be seen, indices start CPU workers: pinning one to CUDA_VISIBLE_DEVICES=g
+    # would show it a GPU its owner hid
     workers = [
-        LocalWorker(g, models, f"gpu{g}" if g is not None and has_gpu else f"local{i}",
+        LocalWorker(g if has_gpu else None, models,
+                    f"gpu{g}" if g is not None and has_gpu else f"local{i}",
                     extra_args=tuple(extra_args), env=worker_env)
         for i, g in enumerate(ids)
     ]
