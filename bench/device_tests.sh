@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
 # The whole test suite on a device machine's CPU, its GPUs hidden: the suite as CI would run it
 # on another x86 processor (issue 12: "green on a machine whose CPU differs from yours"). The
-# device image has torch and part of what the tests need; the rest travels as wheels in .twhl
-# (docs/BENCHMARKS.md, "The test suite on another CPU", says how they are fetched). Usage on
-# the device (kind nvidia-h200 or nvidia-h200-x2, carry [".twhl"]):
+# device image has torch and part of what the tests need; the rest travels as wheels in .twhl,
+# fetched here once (the repository root; .twhl is git-ignored through .git/info/exclude):
+#
+#   echo /.twhl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64 \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+#     --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 \
+#     -d .twhl -r bench/device_test_wheels.txt
+#
+# Usage on the device (kind nvidia-h200 or nvidia-h200-x2, carry [".twhl"]):
 #
 #   bash bench/device_tests.sh $OUT [pytest arguments, e.g. -n 8 or a list of test files]
 #
@@ -19,15 +28,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 3
 lscpu > "$out/lscpu.txt"
 grep -E '^(Model name|CPU\(s\)|Vendor ID)' "$out/lscpu.txt"
-work="$PWD/.work"
-rm -rf "$work/pytest"
-mkdir -p "$work/tmp" "$work/ipython" "$work/jupyter/config" "$work/jupyter/data" \
-         "$work/jupyter/runtime" "$work/xdg" "$work/cache"
-export TMPDIR="$work/tmp" IPYTHONDIR="$work/ipython" XDG_CONFIG_HOME="$work/xdg" \
-       JUPYTER_CONFIG_DIR="$work/jupyter/config" JUPYTER_DATA_DIR="$work/jupyter/data" \
-       JUPYTER_RUNTIME_DIR="$work/jupyter/runtime" COLABSWARM_CACHE="$work/cache" \
-       MPLCONFIGDIR="$work/tmp" PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
-       CUDA_VISIBLE_DEVICES=""
+source scripts/test_env.sh
+export PYTHONUNBUFFERED=1 CUDA_VISIBLE_DEVICES=""
 python3 -c "import torch, diffusers, sys; print('python', sys.version.split()[0], '| torch', \
 torch.__version__, '| diffusers', diffusers.__version__, '| cuda visible:', \
 torch.cuda.is_available())"
