@@ -935,12 +935,12 @@ def write_artifacts(folder: Path, name: str) -> Path | None:
     if not saved:
         return None
     data = saved[0]
-    _empty_artifact_buffer()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     tmp = folder / (name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
+    _empty_artifact_buffer()  # only once written: a failed write leaves it for the next file
     return path
 
 
