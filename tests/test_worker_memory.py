@@ -40,3 +40,46 @@ def test_memory_is_flat_over_200_jobs(spawn):
           f"({growth_mb:+.1f} MB)")
     assert asyncio.run(held()) == 0
     assert growth_mb < 20, f"worker memory grew by {growth_mb:.1f} MB over 200 jobs"
+
+
+def test_free_during_a_job_answers_at_once_and_frees_right_after_it():
+    """/v1/free never runs during a job (it may be recording CUDA graphs): asked for during
+    one, it answers at once that it will free after it, and does."""
+    import json
+    import threading
+    import time
+
+    from colabswarm.backend.serve import start_worker
+
+    handle = start_worker("tiny", name="free")
+    try:
+        engine = handle.worker.engine
+        inside, go_on = threading.Event(), threading.Event()
+
+        def on_step(step: int, total: int) -> None:
+            if step == 1:
+                inside.set()
+                assert go_on.wait(30), "the test never let the job go on"
+
+        req = JobRequest(prompt="free me", width=64, height=64, steps=3, seeds=[1])
+        job = threading.Thread(target=engine.run, args=(req,), kwargs={"on_step": on_step})
+        job.start()
+        assert inside.wait(30), "the job never started"
+        engine._upscaled[("marker",)] = None  # something free() drops
+        t0 = time.monotonic()
+
+        async def free() -> dict:
+            async with WorkerClient(handle.share) as c:  # the route's answer, as sent
+                return json.loads((await c._request("POST", "/free")).body)
+
+        answer = asyncio.run(free())
+        assert time.monotonic() - t0 < 10, "free waited for the job"
+        assert answer == {"freed": False}, answer
+        assert ("marker",) in engine._upscaled, "freed during the job"
+        go_on.set()
+        job.join(30)
+        assert not job.is_alive()
+        assert ("marker",) not in engine._upscaled, "not freed after the job"
+        assert asyncio.run(free()) == {"freed": True}
+    finally:
+        handle.stop()

@@ -443,6 +443,7 @@ class Compiler:
         # this process's compile cache files: <run id>-001.bin, -002.bin, ... one per save
         self._run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
         self._saves = 0
+        self._adapters_in = False  # the compile thread waits for a job to unload LoRAs
         if self.on:
             self._setup_caches()
 
@@ -535,6 +536,7 @@ class Compiler:
                 self._sizes = []
                 self._tasks.clear()
                 self._tasks.append((self._epoch, None))  # reset dynamo's caches first
+                self._adapters_in = False
                 self._cv.notify_all()
             _reset_cudagraph_trees()  # CUDA graph trees are per thread: this one's, now
         finally:
@@ -570,6 +572,9 @@ class Compiler:
             if held:
                 self._lock.release()
             if plan.unload_adapters:
+                with self._cv:
+                    self._adapters_in = False
+                    self._cv.notify_all()
                 self._start_thread()
 
     def info(self) -> CompileInfo:
@@ -699,7 +704,8 @@ class Compiler:
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._closing and not self._tasks and self._stays():
+                while not self._closing and self._stays() and (
+                        not self._tasks or self._adapters_in):
                     self._cv.wait()
                 if self._closing or not self._tasks:
                     self._thread = None
@@ -717,11 +723,14 @@ class Compiler:
                     continue  # a model swapped out meanwhile
                 if att.has_adapters():
                     # LoRA adapters are in the UNet: compile once a plain job has unloaded them
-                    # (that job starts the thread again)
+                    # (that job starts the thread again, or on a GPU wakes it)
                     with self._cv:
                         self._tasks.appendleft((epoch, shape))
-                        self._thread = None
-                    return
+                        if not self._stays():
+                            self._thread = None
+                            return
+                        self._adapters_in = True
+                    continue
                 self._compile_shape(att, shape)
             except Exception:  # noqa: BLE001 - the thread must live on; the shape is marked
                 log.exception("compile thread: unexpected error")
@@ -748,16 +757,16 @@ class Compiler:
             self._free_after_failure()
             return
         seconds = time.perf_counter() - t0
+        hits2, misses2 = _cache_counts()
+        log.info("compiled %s in %.1f s%s", shape, seconds,
+                 " (from the cache)" if hits2 > hits and misses2 == misses else "")
+        if misses2 > misses:  # written before "ready": a worker stopped then keeps the shape
+            self._save_cache(att)
         for name, found in keys.items():
             att.ready_keys[name] = att.ready_keys[name] | frozenset(found)
         with self._cv:
             self._status[shape] = "ready"
             self._seconds[shape] = round(seconds, 2)
-        hits2, misses2 = _cache_counts()
-        log.info("compiled %s in %.1f s%s", shape, seconds,
-                 " (from the cache)" if hits2 > hits and misses2 == misses else "")
-        if misses2 > misses:
-            self._save_cache(att)
 
     def _warm(self, att: _Attached, shape: Shape) -> dict[str, set]:
         """Compile one shape with the compile thread's own pipeline object: one call of one

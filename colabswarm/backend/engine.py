@@ -242,6 +242,8 @@ class Engine:
         # by /v1/info's thread: a CUDA call from another thread while the engine records CUDA
         # graphs can break the recording (docs/ARCHITECTURE.md, "The compiled fast path")
         self._gpu_seen: dict[str, Any] = {}
+        self._free_pending = False  # /v1/free came during a job: free after it
+        self._read_gpu()  # no engine thread yet: the GPU's name shows before a model loads
 
     # ----- what this engine offers -------------------------------------------------------
     @property
@@ -306,7 +308,8 @@ class Engine:
         return {"device": self.device, "gpu_name": None, **self._gpu_seen}
 
     def _read_gpu(self) -> None:
-        """Read the GPU's name and free memory (the engine's thread, between GPU calls)."""
+        """Read the GPU's name and free memory (with the engine's lock held, or before any
+        job can run: never while a job may be recording CUDA graphs)."""
         if not self.device.startswith("cuda"):
             return
         import torch
@@ -442,16 +445,29 @@ class Engine:
         self._note_speed(seconds, steps * side * side / 1e6)
         log.info("warm-up: %.3f s per step at %dx%d", seconds / steps, side, side)
 
-    def free(self) -> None:
-        """Give cached GPU memory back (after a model swap or on request)."""
+    def free(self) -> bool:
+        """Give cached GPU memory back (after a model swap or on request). Never during a job
+        (it may be recording CUDA graphs, or reading the upscaled images): with one in flight,
+        the engine frees right after it and this returns False at once."""
+        if not self._lock.acquire(blocking=False):
+            self._free_pending = True
+            return False
+        try:
+            self._free_now()
+        finally:
+            self._lock.release()
+        return True
+
+    def _free_now(self) -> None:
+        """free() with the engine's lock held."""
         import torch
 
-        with self._lock:  # never during a job: it may be recording CUDA graphs
-            self._upscaled.clear()
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-                self._read_gpu()
+        self._free_pending = False
+        self._upscaled.clear()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+            self._read_gpu()
 
     # ----- running -----------------------------------------------------------------------
     def run(
@@ -461,7 +477,18 @@ class Engine:
         on_step: ProgressFn | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> list[Image.Image]:
-        """Run one job; raises Interrupted if should_stop() turns true between steps."""
+        """Run one job; raises Interrupted if should_stop() turns true between steps. The
+        engine's lock is held throughout (a free() asked for meanwhile happens after it)."""
+        with self._lock:
+            try:
+                return self._run(req, init_images, on_step, should_stop)
+            finally:
+                if self._free_pending:
+                    self._free_now()
+
+    def _run(self, req: JobRequest, init_images: list[Image.Image] | None,
+             on_step: ProgressFn | None, should_stop: Callable[[], bool] | None,
+             ) -> list[Image.Image]:
         n = len(req.seeds)
         inits = list(init_images or [])
         if req.kind != "txt2img":

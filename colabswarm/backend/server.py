@@ -139,7 +139,7 @@ class Interrupted(BaseModel):
 
 
 class Freed(BaseModel):
-    freed: bool
+    freed: bool  # False: a job was in flight; the worker frees right after it
 
 
 class Revoked(BaseModel):
@@ -834,9 +834,10 @@ def create_app(worker: WorkerApp) -> Any:
     @app.post(f"{API_PREFIX}/free", response_model=Freed, responses=_errors(403))
     async def free(request: Request) -> Freed:
         owner_only(request, "free the GPU's memory")
-        await asyncio.to_thread(worker.engine.free)
-        worker.log.note(logging.INFO, "the owner freed memory")
-        return Freed(freed=True)
+        now = await asyncio.to_thread(worker.engine.free)
+        worker.log.note(logging.INFO, "the owner freed memory" if now else
+                        "the owner asked to free memory: done after the job in flight")
+        return Freed(freed=now)
 
     @app.get(f"{API_PREFIX}/logs", response_model=WorkerLogs, responses=_errors(403, 422))
     async def logs(request: Request, lines: int = Query(

@@ -205,14 +205,16 @@ def start_local_workers(
 ) -> LocalWorkers:
     """One worker process per GPU, started together and registered in GPU order.
 
-    gpus: "all", a count, or indices. On a machine with no GPU, "all" starts one CPU worker and
-    a list starts that many CPU workers (how CI tests the process management).
+    gpus: "all", a count (the first that many GPUs to be seen), or indices (as nvidia-smi numbers
+    them). On a machine with no GPU, "all" starts one CPU worker and a count or a list starts
+    that many CPU workers (how CI tests the process management).
     """
     if gpus == "all":
         found = detect_gpus()
         ids: list[int | None] = list(found) if found else [None]
     elif isinstance(gpus, int):
-        ids = list(range(gpus))
+        found = detect_gpus()  # the first n GPUs to be seen (CUDA_VISIBLE_DEVICES=1,3: 1 and 3)
+        ids = list(found[:gpus]) if len(found) >= gpus else list(range(gpus))
     else:
         ids = [int(g) for g in gpus]
     if not ids:
