@@ -16,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     ValidationError,
     field_validator,
 )
@@ -23,6 +24,7 @@ from pydantic import (
 from .errors import BadShareString, ErrorKind, InvalidRequest
 
 __all__ = [
+    "Freed",
     "API_PREFIX",
     "API_VERSION",
     "BUNDLE_TYPE",
@@ -333,6 +335,16 @@ class UploadResult(BaseModel):
     id: str = Field(pattern=_ID_PATTERN)
     width: int = Field(ge=1, le=65536)
     height: int = Field(ge=1, le=65536)
+
+
+class Freed(BaseModel):
+    """The answer to POST /v1/free."""
+
+    model_config = _WIRE
+
+    # False: a job was in flight (it may be recording CUDA graphs); the worker frees right
+    # after it. Workers before this field's meaning changed always said True.
+    freed: StrictBool
 
 
 WorkerState = Literal["loading", "ready", "error"]

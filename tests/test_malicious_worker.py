@@ -518,3 +518,21 @@ def test_a_worker_name_with_terminal_escapes_is_cleaned_everywhere(tmp_path, hon
     finally:
         swarm.close()
         fake.stop()
+
+
+@pytest.mark.parametrize("body", [b'{"freed": "yes"}', b'{"freed": 1}', b'{}', b'[true]'])
+async def test_a_free_answer_that_is_not_a_yes_or_no_is_misbehaviour(body):
+    """POST /v1/free's answer is one strict boolean: anything else from a worker is named."""
+    from tests.asgiserver import LoopbackServer, read_body, reply
+
+    async def app(scope, receive, send):
+        await read_body(receive)
+        await reply(send, 200, body, "application/json")
+
+    server = LoopbackServer(app, "lying-free").start()
+    try:
+        async with WorkerClient(f"http://127.0.0.1:{server.port}#token={'t' * 32}") as c:
+            with pytest.raises(WorkerMisbehaved, match="malformed Freed"):
+                await c.free()
+    finally:
+        server.stop()

@@ -44,6 +44,7 @@ from ..protocol import (
     KIND_OF_STATUS,
     SKIP_NGROK_WARNING,
     ErrorDetail,
+    Freed,
     GuestGrant,
     GuestLimits,
     Info,
@@ -466,8 +467,10 @@ class WorkerClient:
     async def interrupt(self, job_id: str | None = None) -> None:
         await self._request("POST", f"/jobs/{job_id}/interrupt" if job_id else "/interrupt")
 
-    async def free(self) -> None:
-        await self._request("POST", "/free")
+    async def free(self) -> bool:
+        """Ask the worker to free GPU memory: True if it did, False if it will right after the
+        job in flight."""
+        return bool(self._model(Freed, await self._request("POST", "/free")).freed)
 
     # ----- the owner's routes (a guest token gets Forbidden) -----------------------------------
     async def _owners(self, method: str, path: str, **kw: Any) -> _Answer:

@@ -46,6 +46,7 @@ from ..protocol import (
     KIND_OF_STATUS,
     STATUS_OF_KIND,
     ErrorDetail,
+    Freed,
     GuestGrant,
     GuestLimits,
     Info,
@@ -136,10 +137,6 @@ class Deleted(BaseModel):
 
 class Interrupted(BaseModel):
     interrupted: int
-
-
-class Freed(BaseModel):
-    freed: bool  # False: a job was in flight; the worker frees right after it
 
 
 class Revoked(BaseModel):

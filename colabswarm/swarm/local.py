@@ -209,18 +209,18 @@ def start_local_workers(
     them). On a machine with no GPU, "all" starts one CPU worker and a count or a list starts
     that many CPU workers (how CI tests the process management).
     """
+    found = detect_gpus()  # once: it may run nvidia-smi
     if gpus == "all":
-        found = detect_gpus()
         ids: list[int | None] = list(found) if found else [None]
     elif isinstance(gpus, int):
-        found = detect_gpus()  # the first n GPUs to be seen (CUDA_VISIBLE_DEVICES=1,3: 1 and 3)
+        # the first n GPUs to be seen (CUDA_VISIBLE_DEVICES=1,3: 1 and 3)
         ids = list(found[:gpus]) if len(found) >= gpus else list(range(gpus))
     else:
         ids = [int(g) for g in gpus]
     if not ids:
         raise ColabSwarmError("No GPUs to start workers on; pass gpus=[0] or gpus='all'.")
     models = [model] if isinstance(model, str) else list(model)
-    has_gpu = bool(detect_gpus()) if gpus != "all" else ids != [None]
+    has_gpu = bool(found)
     worker_env = dict(env or {})
     if "OMP_NUM_THREADS" not in os.environ:
         # the workers share the host's cores: oversubscribed OpenMP threads spin and crawl

@@ -55,12 +55,13 @@ class BackendRemote:
         return self.run(self.alog_text(lines))
 
     # ----- GPU -------------------------------------------------------------------------------
-    async def afree(self) -> None:
-        """Ask the worker to free GPU memory (caches, the upscaled sources it keeps)."""
-        await self.arun(self.client.free())
+    async def afree(self) -> bool:
+        """Ask the worker to free GPU memory (caches, the upscaled sources it keeps): True if
+        it did, False if it will right after the job in flight."""
+        return await self.arun(self.client.free())
 
-    def free(self) -> None:
-        self.run(self.afree())
+    def free(self) -> bool:
+        return self.run(self.afree())
 
     async def ainterrupt(self) -> int:
         """Stop every job on the worker, every controller's and guest's; returns how many it

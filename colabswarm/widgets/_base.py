@@ -40,7 +40,6 @@ __all__ = [
     "style_widget",
     "swarm_open",
     "thumbnail_jpeg",
-    "thumbnail_png",
 ]
 
 log = logging.getLogger("colabswarm.widgets")
@@ -302,15 +301,6 @@ def png(image: Image.Image) -> bytes:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return buf.getvalue()
-
-
-def thumbnail_png(image: Image.Image, size: int = 128) -> bytes:
-    """A PNG at most `size` px on its longer side (small images are sent as they are)."""
-    if max(image.size) <= size:
-        return png(image)
-    thumb = image.copy()
-    thumb.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return png(thumb)
 
 
 def thumbnail_jpeg(image: Image.Image, size: int = 128) -> bytes:

@@ -42,6 +42,7 @@ from ._base import (
     error_html,
     muted_html,
     ok_html,
+    png,
     row,
     thumbnail_jpeg,
 )
@@ -352,7 +353,7 @@ class Gallery:
             if e.widget is not None:
                 e.widget.add_class("colabswarm-selected")
         g = e.image
-        data = g.png if g.png is not None else png_bytes(g.image)
+        data = g.png if g.png is not None else png(g.image)
         width = int(g.params.get("width") or 512)
         self.viewer_image.value = data
         self.viewer_image.layout.width = f"{max(256, min(512, width))}px"
@@ -494,9 +495,3 @@ class Gallery:
     def close(self) -> None:
         self._render_soon.stop()
         self.tasks.stop()
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()

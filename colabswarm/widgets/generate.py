@@ -41,13 +41,14 @@ from ._base import (
     full_width,
     muted_html,
     ok_html,
+    png,
     read_uploads,
     row,
     style_widget,
     swarm_open,
     thumbnail_jpeg,
 )
-from .gallery import MAX_INLINE_BYTES, Gallery, png_bytes
+from .gallery import MAX_INLINE_BYTES, Gallery
 from .progress import RunBars, RunInfo, queue_line
 
 __all__ = ["GeneratePanel", "parse_values"]
@@ -610,7 +611,7 @@ class GeneratePanel(Panel):
             self.grid_message.value = error_html(str(fut.exception() or "Cancelled."))
             return
         r = fut.result()
-        data = png_bytes(r.image)
+        data = png(r.image)
         self.grid_image.value = data
         self.grid_image.layout.display = ""
         self.grid_image.layout.width = f"{min(r.image.width, 1024)}px"

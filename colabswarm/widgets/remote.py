@@ -58,11 +58,12 @@ class RemoteControls:
 
     def free(self) -> None:
         try:
-            self._remote().free()
+            now = self._remote().free()
         except (ColabSwarmError, KeyError) as exc:
             self.output.value = error_html(f"Could not free memory: {exc}")
         else:
-            self.output.value = ok_html(f"{self.name} freed its memory.")
+            self.output.value = ok_html(f"{self.name} freed its memory." if now else
+                                        f"{self.name} frees its memory after the job it runs.")
 
     def interrupt(self) -> None:
         try:
