@@ -56,7 +56,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 T0 = time.monotonic()
 _SHARE_RE = re.compile(r"^(https?://\S+#token=[A-Za-z0-9_\-]+)$")
-_SHAPE_RE = re.compile(r"compiled (\d+x\d+ batch \d+) in ([\d.]+) s( \(from the cache\))?")
+_SHAPE_RE = re.compile(
+    r"compiled (\d+x\d+ batch \d+) in ([\d.]+) s( from the cache)?(?: \((.*)\))?")
 _CACHE_RE = re.compile(r"compile cache: (loaded \d+ of \d+ files .* in [\d.]+ s|wrote .*)")
 # seconds, before anything is measured (the H200 figures, rounded up)
 PRIOR_COMPILE_S = {"sd15": {1: 70.0, "more": 100.0}, "sdxl": {1: 130.0, "more": 130.0}}
@@ -116,7 +117,8 @@ class Worker:
         for _, line in self.lines:
             m = _SHAPE_RE.search(line)
             if m:
-                out[m.group(1)] = {"s": float(m.group(2)), "from_cache": bool(m.group(3))}
+                out[m.group(1)] = {"s": float(m.group(2)), "from_cache": bool(m.group(3)),
+                                   "phases": m.group(4) or ""}
         return out
 
     def cache_lines(self) -> list[str]:

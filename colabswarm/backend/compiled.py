@@ -405,6 +405,76 @@ def _cache_counts() -> tuple[int, int]:
             int(ind.get("fxgraph_cache_miss", 0) + aot.get("autograd_cache_miss", 0)))
 
 
+# where a shape's compile time goes: dynamo's own timers (cumulative for the process)
+_PHASES = (("tracing", "bytecode_tracing"), ("AOT", "create_aot_dispatcher_function"),
+           ("inductor", "compile_fx_inner"), ("kernels", "async_compile.wait"))
+
+
+def _compile_timers() -> dict[str, float]:
+    """Dynamo's cumulative compile timers of this process, for the phases in ``_PHASES``
+    (empty where this torch has none)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        names, values = compile_times(repr="csv", aggregate=True)
+        got = dict(zip(names, values, strict=False))
+    except Exception:  # noqa: BLE001 - a diagnostic only
+        return {}
+    out: dict[str, float] = {}
+    for label, key in _PHASES:
+        try:
+            out[label] = float(got.get(key, 0.0))
+        except (TypeError, ValueError):
+            continue
+    return out
+
+
+def _phase_text(before: dict[str, float], after: dict[str, float]) -> str:
+    parts = [f"{label} {after[label] - before.get(label, 0.0):.1f} s"
+             for label, _ in _PHASES if label in after]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+# A torch bug this keeps away: with a CUDA build of torch and no GPU visible (a CPU machine
+# with CUDA torch; CUDA_VISIBLE_DEVICES=""), dynamo's FakeTensorMode swaps the CUDA device
+# guard for a no-op one that the *calling thread* owns (a thread_local in c10's
+# ensureCUDADeviceGuardSet) and puts it in the process-wide registry. When that thread ends,
+# the registry points at freed memory, and the next thread that traces dies with a
+# segmentation fault. On a CPU the compile thread ends whenever its queue is empty, so the
+# second compile thread of a worker (a new size, a second model) crashed the whole process
+# (bench/diag_fake_guard.py shows it). A thread that lives as long as the process sets the
+# guard first; FakeTensorMode then finds it set and swaps nothing.
+_guard_keeper: threading.Thread | None = None
+_guard_lock = threading.Lock()
+
+
+def _keep_cuda_guard() -> None:
+    """Set the no-op CUDA device guard from a thread that never ends (once per process),
+    where a CUDA build of torch sees no GPU. Nothing to do where torch sees a GPU."""
+    global _guard_keeper
+    import torch
+
+    ensure = getattr(torch._C, "_ensureCUDADeviceGuardSet", None)
+    if ensure is None or torch.cuda.is_available():
+        return
+    with _guard_lock:
+        if _guard_keeper is not None:
+            return
+        done = threading.Event()
+
+        def keep() -> None:
+            try:
+                ensure()
+            finally:
+                done.set()
+            threading.Event().wait()  # lives, idle, as long as the process
+
+        _guard_keeper = threading.Thread(target=keep, name="colabswarm-cuda-guard",
+                                         daemon=True)
+        _guard_keeper.start()
+        done.wait()
+
+
 # ----- the compiler ------------------------------------------------------------------------
 class Compiler:
     """One engine's compiled path. ``mode`` is what to run ('off', 'reduce-overhead' or
@@ -689,6 +759,7 @@ class Compiler:
             if not self.background or self._closing or not self._tasks:
                 return
             if self._thread is None or not self._thread.is_alive():
+                _keep_cuda_guard()
                 self._thread = threading.Thread(target=self._work, name="colabswarm-compile",
                                                 daemon=True)
                 self._thread.start()
@@ -744,6 +815,7 @@ class Compiler:
             self._status[shape] = "compiling"
         t0 = time.perf_counter()
         hits, misses = _cache_counts()
+        timers = _compile_timers()
         try:
             keys = self._warm(att, shape)
         except Exception as exc:  # noqa: BLE001 - any failure: that shape stays eager
@@ -758,8 +830,9 @@ class Compiler:
             return
         seconds = time.perf_counter() - t0
         hits2, misses2 = _cache_counts()
-        log.info("compiled %s in %.1f s%s", shape, seconds,
-                 " (from the cache)" if hits2 > hits and misses2 == misses else "")
+        log.info("compiled %s in %.1f s%s%s", shape, seconds,
+                 " from the cache" if hits2 > hits and misses2 == misses else "",
+                 _phase_text(timers, _compile_timers()))
         if misses2 > misses:  # written before "ready": a worker stopped then keeps the shape
             self._save_cache(att)
         for name, found in keys.items():
