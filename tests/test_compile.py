@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -30,13 +31,15 @@ from colabswarm.protocol import CompiledShape, JobRequest, Limits
 from tests.imagecheck import assert_identical, assert_same_picture
 
 COMPILE_THREAD = "colabswarm-compile"
+ENGINE_THREAD = "colabswarm-engine"
 ROOT = Path(__file__).resolve().parent.parent
 
 
 class FakeCompile:
     """A compile_fn for tests. The first call of a compiled function with a new input shape is
     its "compile": it records the thread, waits for `release` and may fail (`fail_on(batch)`,
-    batch = the first input's first dimension). Then it runs the function itself."""
+    batch = the first input's first dimension). Then it runs the function itself. `ran`
+    counts the runs by (thread, function, batch)."""
 
     def __init__(self, fail_on=None, released: bool = False) -> None:
         self.release = threading.Event()
@@ -45,6 +48,7 @@ class FakeCompile:
         self.fail_on = fail_on
         self.compiled_on: list[str] = []
         self.calls = 0
+        self.ran: Counter = Counter()
         self._seen: set = set()
 
     def __call__(self, fn, mode, fullgraph):
@@ -58,6 +62,7 @@ class FakeCompile:
                     raise RuntimeError("fake compiler: this shape does not compile")
                 self._seen.add(key)
             self.calls += 1
+            self.ran[threading.current_thread().name, fn.__qualname__, first.shape[0]] += 1
             return fn(module, *args, **kwargs)
 
         return compiled
@@ -174,6 +179,12 @@ async def test_a_compiling_worker_answers_and_serves_eagerly_then_runs_compiled(
         assert comp.state == "ready", comp
         assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1, 2])]
         assert comp.detail.startswith("2/2 shapes compiled"), comp.detail
+        # before the shapes were listed, and before any job, the engine thread ran each of them
+        # compiled (where a GPU records its CUDA graphs: not in a user's first job)
+        for batch in (1, 2):  # CFG: the UNet sees twice the batch
+            unet = fake.ran[ENGINE_THREAD, "UNet2DConditionModel.forward", 2 * batch]
+            assert unet >= 3, (batch, fake.ran)
+            assert fake.ran[ENGINE_THREAD, "Decoder.forward", batch] >= 1, (batch, fake.ran)
         before = fake.calls
         got = await _run(handle, _req())
         assert fake.calls > before, "a job of a compiled shape runs compiled"

@@ -26,7 +26,11 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
 - **CUDA graphs are recorded by the engine thread**, in a shape's first compiled job: torch
   keeps one graph tree per thread, so graphs recorded by the compile thread would never be
   replayed by the engine (they only held memory). The compile thread compiles and runs each
-  shape once (no recording). While the engine records, nothing else in the worker calls CUDA:
+  shape once (no recording). The engine thread then runs each compiled shape once itself
+  (``FIRST_RUN_STEPS`` steps and a decode) between jobs, so that recording the graphs does not
+  fall in a user's job, and only then lists the shape: a shape is ``compiled`` by the compile
+  thread, ``ready`` once the engine ran it (or a job of that shape ran it compiled). While the
+  engine records, nothing else in the worker calls CUDA:
   the compile thread is shut out by the lock, freeing memory waits for the engine's lock, and
   /v1/info reports the GPU memory the engine read last. On a GPU the compile thread then waits
   for more work rather than ending: a thread's end tears down its torch state at a moment of
@@ -93,6 +97,9 @@ _AUTO_MIN_CPUS = 4
 _CACHE_FORMAT = 1
 _MAX_CACHE_FILE = 4 << 30  # bytes; a bigger file in the cache folder is not read
 _MAX_CACHE_FILES = 64
+FIRST_RUN_STEPS = 3        # a shape's first run on the engine thread: CUDA graph trees warm up
+                           # a function once, record it on the next call, then replay it
+IDLE_POLL_S = 0.2          # how soon an idle engine asks again while shapes are on their way
 CompileFn = Callable[[Callable[..., Any], str, bool], Callable[..., Any]]
 
 
@@ -273,6 +280,7 @@ class _Attached:
     run_only: dict[str, Any] = field(default_factory=dict)
     fullgraph: dict[str, bool] = field(default_factory=dict)
     ready_keys: dict[str, frozenset] = field(default_factory=dict)
+    shape_keys: dict[Any, dict[str, frozenset]] = field(default_factory=dict)  # per Shape
     cache_dir: Path | None = None
     decoder_off: str | None = None   # why the decoder stays eager
 
@@ -585,6 +593,31 @@ class Compiler:
                     self._reset()
                 elif self._att is not None and epoch == self._epoch:
                     self._compile_shape(self._att, shape)
+                    if self._status.get(shape) == "compiled":
+                        self._first_run(self._att, shape)
+
+    def settle(self) -> float | None:
+        """Between jobs, on the engine thread: run one compiled shape that the engine has not
+        run yet (its CUDA graphs are recorded then, not in a user's job) and list it. Returns
+        when to call again: 0 when another may be waiting, ``IDLE_POLL_S`` while shapes are
+        still being compiled or the compile thread holds the lock, None when nothing is left
+        to do."""
+        att = self._att
+        if not self.on or att is None:
+            return None
+        with self._cv:
+            shape = next((s for s, st in self._status.items() if st == "compiled"), None)
+            busy = any(st in ("pending", "compiling") for st in self._status.values())
+        if shape is None:
+            return IDLE_POLL_S if busy and self.background else None
+        if self._want.is_set() or not self._lock.acquire(blocking=False):
+            return IDLE_POLL_S  # compilation comes first
+        try:
+            if att is self._att and att.epoch == self._epoch:
+                self._first_run(att, shape)
+        finally:
+            self._lock.release()
+        return 0.0
 
     def detach(self) -> None:
         """The model is being swapped out (engine thread): back to eager modules; compiled
@@ -638,6 +671,11 @@ class Compiler:
                 yield plan
             finally:
                 self._tls.mode = None
+            if plan.compiled:  # the engine ran this shape compiled: it is ready to be listed
+                with self._cv:
+                    shape = Shape(width, height, images)
+                    if self._status.get(shape) == "compiled":
+                        self._status[shape] = "ready"
         finally:
             if held:
                 self._lock.release()
@@ -668,8 +706,10 @@ class Compiler:
             state, detail = "compiling", "waiting for the model to load"
         elif finished < total:
             now = next((s for s, st in status.items() if st == "compiling"), None)
+            first = next((s for s, st in status.items() if st == "compiled"), None)
             state = "compiling"
-            detail = f"compiling {finished}/{total} shapes" + (f" (now {now})" if now else "")
+            detail = f"compiling {finished}/{total} shapes" + (
+                f" (now {now})" if now else f" (first run of {first})" if first else "")
         elif shapes:
             state = "ready"
             secs = round(time.monotonic() - (self._started_at or time.monotonic()))
@@ -837,9 +877,47 @@ class Compiler:
             self._save_cache(att)
         for name, found in keys.items():
             att.ready_keys[name] = att.ready_keys[name] | frozenset(found)
+        att.shape_keys[shape] = {name: frozenset(found) for name, found in keys.items()}
         with self._cv:
-            self._status[shape] = "ready"
+            if self._status.get(shape) == "compiling":
+                self._status[shape] = "compiled"
             self._seconds[shape] = round(seconds, 2)
+
+    def _first_run(self, att: _Attached, shape: Shape) -> None:
+        """The shape's first compiled run on this (the engine's) thread, with the compile lock
+        held: ``FIRST_RUN_STEPS`` UNet calls and a decode, as a job makes them. Then the shape
+        is listed. Should it fail, the shape is dropped (it runs eagerly) and said so."""
+        t0 = time.perf_counter()
+        before = self.calls["compiled"]
+        self._tls.mode = "run"
+        try:
+            latents = self._latents(att, shape, FIRST_RUN_STEPS)
+            if "decoder" in att.fns and att.decoder_off is None:
+                self._decode(att, latents)
+        except Exception as exc:  # noqa: BLE001 - that shape runs eagerly from now on
+            from .jobs import public_error
+
+            why = public_error(exc)
+            log.warning("the first run of %s failed, it runs eagerly: %s", shape, why,
+                        exc_info=True)
+            for name, found in att.shape_keys.pop(shape, {}).items():
+                att.ready_keys[name] = att.ready_keys[name] - found
+            with self._cv:
+                self._status[shape] = "failed"
+                self._errors[shape] = why[:120]
+            self._free_after_failure()
+            return
+        finally:
+            self._tls.mode = None
+        ran = self.calls["compiled"] - before
+        if ran < FIRST_RUN_STEPS:  # its calls did not match the compiled ones: says so
+            log.warning("the first run of %s ran %d of its %d UNet calls compiled", shape, ran,
+                        FIRST_RUN_STEPS)
+        log.info("first run of %s on the engine thread in %.2f s", shape,
+                 time.perf_counter() - t0)
+        with self._cv:
+            if self._status.get(shape) == "compiled":
+                self._status[shape] = "ready"
 
     def _warm(self, att: _Attached, shape: Shape) -> dict[str, set]:
         """Compile one shape with the compile thread's own pipeline object: one call of one

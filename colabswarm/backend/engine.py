@@ -649,6 +649,17 @@ class Engine:
         log.info("loaded LoRA %s in %.2fs", lora.name, time.perf_counter() - t0)
         return adapter
 
+    def idle_work(self) -> float | None:
+        """Between jobs (the engine thread): the compiled path's first run of a shape the
+        compile thread finished, if one waits (``Compiler.settle``). Returns when to ask
+        again, None when nothing is left."""
+        with self._lock:
+            try:
+                return self._compiler.settle()
+            finally:
+                if self._free_pending:
+                    self._free_now()
+
     def compile_info(self) -> Any:
         """What the compiled path has (protocol.CompileInfo), for /v1/info."""
         return self._compiler.info()

@@ -362,19 +362,35 @@ class JobManager:
             except Exception:  # the server reports the load error through /v1/info
                 log.exception("model load failed")
         self.ready.set()
+        idle = getattr(self.runner, "idle_work", None)  # the engine's first runs of shapes
+        again: float | None = 0.0 if idle is not None else None
         while True:
             with self._lock:
                 while not self._queue and not self._closing:
-                    self._lock.wait(timeout=5.0)
+                    if again is not None and again <= 0:
+                        break
+                    self._lock.wait(timeout=5.0 if again is None else again)
                     self._sweep()
+                    if again is not None:
+                        again = 0.0
                 if self._closing:
                     return
-                job = self._queue.pop()
-                job.state = "running"
-                job.started = time.monotonic()
-                self.running = job
-                self._changed(job)
+                job = self._queue.pop() if self._queue else None
+                if job is not None:
+                    job.state = "running"
+                    job.started = time.monotonic()
+                    self.running = job
+                    self._changed(job)
+            if job is None:  # idle: one piece of the engine's own work, outside the lock
+                try:
+                    again = idle()
+                except Exception:  # noqa: BLE001 - the engine thread serves jobs regardless
+                    log.exception("engine idle work failed")
+                    again = None
+                continue
             self._run(job)
+            if idle is not None:
+                again = 0.0
 
     def _run(self, job: Job) -> None:
         """Run one job on the engine; its PNGs are written on the encoder threads while the
