@@ -43,6 +43,7 @@ import gc
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
 STAGES = "raw,dp,split,workers,rawc,upscale,balanced,overhead,sdxl"
 T_START = time.monotonic()
+
+
+_WORKER_LOG_RE = re.compile(r"compil|first run|queued|WARNING|ERROR|Traceback")
 
 
 def log(msg: str) -> None:
@@ -414,7 +418,7 @@ def compile_args(a: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """Worker arguments and environment for --compile (eager workers: --compile off)."""
     if a.compile == "off":
         return ["--compile", "off"], {}
-    args = ["--compile", a.compile, "--compile-batches", a.compile_batches,
+    args = ["-v", "--compile", a.compile, "--compile-batches", a.compile_batches,
             "--compile-cache", str(Path(a.compile_work) / "compile-cache")]
     if a.compile_sizes:
         args += ["--compile-sizes", a.compile_sizes]
@@ -731,6 +735,10 @@ def main(argv: list[str] | None = None) -> int:
                 run.stage("workers", 75, stage_swarm_rows, run, members, True,
                           key="swarm extra")
         finally:
+            # what each worker logged (compiled shapes, first runs, sizes queued, warnings)
+            run.result["worker_logs"] = {
+                w.name: [line for line in list(w.log) if _WORKER_LOG_RE.search(line)][-80:]
+                for w in group}
             group.stop()
     summarise(run)
     run.stage("balanced", 45, stage_balanced, run, folder)

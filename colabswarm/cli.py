@@ -254,6 +254,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True)
     w = sub.add_parser("worker", help="serve a model to the swarm")
+    # also after 'worker' (local workers pass their options there); SUPPRESS: no default that
+    # would overwrite a -v given before the command
+    w.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="log at INFO level")
     w.add_argument("--model", action="append", default=None,
                    help="'tiny', a hub id, a diffusers folder or a .safetensors file; repeatable")
     w.add_argument("--tunnel", choices=["none", "cloudflare", "ngrok"], default="none")
