@@ -13,6 +13,7 @@ code, without inductor's minutes of C++ compilation on this CPU).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -191,6 +192,30 @@ async def test_a_compiling_worker_answers_and_serves_eagerly_then_runs_compiled(
         for a, b in zip(want, got, strict=True):
             assert_identical(a, b, "a compiled job (the fake compiles to the same function)")
         assert set(fake.compiled_on) == {COMPILE_THREAD}, fake.compiled_on
+    finally:
+        handle.stop()
+
+
+async def test_a_busy_worker_still_makes_its_first_runs_and_lists_its_shapes():
+    """The engine makes a shape's first run at job boundaries, also while jobs wait: a worker
+    that a controller keeps busy lists its compiled shapes within a few jobs, not when the
+    stream of jobs stops."""
+    fake = FakeCompile()
+    handle = _compiled_worker(fake, batches=(1, 2))
+    try:
+        async with WorkerClient(handle.share) as c:
+            jobs = [await c.submit(_req(seeds=[s])) for s in range(16)]
+            fake.release.set()
+            deadline = time.monotonic() + 60
+            while not handle.info().compile.shapes:
+                assert time.monotonic() < deadline, handle.info().compile
+                await asyncio.sleep(0.02)
+            waiting = [j.id for j in jobs if (await c.status(j.id)).state == "queued"]
+            assert waiting, "every job had started before the shapes were listed"
+            assert handle.info().compile.shapes == [
+                CompiledShape(width=64, height=64, batches=[1, 2])]
+            for batch in (1, 2):
+                assert fake.ran[ENGINE_THREAD, "UNet2DConditionModel.forward", 2 * batch] >= 3
     finally:
         handle.stop()
 

@@ -381,16 +381,17 @@ class JobManager:
                     job.started = time.monotonic()
                     self.running = job
                     self._changed(job)
-            if job is None:  # idle: one piece of the engine's own work, outside the lock
+            if job is not None:
+                self._run(job)
+            if idle is not None:
+                # one piece of the engine's own work between jobs, outside the lock, also when
+                # jobs are waiting (a compiled shape's first run takes a fraction of a second,
+                # and until it is made the shape is not listed)
                 try:
                     again = idle()
                 except Exception:  # noqa: BLE001 - the engine thread serves jobs regardless
                     log.exception("engine idle work failed")
                     again = None
-                continue
-            self._run(job)
-            if idle is not None:
-                again = 0.0
 
     def _run(self, job: Job) -> None:
         """Run one job on the engine; its PNGs are written on the encoder threads while the
