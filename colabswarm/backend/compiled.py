@@ -29,7 +29,9 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   shape once (no recording). The engine thread then runs each compiled shape once itself
   (``FIRST_RUN_STEPS`` steps and a decode) between jobs, so that recording the graphs does not
   fall in a user's job, and only then lists the shape: a shape is ``compiled`` by the compile
-  thread, ``ready`` once the engine ran it (or a job of that shape ran it compiled). While the
+  thread, ``ready`` once the engine ran it (or a job of that shape made those calls compiled).
+  The compile thread lets a waiting first run go before its next shape, and no first run is made
+  while LoRA adapters are loaded (the graphs were traced without them). While the
   engine records, nothing else in the worker calls CUDA:
   the compile thread is shut out by the lock, freeing memory waits for the engine's lock, and
   /v1/info reports the GPU memory the engine read last. On a GPU the compile thread then waits
@@ -100,6 +102,7 @@ _MAX_CACHE_FILES = 64
 FIRST_RUN_STEPS = 3        # a shape's first run on the engine thread: CUDA graph trees warm up
                            # a function once, record it on the next call, then replay it
 IDLE_POLL_S = 0.2          # how soon an idle engine asks again while shapes are on their way
+ENGINE_TURN_S = 2.0        # how long the compile thread waits for the engine's first run
 CompileFn = Callable[[Callable[..., Any], str, bool], Callable[..., Any]]
 
 
@@ -473,6 +476,9 @@ def _keep_cuda_guard() -> None:
         def keep() -> None:
             try:
                 ensure()
+            except Exception:  # noqa: BLE001 - compiling goes on, unprotected; said so
+                log.warning("could not set the CUDA device guard; a second compile thread may "
+                            "crash this process", exc_info=True)
             finally:
                 done.set()
             threading.Event().wait()  # lives, idle, as long as the process
@@ -603,15 +609,17 @@ class Compiler:
         still being compiled or the compile thread holds the lock, None when nothing is left
         to do."""
         att = self._att
-        if not self.on or att is None:
+        if not self.on or att is None or self._closing:
             return None
         with self._cv:
             shape = next((s for s, st in self._status.items() if st == "compiled"), None)
             busy = any(st in ("pending", "compiling") for st in self._status.values())
         if shape is None:
             return IDLE_POLL_S if busy and self.background else None
-        if self._want.is_set() or not self._lock.acquire(blocking=False):
-            return IDLE_POLL_S  # compilation comes first
+        if att.has_adapters():
+            return IDLE_POLL_S  # traced without them: a plain job unloads them first
+        if not self._lock.acquire(blocking=False):
+            return IDLE_POLL_S
         try:
             if att is self._att and att.epoch == self._epoch:
                 self._first_run(att, shape)
@@ -665,13 +673,15 @@ class Compiler:
         else:
             held = not self._want.is_set() and self._lock.acquire(blocking=False)
             plan = JobPlan(compiled=held)
+        unet_before = self.calls["compiled unet"]
         try:
             self._tls.mode = "run" if plan.compiled else "eager"
             try:
                 yield plan
             finally:
                 self._tls.mode = None
-            if plan.compiled:  # the engine ran this shape compiled: it is ready to be listed
+            if self.calls["compiled unet"] - unet_before >= FIRST_RUN_STEPS:
+                # this job made the shape's first run itself: it is ready to be listed
                 with self._cv:
                     shape = Shape(width, height, images)
                     if self._status.get(shape) == "compiled":
@@ -761,6 +771,7 @@ class Compiler:
                 out = att.fns[name](module, *a, **k)
             elif key in att.ready_keys[name]:
                 calls["compiled"] += 1
+                calls[f"compiled {name}"] += 1
                 out = att.run_only[name](module, *a, **k)
             else:
                 calls["eager"] += 1
@@ -822,6 +833,12 @@ class Compiler:
                     self._thread = None
                     return
                 epoch, shape = self._tasks.popleft()
+            # the engine's first run of the shape just compiled goes before the next shape, so
+            # shapes are listed as they finish (at most ENGINE_TURN_S: a busy engine makes it
+            # at its next job boundary)
+            deadline = time.monotonic() + ENGINE_TURN_S
+            while self._first_run_waits() and time.monotonic() < deadline:
+                time.sleep(0.02)
             self._want.set()
             self._lock.acquire()
             self._want.clear()
@@ -883,17 +900,25 @@ class Compiler:
                 self._status[shape] = "compiled"
             self._seconds[shape] = round(seconds, 2)
 
+    def _first_run_waits(self) -> bool:
+        """Whether a compiled shape waits for the engine's first run, which can be made now
+        (none while LoRA adapters are loaded)."""
+        att = self._att
+        if att is None or self._closing or att.has_adapters():
+            return False
+        with self._cv:
+            return any(st == "compiled" for st in self._status.values())
+
     def _first_run(self, att: _Attached, shape: Shape) -> None:
         """The shape's first compiled run on this (the engine's) thread, with the compile lock
-        held: ``FIRST_RUN_STEPS`` UNet calls and a decode, as a job makes them. Then the shape
-        is listed. Should it fail, the shape is dropped (it runs eagerly) and said so."""
+        held: ``FIRST_RUN_STEPS`` UNet calls as a job makes them (the decoder has no CUDA
+        graphs, so it needs none). Then the shape is listed. Should it fail, the shape is
+        dropped (it runs eagerly) and said so."""
         t0 = time.perf_counter()
-        before = self.calls["compiled"]
+        before = self.calls["compiled unet"]
         self._tls.mode = "run"
         try:
-            latents = self._latents(att, shape, FIRST_RUN_STEPS)
-            if "decoder" in att.fns and att.decoder_off is None:
-                self._decode(att, latents)
+            self._latents(att, shape, FIRST_RUN_STEPS)
         except Exception as exc:  # noqa: BLE001 - that shape runs eagerly from now on
             from .jobs import public_error
 
@@ -909,7 +934,7 @@ class Compiler:
             return
         finally:
             self._tls.mode = None
-        ran = self.calls["compiled"] - before
+        ran = self.calls["compiled unet"] - before
         if ran < FIRST_RUN_STEPS:  # its calls did not match the compiled ones: says so
             log.warning("the first run of %s ran %d of its %d UNet calls compiled", shape, ran,
                         FIRST_RUN_STEPS)
