@@ -27,7 +27,7 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   keeps one graph tree per thread, so graphs recorded by the compile thread would never be
   replayed by the engine (they only held memory). The compile thread compiles and runs each
   shape once (no recording). The engine thread then runs each compiled shape once itself
-  (``FIRST_RUN_STEPS`` steps and a decode) between jobs, so that recording the graphs does not
+  (``FIRST_RUN_STEPS`` UNet steps) between jobs, so that recording the graphs does not
   fall in a user's job, and only then lists the shape: a shape is ``compiled`` by the compile
   thread, ``ready`` once the engine ran it (or a job of that shape made those calls compiled).
   The compile thread lets a waiting first run go before its next shape, and no first run is made
@@ -51,6 +51,7 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
 from __future__ import annotations
 
 import copy
+import enum
 import hashlib
 import json
 import logging
@@ -255,6 +256,29 @@ class Shape:
         return f"{self.width}x{self.height} batch {self.batch}"
 
 
+class ShapeState(enum.Enum):
+    """Where one shape is. ``COMPILED``: the compile thread is done with it; ``READY``: the
+    engine thread has also run it (its CUDA graphs recorded), so it is listed."""
+
+    PENDING = "pending"
+    COMPILING = "compiling"
+    COMPILED = "compiled"
+    READY = "ready"
+    FAILED = "failed"
+
+
+# the moves a shape may make (``Compiler._move``; any other is ignored: a shape that failed or
+# was listed meanwhile stays so)
+_MOVES: dict[ShapeState, frozenset[ShapeState]] = {
+    ShapeState.PENDING: frozenset({ShapeState.COMPILING}),
+    ShapeState.COMPILING: frozenset({ShapeState.COMPILED, ShapeState.FAILED}),
+    ShapeState.COMPILED: frozenset({ShapeState.READY, ShapeState.FAILED}),
+    ShapeState.READY: frozenset(),
+    ShapeState.FAILED: frozenset(),
+}
+_DONE = (ShapeState.READY, ShapeState.FAILED)
+
+
 @dataclass(frozen=True)
 class JobPlan:
     """What the engine does for one job: unload LoRA adapters first (so the compiled graphs
@@ -282,8 +306,19 @@ class _Attached:
     fns: dict[str, Any] = field(default_factory=dict)      # "unet"/"decoder" -> compiled
     run_only: dict[str, Any] = field(default_factory=dict)
     fullgraph: dict[str, bool] = field(default_factory=dict)
-    ready_keys: dict[str, frozenset] = field(default_factory=dict)
+    ready_keys: dict[str, frozenset] = field(default_factory=dict)  # union of shape_keys
     shape_keys: dict[Any, dict[str, frozenset]] = field(default_factory=dict)  # per Shape
+
+    def set_keys(self, shape: Any, keys: dict[str, frozenset] | None) -> None:
+        """A shape's input keys (None: the shape is dropped); ``ready_keys``, which the
+        dispatcher reads on every call, is their union."""
+        if keys is None:
+            self.shape_keys.pop(shape, None)
+        else:
+            self.shape_keys[shape] = keys
+        self.ready_keys = {name: frozenset().union(*(k.get(name, frozenset())
+                                                     for k in self.shape_keys.values()))
+                           for name in self.fns}
     cache_dir: Path | None = None
     decoder_off: str | None = None   # why the decoder stays eager
 
@@ -513,7 +548,7 @@ class Compiler:
         self._want = threading.Event()      # the compile thread waits for _lock: yield it
         self._cv = threading.Condition()
         self._tasks: deque[tuple[int, Shape | None]] = deque()  # (epoch, shape); None: reset
-        self._status: dict[Shape, str] = {}  # pending | compiling | ready | failed
+        self._status: dict[Shape, ShapeState] = {}  # changed by _move alone
         self._errors: dict[Shape, str] = {}
         self._sizes: list[tuple[int, int]] = []
         self._seconds: dict[Shape, float] = {}
@@ -599,7 +634,7 @@ class Compiler:
                     self._reset()
                 elif self._att is not None and epoch == self._epoch:
                     self._compile_shape(self._att, shape)
-                    if self._status.get(shape) == "compiled":
+                    if self._status.get(shape) is ShapeState.COMPILED:
                         self._first_run(self._att, shape)
 
     def settle(self) -> float | None:
@@ -611,13 +646,13 @@ class Compiler:
         att = self._att
         if not self.on or att is None or self._closing:
             return None
-        with self._cv:
-            shape = next((s for s, st in self._status.items() if st == "compiled"), None)
-            busy = any(st in ("pending", "compiling") for st in self._status.values())
+        shape = self._first_run_due()
         if shape is None:
-            return IDLE_POLL_S if busy and self.background else None
-        if att.has_adapters():
-            return IDLE_POLL_S  # traced without them: a plain job unloads them first
+            with self._cv:
+                waiting = any(st is not ShapeState.READY and st is not ShapeState.FAILED
+                              for st in self._status.values())
+            # shapes on their way, or a first run kept back while LoRA adapters are in
+            return IDLE_POLL_S if waiting and self.background else None
         if not self._lock.acquire(blocking=False):
             return IDLE_POLL_S
         try:
@@ -682,10 +717,7 @@ class Compiler:
                 self._tls.mode = None
             if self.calls["compiled unet"] - unet_before >= FIRST_RUN_STEPS:
                 # this job made the shape's first run itself: it is ready to be listed
-                with self._cv:
-                    shape = Shape(width, height, images)
-                    if self._status.get(shape) == "compiled":
-                        self._status[shape] = "ready"
+                self._move(Shape(width, height, images), ShapeState.READY)
         finally:
             if held:
                 self._lock.release()
@@ -705,18 +737,18 @@ class Compiler:
         shapes = []
         for w, h in sizes:
             mine = {s: st for s, st in status.items() if (s.width, s.height) == (w, h)}
-            done = all(st in ("ready", "failed") for st in mine.values())
-            ready = sorted(s.batch for s, st in mine.items() if st == "ready")
+            done = all(st in _DONE for st in mine.values())
+            ready = sorted(s.batch for s, st in mine.items() if st is ShapeState.READY)
             if mine and done and 1 in ready:
                 shapes.append(CompiledShape(width=w, height=h, batches=ready))
         total = len(status)
-        finished = sum(st in ("ready", "failed") for st in status.values())
-        failed = [s for s, st in status.items() if st == "failed"]
+        finished = sum(st in _DONE for st in status.values())
+        failed = [s for s, st in status.items() if st is ShapeState.FAILED]
         if self._att is None:
             state, detail = "compiling", "waiting for the model to load"
         elif finished < total:
-            now = next((s for s, st in status.items() if st == "compiling"), None)
-            first = next((s for s, st in status.items() if st == "compiled"), None)
+            now = next((s for s, st in status.items() if st is ShapeState.COMPILING), None)
+            first = next((s for s, st in status.items() if st is ShapeState.COMPILED), None)
             state = "compiling"
             detail = f"compiling {finished}/{total} shapes" + (
                 f" (now {now})" if now else f" (first run of {first})" if first else "")
@@ -796,7 +828,7 @@ class Compiler:
             self._sizes.append((width, height))
             for b in self.batches:
                 shape = Shape(width, height, b)
-                self._status[shape] = "pending"
+                self._status[shape] = ShapeState.PENDING  # a new entry
                 self._tasks.append((self._epoch, shape))
             self._cv.notify_all()
         self._start_thread()
@@ -836,9 +868,8 @@ class Compiler:
             # the engine's first run of the shape just compiled goes before the next shape, so
             # shapes are listed as they finish (at most ENGINE_TURN_S: a busy engine makes it
             # at its next job boundary)
-            deadline = time.monotonic() + ENGINE_TURN_S
-            while self._first_run_waits() and time.monotonic() < deadline:
-                time.sleep(0.02)
+            with self._cv:
+                self._cv.wait_for(lambda: self._first_run_due() is None, ENGINE_TURN_S)
             self._want.set()
             self._lock.acquire()
             self._want.clear()
@@ -868,8 +899,7 @@ class Compiler:
     def _compile_shape(self, att: _Attached, shape: Shape) -> None:
         if att.cache_dir is None:
             att.cache_dir = self._load_cache(att)
-        with self._cv:
-            self._status[shape] = "compiling"
+        self._move(shape, ShapeState.COMPILING)
         t0 = time.perf_counter()
         hits, misses = _cache_counts()
         timers = _compile_timers()
@@ -880,9 +910,7 @@ class Compiler:
 
             why = public_error(exc)
             log.warning("compile of %s failed, it runs eagerly: %s", shape, why, exc_info=True)
-            with self._cv:
-                self._status[shape] = "failed"
-                self._errors[shape] = why[:120]
+            self._move(shape, ShapeState.FAILED, why)
             self._free_after_failure()
             return
         seconds = time.perf_counter() - t0
@@ -892,22 +920,33 @@ class Compiler:
                  _phase_text(timers, _compile_timers()))
         if misses2 > misses:  # written before "ready": a worker stopped then keeps the shape
             self._save_cache(att)
-        for name, found in keys.items():
-            att.ready_keys[name] = att.ready_keys[name] | frozenset(found)
-        att.shape_keys[shape] = {name: frozenset(found) for name, found in keys.items()}
+        att.set_keys(shape, {name: frozenset(found) for name, found in keys.items()})
         with self._cv:
-            if self._status.get(shape) == "compiling":
-                self._status[shape] = "compiled"
             self._seconds[shape] = round(seconds, 2)
+        self._move(shape, ShapeState.COMPILED)
 
-    def _first_run_waits(self) -> bool:
-        """Whether a compiled shape waits for the engine's first run, which can be made now
-        (none while LoRA adapters are loaded)."""
+    def _move(self, shape: Shape, to: ShapeState, why: str = "") -> bool:
+        """The one place a shape's state changes, by ``_MOVES``; False (and no change) for a
+        move the table does not allow. Wakes whoever waits on the states."""
+        with self._cv:
+            now = self._status.get(shape)
+            if now is None or to not in _MOVES[now]:
+                return False
+            self._status[shape] = to
+            if to is ShapeState.FAILED:
+                self._errors[shape] = why[:120]
+            self._cv.notify_all()
+            return True
+
+    def _first_run_due(self) -> Shape | None:
+        """A shape the compile thread is done with and the engine has not run yet, if its first
+        run can be made now (none while LoRA adapters are loaded)."""
         att = self._att
         if att is None or self._closing or att.has_adapters():
-            return False
+            return None
         with self._cv:
-            return any(st == "compiled" for st in self._status.values())
+            return next((s for s, st in self._status.items() if st is ShapeState.COMPILED),
+                        None)
 
     def _first_run(self, att: _Attached, shape: Shape) -> None:
         """The shape's first compiled run on this (the engine's) thread, with the compile lock
@@ -925,11 +964,8 @@ class Compiler:
             why = public_error(exc)
             log.warning("the first run of %s failed, it runs eagerly: %s", shape, why,
                         exc_info=True)
-            for name, found in att.shape_keys.pop(shape, {}).items():
-                att.ready_keys[name] = att.ready_keys[name] - found
-            with self._cv:
-                self._status[shape] = "failed"
-                self._errors[shape] = why[:120]
+            att.set_keys(shape, None)
+            self._move(shape, ShapeState.FAILED, why)
             self._free_after_failure()
             return
         finally:
@@ -940,9 +976,7 @@ class Compiler:
                         FIRST_RUN_STEPS)
         log.info("first run of %s on the engine thread in %.2f s", shape,
                  time.perf_counter() - t0)
-        with self._cv:
-            if self._status.get(shape) == "compiled":
-                self._status[shape] = "ready"
+        self._move(shape, ShapeState.READY)
 
     def _warm(self, att: _Attached, shape: Shape) -> dict[str, set]:
         """Compile one shape with the compile thread's own pipeline object: one call of one

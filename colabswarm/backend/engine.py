@@ -479,9 +479,16 @@ class Engine:
     ) -> list[Image.Image]:
         """Run one job; raises Interrupted if should_stop() turns true between steps. The
         engine's lock is held throughout (a free() asked for meanwhile happens after it)."""
+        with self._turn():
+            return self._run(req, init_images, on_step, should_stop)
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        """The engine's lock for a piece of its GPU work (a job, a first run); a free() asked
+        for meanwhile happens right after it."""
         with self._lock:
             try:
-                return self._run(req, init_images, on_step, should_stop)
+                yield
             finally:
                 if self._free_pending:
                     self._free_now()
@@ -653,12 +660,8 @@ class Engine:
         """Between jobs (the engine thread): the compiled path's first run of a shape the
         compile thread finished, if one waits (``Compiler.settle``). Returns when to ask
         again, None when nothing is left."""
-        with self._lock:
-            try:
-                return self._compiler.settle()
-            finally:
-                if self._free_pending:
-                    self._free_now()
+        with self._turn():
+            return self._compiler.settle()
 
     def compile_info(self) -> Any:
         """What the compiled path has (protocol.CompileInfo), for /v1/info."""

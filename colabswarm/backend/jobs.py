@@ -363,16 +363,12 @@ class JobManager:
                 log.exception("model load failed")
         self.ready.set()
         idle = getattr(self.runner, "idle_work", None)  # the engine's first runs of shapes
-        again: float | None = 0.0 if idle is not None else None
+        again: float | None = 0.0 if idle is not None else None  # when to ask idle() again
         while True:
             with self._lock:
-                while not self._queue and not self._closing:
-                    if again is not None and again <= 0:
-                        break
+                if not self._queue and not self._closing and again != 0.0:
                     self._lock.wait(timeout=5.0 if again is None else again)
                     self._sweep()
-                    if again is not None:
-                        again = 0.0
                 if self._closing:
                     return
                 job = self._queue.pop() if self._queue else None
