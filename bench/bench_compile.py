@@ -22,7 +22,12 @@ order, skipping a stage its time budget cannot fit (and saying so in the JSON):
    behind compilation);
 5. ``raw compiled``: the raw loop with the worker's own compiled modules
    (``Compiler(background=False)``, from the cache), the bar for the swarm's compiled rows;
-6. ``default`` (inductor without CUDA graphs), cold, as 3 (the first stage the budget drops).
+6. ``default`` (inductor without CUDA graphs), cold, as 3 (the first stage the budget drops);
+7. ``tuned`` (only when ``--only`` names it): as 5, but cold, with its own compile cache
+   folder and the inductor settings of diffusers' former "Accelerate inference of text-to-image
+   diffusion models" tutorial (``TUNED_INDUCTOR``: 1x1 convolutions as matrix multiplies,
+   coordinate-descent tuning of kernel block sizes, no epilogue fusion), to decide whether the
+   worker should use them: compare its rows with ``raw`` and 5 of the same run.
 
 The parent merges both children's JSON into ``--out``/compile.json and prints a table.
 
@@ -61,6 +66,9 @@ _SHAPE_RE = re.compile(
 _CACHE_RE = re.compile(r"compile cache: (loaded \d+ of \d+ files .* in [\d.]+ s|wrote .*)")
 # seconds, before anything is measured (the issue's H200 figures, rounded up)
 PRIOR_COMPILE_S = {"sd15": {1: 70.0, "more": 100.0}, "sdxl": {1: 130.0, "more": 130.0}}
+# stage 7's inductor settings (torch._inductor.config attributes)
+TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
+                  "epilogue_fusion": False}
 
 
 def log(msg: str) -> None:
@@ -395,14 +403,27 @@ class Child:
             w.stop()
             out["worker_warnings"] = w.warnings()
 
-    def raw_compiled(self, mode: str) -> None:
-        """The raw loop with the worker's compiled modules (same graphs: cache hits)."""
+    def raw_compiled(self, mode: str, *, tuned: bool = False) -> None:
+        """The raw loop with the worker's compiled modules (same graphs: cache hits); with
+        ``tuned``, compiled cold with ``TUNED_INDUCTOR`` into a compile cache of its own."""
         import torch
 
         from bench.bench_multigpu import load_pipe, time_loop
         from colabswarm.backend.compiled import Compiler
 
         a = self.a
+        key = f"raw compiled {mode}" + (" tuned" if tuned else "")
+        cache_dir = a.cache_dir
+        applied: dict[str, Any] = {}
+        if tuned:
+            import torch._inductor.config as icfg
+
+            for name, value in TUNED_INDUCTOR.items():
+                if hasattr(icfg, name):  # inductor's cache keys include its settings
+                    setattr(icfg, name, value)
+                    applied[name] = value
+            cache_dir = Path(a.work) / "compile-cache-tuned"
+            shutil.rmtree(cache_dir, ignore_errors=True)
         # an inductor cache of its own, unless the caller shares one: the compile cache folder
         # (the workers' artifact files) is what makes this a cache hit
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(a.work) / "inductor-raw"))
@@ -410,13 +431,15 @@ class Child:
             os.environ["COLABSWARM_COMPILE_BACKEND"] = "eager"
         pipe = load_pipe(a.model_dir, a.device)
         comp = Compiler(mode, "bench", batches=tuple(a.batches), sizes=((a.size, a.size),),
-                        cache_dir=a.cache_dir, background=False)
+                        cache_dir=cache_dir, background=False)
         t0 = time.perf_counter()
         comp.attach(pipe, Path(a.model_dir).name, lambda: False)
         comp.compile_now()
         out: dict[str, Any] = {"mode": mode, "compile_s": round(time.perf_counter() - t0, 2),
                                "compile": comp.info().model_dump()}
-        self.res["stages"][f"raw compiled {mode}"] = out
+        if tuned:
+            out["inductor"] = applied
+        self.res["stages"][key] = out
 
         class Compiled:  # pipe(...) with this thread's calls going to the compiled shapes
             def __init__(self, pipe: Any, n: int) -> None:
@@ -429,7 +452,7 @@ class Child:
         for b in a.batches:
             n = a.images_b1 if b == 1 else a.images_bn * b
             out[f"b{b}"] = time_loop(Compiled(pipe, b), b, n, a, warm=1, size=a.size)
-            log(f"  raw compiled b{b}: {out[f'b{b}']['img_s']:.3f} img/s")
+            log(f"  {key} b{b}: {out[f'b{b}']['img_s']:.3f} img/s")
         out["calls"] = dict(comp.calls)
         if a.device.startswith("cuda"):
             out["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -465,6 +488,9 @@ class Child:
                                120.0, max(30.0, self.left() - 45)), batches=[1])
             if i == 0 and a.raw_compiled and "rawc" in only:
                 self.stage(f"raw compiled {mode}", 60, self.raw_compiled, mode)
+            if i == 0 and "tuned" in only:
+                self.stage(f"raw compiled {mode} tuned", 1.5 * self.compile_estimate() + 60,
+                           self.raw_compiled, mode, tuned=True)
         self.res["left_s"] = round(self.left(), 1)
         self.save()
 
@@ -587,6 +613,11 @@ def summary(merged: dict[str, Any]) -> dict[str, Any]:
                 if r and c:
                     s[f"{model} {mode} b{b} x raw"] = round(c / r, 2)
                     s[f"{model} {mode} b{b} target {factor}x met"] = c / r >= factor
+        tuned = stages.get("raw compiled reduce-overhead tuned")
+        for b in want:
+            r, c = _img_s(raw, b), _img_s(tuned, b)
+            if r and c:
+                s[f"{model} raw compiled tuned b{b} x raw"] = round(c / r, 2)
         restart = stages.get("reduce-overhead restart", {}).get("compile", {})
         if restart:
             s[f"{model} restart compile s"] = restart.get("compile_s")
@@ -663,7 +694,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda:0", help=argparse.SUPPRESS)
     p.add_argument("--only", default="raw,off,cold,restart,rawc",
                    help="the stages run (e.g. 'cold,restart' for the cache alone; "
-                        "bench_multigpu runs 'rawc' alone)")
+                        "bench_multigpu runs 'rawc' alone; 'raw,tuned' compares the "
+                        "tuned inductor settings with raw diffusers)")
     a = p.parse_args(argv)
     a.models = [m for m in a.models.split(",") if m]
     a.modes = [m for m in a.modes.split(",") if m]

@@ -15,8 +15,10 @@ The backend is a stand-in that records each graph and returns zeros of the UNet'
 shape, so nothing is compiled or computed: each call's time is dynamo's (tracing, guards).
 Small latents (``--latent``, 16 = 128 px) keep it quick; the graph does not depend on them.
 Prints one line per call and the recompile reasons dynamo logs; ``--json`` writes them.
+``--device cuda`` traces the fp16 UNet on the GPU, as a worker does (a guard may come from a
+device's own attention path).
 
-    python -m bench.diag_trace [--latent 16] [--json FILE]
+    python -m bench.diag_trace [--latent 16] [--device cpu|cuda] [--json FILE]
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class _Reasons(logging.Handler):
                 self.lines.append(line[:300])
 
 
-def measure(mode: str, latent: int) -> dict[str, Any]:
+def measure(mode: str, latent: int, device: str = "cpu") -> dict[str, Any]:
     import torch
     import torch._logging
     from diffusers import UNet2DConditionModel
@@ -59,7 +61,8 @@ def measure(mode: str, latent: int) -> dict[str, Any]:
     reasons = _Reasons()
     logging.getLogger("torch._dynamo").addHandler(reasons)
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**sd15_configs(518)["unet"]).eval()
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    unet = UNet2DConditionModel(**sd15_configs(518)["unet"]).eval().to(device, dtype)
     graphs: list[int] = []
 
     def backend(gm: Any, example_inputs: Any) -> Any:
@@ -75,18 +78,18 @@ def measure(mode: str, latent: int) -> dict[str, Any]:
     calls = []
     try:
         for b in BATCHES:
-            x = torch.randn(b, 4, latent, latent)
-            enc = torch.randn(b, 77, 768)
+            x = torch.randn(b, 4, latent, latent, device=device, dtype=dtype)
+            enc = torch.randn(b, 77, 768, device=device, dtype=dtype)
             if mode == "dynamic":
                 torch._dynamo.mark_dynamic(x, 0)
                 torch._dynamo.mark_dynamic(enc, 0)
             t0 = time.perf_counter()
             with torch.no_grad():
-                fn(x, torch.tensor(999), enc, return_dict=False)
+                fn(x, torch.tensor(999, device=device), enc, return_dict=False)
             first = time.perf_counter() - t0
             t0 = time.perf_counter()
             with torch.no_grad():
-                fn(x, torch.tensor(999), enc, return_dict=False)
+                fn(x, torch.tensor(999, device=device), enc, return_dict=False)
             again = time.perf_counter() - t0
             row = {"unet_batch": b, "first_s": round(first, 2), "again_s": round(again, 3),
                    "graphs_so_far": len(graphs)}
@@ -103,6 +106,7 @@ def measure(mode: str, latent: int) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--latent", type=int, default=16, help="latent side (16 = 128 px)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda (fp16) as a worker traces")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     import torch
@@ -111,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python -m bench.diag_trace " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
         "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-        "latent": args.latent,
+        "latent": args.latent, "device": args.device,
     }
     for mode in ("static", "dynamic"):
-        out[mode] = measure(mode, args.latent)
+        out[mode] = measure(mode, args.latent, args.device)
         for line in out[mode]["recompile_reasons"]:
             print(f"  recompiled because: {line}")
     if args.json:
