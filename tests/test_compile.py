@@ -29,6 +29,7 @@ from colabswarm.backend.engine import Engine
 from colabswarm.backend.serve import make_engine, start_worker
 from colabswarm.errors import InvalidRequest
 from colabswarm.protocol import CompiledShape, JobRequest, Limits
+from tests.conftest import wait_until
 from tests.imagecheck import assert_identical, assert_same_picture
 
 COMPILE_THREAD = "colabswarm-compile"
@@ -426,6 +427,43 @@ def test_the_compile_cache_is_a_file_per_shape_keyed_by_model_and_all_read_back(
     assert len(loaded) == 2 and len(list(tmp_path.iterdir())) == 2
 
 
+def test_two_workers_sharing_a_cache_folder_keep_one_copy_of_a_shape(tmp_path, monkeypatch):
+    """Two workers on one compile cache folder (two sessions on one Drive folder) compile the
+    same shapes at once; the one that finishes second finds them written meanwhile and writes
+    no second copy. Each stands-in file is named by its shape."""
+    from colabswarm.backend import compiled
+
+    _compile_thread_ends()
+    saves = iter(range(1, 100))
+    misses = iter(range(0, 1000))
+    monkeypatch.setattr(compiled, "_mega_cache", lambda: (
+        lambda: (b"artifacts %d" % next(saves), None), lambda data: None))
+    monkeypatch.setattr(compiled, "_cache_counts", lambda: (0, next(misses)))
+
+    def engine(fake: FakeCompile) -> Engine:
+        return Engine(models=["tiny"], compile="default", compile_batches=(1, 2),
+                      compile_fn=fake, compile_cache=str(tmp_path))
+
+    slow = FakeCompile()  # holds its compile until released
+    second = start_worker(engine=engine(slow), name="second")
+    try:
+        wait_until(lambda: slow.compiled_on, what="the second worker to start compiling")
+        first = start_worker(engine=engine(FakeCompile(released=True)), name="first")
+        try:
+            assert _wait_compiled(first).state == "ready"
+        finally:
+            first.stop()
+        (folder,) = tmp_path.iterdir()
+        names = sorted(p.name for p in folder.glob("*.bin"))
+        assert [n.split("-")[:2] for n in names] == [["64x64", "b1"], ["64x64", "b2"]], names
+        slow.release.set()
+        assert _wait_compiled(second).state == "ready"
+        assert [s.batches for s in second.info().compile.shapes] == [[1, 2]]
+    finally:
+        second.stop()
+    assert sorted(p.name for p in folder.glob("*.bin")) == names, "a second copy was written"
+
+
 _CACHE_SCRIPT = """
 import sys, types
 from pathlib import Path
@@ -433,7 +471,7 @@ from pathlib import Path
 import torch
 from torch._dynamo.utils import counters
 
-from colabswarm.backend.compiled import Compiler, read_artifacts
+from colabswarm.backend.compiled import Compiler, Shape, read_artifacts
 
 folder = Path(sys.argv[2])
 compiler = Compiler("default", background=False)  # the worker's cache settings
@@ -443,7 +481,8 @@ if sys.argv[1] == "restart":
 for rows in (3, 7):  # two shapes; after each, the compile thread's save
     fn(torch.randn(rows, 5))
     if sys.argv[1] == "first":
-        compiler._save_cache(types.SimpleNamespace(cache_dir=folder))
+        compiler._save_cache(types.SimpleNamespace(cache_dir=folder, cache_known=frozenset()),
+                             Shape(rows, 5, 1))
 ind, aot = counters["inductor"], counters["aot_autograd"]
 print("hits", ind["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
       "misses", ind["fxgraph_cache_miss"] + aot["autograd_cache_miss"])

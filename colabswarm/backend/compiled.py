@@ -45,7 +45,9 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   owner's compile cache folder (a Drive folder on Colab: one file per compiled shape, not
   thousands of small ones; ``write_artifacts`` says why never one file rewritten), in a
   subfolder keyed by GPU, torch, CUDA, Triton, diffusers, model, its configuration, dtype and
-  mode, and all of them loaded back before compiling.
+  mode, and all of them loaded back before compiling. A file is named by its shape; where a
+  file of the same shape appeared in the folder after this worker loaded it (another worker
+  sharing the folder finished that shape first), this worker does not write its own copy.
 """
 
 from __future__ import annotations
@@ -320,6 +322,7 @@ class _Attached:
                                                      for k in self.shape_keys.values()))
                            for name in self.fns}
     cache_dir: Path | None = None
+    cache_known: frozenset[str] = frozenset()  # the folder's file names when they were loaded
     decoder_off: str | None = None   # why the decoder stays eager
 
 
@@ -919,7 +922,7 @@ class Compiler:
                  " from the cache" if hits2 > hits and misses2 == misses else "",
                  _phase_text(timers, _compile_timers()))
         if misses2 > misses:  # written before "ready": a worker stopped then keeps the shape
-            self._save_cache(att)
+            self._save_cache(att, shape)
         att.set_keys(shape, {name: frozenset(found) for name, found in keys.items()})
         with self._cv:
             self._seconds[shape] = round(seconds, 2)
@@ -1114,19 +1117,37 @@ class Compiler:
             return Path()
         folder = self.cache_dir / cache_key(att.model, self.mode, att.pipe)
         t0 = time.perf_counter()
+        att.cache_known = frozenset(p.name for p in folder.glob("*.bin")) if folder.is_dir() \
+            else frozenset()
         loaded, found = read_artifacts(folder)
         if found:
             log.info("compile cache: loaded %d of %d files from %s in %.1f s", loaded, found,
                      folder, time.perf_counter() - t0)
         return folder
 
-    def _save_cache(self, att: _Attached) -> None:
+    def _save_cache(self, att: _Attached, shape: Shape) -> None:
+        """What compiling `shape` added to torch's caches, as a new file of the model's cache
+        folder, unless another worker sharing the folder wrote that shape since it was read
+        (both compiled it at once: one copy is enough, and duplicates would push useful files
+        out of the newest ``_MAX_CACHE_FILES``). A file that was there when this worker loaded
+        the folder and still missed is no reason not to write: it did not serve."""
         folder = att.cache_dir
         if _mega_cache() is None or not folder or folder == Path():
             return
+        prefix = f"{shape.width}x{shape.height}-b{shape.batch}-"
+        try:
+            meanwhile = sorted(p.name for p in folder.glob(prefix + "*.bin")
+                               if p.name not in att.cache_known)
+        except OSError:
+            meanwhile = []
+        if meanwhile:
+            _empty_artifact_buffer()  # in a file already: the next file holds what is new
+            log.info("compile cache: %s was written meanwhile by another worker (%s); not "
+                     "written again", shape, meanwhile[0])
+            return
         self._saves += 1
         try:
-            path = write_artifacts(folder, f"{self._run_id}-{self._saves:03d}.bin")
+            path = write_artifacts(folder, f"{prefix}{self._run_id}-{self._saves:03d}.bin")
         except Exception:  # noqa: BLE001 - the worker runs on without it
             log.warning("compile cache: could not write to %s", folder, exc_info=True)
             return
