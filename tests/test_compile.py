@@ -13,7 +13,6 @@ code, without inductor's minutes of C++ compilation on this CPU).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 import time
@@ -208,10 +207,8 @@ async def test_a_busy_worker_still_makes_its_first_runs_and_lists_its_shapes():
         async with WorkerClient(handle.share) as c:
             jobs = [await c.submit(_req(seeds=[s])) for s in range(16)]
             fake.release.set()
-            deadline = time.monotonic() + 60
-            while not handle.info().compile.shapes:
-                assert time.monotonic() < deadline, handle.info().compile
-                await asyncio.sleep(0.02)
+            wait_until(lambda: handle.info().compile.shapes, timeout=60,
+                       what="the shapes to be listed")
             waiting = [j.id for j in jobs if (await c.status(j.id)).state == "queued"]
             assert waiting, "every job had started before the shapes were listed"
             assert handle.info().compile.shapes == [
@@ -228,10 +225,8 @@ def test_a_size_is_listed_once_its_shapes_are_done_while_the_next_size_still_com
     fake = FakeCompile(hold=lambda shape: shape[-1] == 96 // 8)  # 96 px wide: latents of 12
     handle = _compiled_worker(fake, batches=(1,), compile_sizes=((64, 64), (96, 64)))
     try:
-        deadline = time.monotonic() + 60
-        while not handle.info().compile.shapes:
-            assert time.monotonic() < deadline, handle.info().compile
-            time.sleep(0.05)
+        wait_until(lambda: handle.info().compile.shapes, timeout=60,
+                   what="the first size to be listed")
         comp = handle.info().compile
         assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
         assert comp.state == "compiling" and comp.detail.startswith("compiling 1/2"), comp
@@ -240,6 +235,36 @@ def test_a_size_is_listed_once_its_shapes_are_done_while_the_next_size_still_com
                                                                                 (96, 64)]
     finally:
         handle.stop()
+
+
+def test_no_first_run_while_lora_adapters_are_loaded():
+    """A shape's graphs are traced without LoRA adapters: when a LoRA job has loaded adapters
+    after a shape was compiled, the engine makes no first run of it while they are in (it stays
+    unlisted), and makes it once they are unloaded."""
+    from diffusers import AutoPipelineForText2Image
+
+    from colabswarm.backend.compiled import Compiler
+    from colabswarm.backend.tiny import tiny_model_dir
+
+    pipe = AutoPipelineForText2Image.from_pretrained(tiny_model_dir("tiny"))
+    adapters = [False]
+    fake = FakeCompile(released=True)
+    comp = Compiler("default", batches=(1,), compile_fn=fake)
+    comp.attach(pipe, "tiny", lambda: adapters[0])
+    me = threading.current_thread().name  # this test plays the engine thread
+    try:
+        wait_until(lambda: "first run of" in (comp.info().detail or ""), timeout=60,
+                   what="the shape to be compiled")
+        adapters[0] = True  # a LoRA job loaded them
+        assert comp.settle() is not None, "shapes are still on their way"
+        assert comp.info().shapes == [] and comp.info().state == "compiling", comp.info()
+        assert not any(t == me for t, _, _ in fake.ran), fake.ran
+        adapters[0] = False  # the next plain job unloaded them
+        comp.settle()
+        assert [s.batches for s in comp.info().shapes] == [[1]], comp.info()
+        assert fake.ran[me, "UNet2DConditionModel.forward", 2] >= 3, fake.ran
+    finally:
+        comp.close()
 
 
 async def test_a_new_image_size_runs_eagerly_and_is_compiled_in_the_background(eager):
@@ -430,7 +455,7 @@ def test_the_compile_cache_is_a_file_per_shape_keyed_by_model_and_all_read_back(
 def test_two_workers_sharing_a_cache_folder_keep_one_copy_of_a_shape(tmp_path, monkeypatch):
     """Two workers on one compile cache folder (two sessions on one Drive folder) compile the
     same shapes at once; the one that finishes second finds them written meanwhile and writes
-    no second copy. Each stands-in file is named by its shape."""
+    no second copy. Each stand-in file is named by its shape."""
     from colabswarm.backend import compiled
 
     _compile_thread_ends()

@@ -344,7 +344,6 @@ def test_step_progress_moves_before_the_first_image_lands(swarm, workers):
     # The bar may reach the end (all steps made) a moment before the images arrive; what a
     # person must see is a part-filled bar while the batch is still being made.
     assert any(0 < f < 1 for f in early), f"the bar jumped from 0 to full: {early}"
-    assert max(early) <= 1
     panel.close()
 
 

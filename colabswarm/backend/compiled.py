@@ -501,6 +501,8 @@ def _keep_cuda_guard() -> None:
     """Set the no-op CUDA device guard from a thread that never ends (once per process),
     where a CUDA build of torch sees no GPU. Nothing to do where torch sees a GPU."""
     global _guard_keeper
+    if _guard_keeper is not None:  # once per process
+        return
     import torch
 
     ensure = getattr(torch._C, "_ensureCUDADeviceGuardSet", None)
@@ -652,8 +654,7 @@ class Compiler:
         shape = self._first_run_due()
         if shape is None:
             with self._cv:
-                waiting = any(st is not ShapeState.READY and st is not ShapeState.FAILED
-                              for st in self._status.values())
+                waiting = any(st not in _DONE for st in self._status.values())
             # shapes on their way, or a first run kept back while LoRA adapters are in
             return IDLE_POLL_S if waiting and self.background else None
         if not self._lock.acquire(blocking=False):
