@@ -205,12 +205,17 @@ async def test_a_busy_worker_still_makes_its_first_runs_and_lists_its_shapes():
     handle = _compiled_worker(fake, batches=(1, 2))
     try:
         async with WorkerClient(handle.share) as c:
-            jobs = [await c.submit(_req(seeds=[s])) for s in range(16)]
+            for s in range(16):
+                await c.submit(_req(seeds=[s]))
             fake.release.set()
-            wait_until(lambda: handle.info().compile.shapes, timeout=60,
-                       what="the shapes to be listed")
-            waiting = [j.id for j in jobs if (await c.status(j.id)).state == "queued"]
-            assert waiting, "every job had started before the shapes were listed"
+            seen = []  # the worker's info at the moment its shapes were first listed
+
+            def listed() -> bool:
+                seen.append(handle.info())
+                return bool(seen[-1].compile.shapes)
+
+            wait_until(listed, timeout=60, what="the shapes to be listed")
+            assert seen[-1].queue_depth > 0, "every job had started before the shapes were listed"
             assert handle.info().compile.shapes == [
                 CompiledShape(width=64, height=64, batches=[1, 2])]
             for batch in (1, 2):
