@@ -29,7 +29,7 @@ from colabswarm.backend.serve import make_engine, start_worker
 from colabswarm.errors import InvalidRequest
 from colabswarm.protocol import CompiledShape, JobRequest, Limits
 from tests.conftest import wait_until
-from tests.imagecheck import assert_identical, assert_same_picture
+from tests.imagecheck import assert_identical, assert_not_same_picture, assert_same_picture
 
 COMPILE_THREAD = "colabswarm-compile"
 ENGINE_THREAD = "colabswarm-engine"
@@ -367,6 +367,7 @@ def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lor
         comp = _wait_compiled(handle, timeout=300)
         assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
         assert "VAE decoder eager" not in (comp.detail or ""), comp.detail
+        assert all(w.is_contiguous() for w in _convs(eng)), "a CPU worker changed its layout"
         graphs = counters["stats"]["unique_graphs"]
         for sampler in (None, "DPM++ 2M Karras"):  # float and integer timesteps
             req = _req(seeds=[5], sampler=sampler)
@@ -389,6 +390,53 @@ def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lor
     finally:
         handle.stop()
         ref.close()
+
+
+def test_a_channels_last_model_compiles_runs_loras_and_keeps_the_pictures(lora_file, monkeypatch):
+    """On a GPU a compiled worker puts its UNet and decoder in channels_last (measured faster
+    compiled). That path runs here on the CPU by asking for it: the graphs are traced and run
+    on the new layout, a LoRA job (peft layers over channels_last weights) still works, and the
+    pictures stay within the tolerance of an eager worker's. A CPU worker keeps the layout it
+    loaded (nothing was measured there)."""
+    import torch
+
+    from colabswarm.backend import compiled
+    from colabswarm.protocol import LoraRef
+
+    assert compiled.memory_format_for("cuda") == "channels_last"
+    assert compiled.memory_format_for("cpu") is None
+    monkeypatch.setattr(compiled, "memory_format_for", lambda device_type: "channels_last")
+    backend = CountingBackend()
+    eng = Engine(models=["tiny"], compile="default", compile_batches=(1,),
+                 compile_fn=backend.compile_fn, loras=[str(lora_file)])
+    ref = Engine(models=["tiny"], loras=[str(lora_file)])
+    handle = start_worker(engine=eng, name="channels-last", limits=Limits(max_images=4))
+    try:
+        comp = _wait_compiled(handle, timeout=300)
+        assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
+        convs = _convs(eng)
+        assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
+                             for w in convs), "the UNet is not in channels_last"
+        runs = backend.runs
+        got = _engine_images(eng, _req(seeds=[5]))
+        assert backend.runs - runs == 3 + 1, "3 UNet steps + the decoder ran compiled"
+        assert_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0], "channels_last")
+        lora = LoraRef(name="alpha", hash=eng.lora_files["alpha"].hash, weight=1.0)
+        req = _req(seeds=[5], loras=[lora])
+        assert_same_picture(_engine_images(ref, req)[0], _engine_images(eng, req)[0],
+                            "a LoRA job on channels_last weights")
+        assert_not_same_picture(_engine_images(ref, _req(seeds=[5]))[0],
+                                _engine_images(eng, req)[0], "the LoRA changed nothing")
+    finally:
+        handle.stop()
+        ref.close()
+
+
+def _convs(eng: Engine) -> list:
+    import torch
+
+    unet = eng._loaded.txt2img.unet
+    return [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 # ----- a swarm and a compiled worker --------------------------------------------------------------
@@ -506,13 +554,16 @@ from colabswarm.backend.compiled import Compiler, Shape, read_artifacts
 folder = Path(sys.argv[2])
 compiler = Compiler("default", background=False)  # the worker's cache settings
 fn = torch.compile(lambda x: (x.sin() * 2 + x.cos()).sum(1), dynamic=False)
-if sys.argv[1] == "restart":
+# the compile thread's own step per shape (compile, save what missed), with this function as
+# the "model": a shape (rows, 5, batch 1) is a call of fn on rows x 5
+compiler._warm = lambda att, shape: (fn(torch.randn(shape.width, 5)), {})[1]
+att = types.SimpleNamespace(cache_dir=folder, cache_known=frozenset(),
+                            set_keys=lambda shape, keys: None)
+if sys.argv[1] != "first":
     print("loaded", *read_artifacts(folder))
-for rows in (3, 7):  # two shapes; after each, the compile thread's save
-    fn(torch.randn(rows, 5))
-    if sys.argv[1] == "first":
-        compiler._save_cache(types.SimpleNamespace(cache_dir=folder, cache_known=frozenset()),
-                             Shape(rows, 5, 1))
+    att.cache_known = frozenset(p.name for p in folder.glob("*.bin"))
+for rows in (3, 7) if sys.argv[1] != "grow" else (3, 11):  # grow: a hit, then a new shape
+    compiler._compile_shape(att, Shape(rows, 5, 1))
 ind, aot = counters["inductor"], counters["aot_autograd"]
 print("hits", ind["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
       "misses", ind["fxgraph_cache_miss"] + aot["autograd_cache_miss"])
@@ -554,6 +605,14 @@ def test_a_restarted_worker_finds_every_shape_it_compiled_in_the_cache_files(tmp
     assert again[:3] == ["loaded", "2", "2"], again
     assert again[again.index("misses") + 1] == "0", f"a shape was compiled again: {again}"
     assert int(again[again.index("hits") + 1]) >= 2, again
+    assert len(list(folder.glob("*.bin"))) == 2, "a restart that compiled nothing wrote a file"
+    # a restarted worker that compiles a new shape after a cache hit: its file holds the new
+    # shape only, not the hit's artifacts again (torch records a hit's artifacts anew)
+    grown = run("grow")
+    assert grown[grown.index("misses") + 1] != "0", grown
+    new = [f for f in folder.glob("*.bin") if f.name.startswith("11x5-")]
+    assert len(new) == 1, list(folder.iterdir())
+    assert new[0].stat().st_size < 1.5 * sizes[0], (new[0].stat().st_size, sizes)
 
 
 def test_attaching_keeps_a_half_precision_model_in_half_precision():

@@ -1,0 +1,197 @@
+"""Which compiled UNet runs fastest, and does a dynamic batch cost speed? (issue 14, device)
+
+The worker compiles the UNet and the VAE decoder as diffusers builds them (``dynamic=False``,
+one graph per batch size, default memory format). This compares, with plain ``torch.compile``
+of the same two modules in CUDA graphs mode (``reduce-overhead``), SD 1.5 at 512 px, 20 steps,
+CFG 7, fp16, random weights from its config (bench/fullsize.py):
+
+- ``plain``: as the worker compiles;
+- ``cl``: the UNet and the VAE in ``channels_last`` memory format;
+- ``clfused``: ``channels_last`` and fused QKV projections (``pipe.fuse_qkv_projections()``);
+- ``dynamic``: the UNet's batch dimension marked dynamic (one trace for every batch size).
+
+Each variant runs in a process of its own with an empty inductor cache: batch 1 first (the
+first call's seconds are its compile, then one untimed call, then ``--images-b1`` images),
+then batch 8 likewise (``--calls-b8`` calls). Variants are split across the GPUs named in
+``--gpus`` (one list per GPU, run in order), each GPU's list within ``--budget-s``.
+
+    python3 -m bench.diag_layout --gpus "plain,cl;clfused,dynamic" --out $OUT
+    python3 -m bench.diag_layout --tiny --gpus "plain,dynamic" --out /tmp/dl   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+VARIANTS = ("plain", "cl", "clfused", "dynamic")
+
+
+def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from bench.bench_multigpu import load_pipe, prepare_folder, raw_call
+
+    folder = prepare_folder(a.model_dir, "sd15", tiny=a.tiny)
+    device = "cpu" if a.tiny else "cuda"
+    pipe = load_pipe(folder, device)
+    if name in ("cl", "clfused"):
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if name == "clfused":
+        pipe.fuse_qkv_projections()
+    mode = None if a.tiny else "reduce-overhead"
+    backend = "eager" if a.tiny else "inductor"
+    unet = pipe.unet
+    cu = torch.compile(type(unet).forward, mode=mode, backend=backend,
+                       dynamic=None if name == "dynamic" else False, fullgraph=True)
+
+    def forward(sample: Any, timestep: Any, encoder_hidden_states: Any, *args: Any,
+                **kw: Any) -> Any:
+        if name == "dynamic":
+            torch._dynamo.mark_dynamic(sample, 0)
+            torch._dynamo.mark_dynamic(encoder_hidden_states, 0)
+        return cu(unet, sample, timestep, encoder_hidden_states, *args, **kw)
+
+    unet.forward = forward
+    pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend, dynamic=False)
+    run = SimpleNamespace(steps=a.steps, cfg=7.0, size=a.size)
+    out: dict[str, Any] = {"variant": name}
+    for batch, n in ((1, a.images_b1), (8, a.calls_b8 * 8)):
+        seeds = list(range(batch))
+        t0 = time.perf_counter()
+        first = raw_call(pipe, seeds, run)
+        _sync()
+        compile_s = time.perf_counter() - t0
+        raw_call(pipe, seeds, run)  # CUDA graphs: recorded on this second call
+        _sync()
+        t0 = time.perf_counter()
+        for i in range(max(1, n // batch)):
+            raw_call(pipe, list(range(100 + i * batch, 100 + (i + 1) * batch)), run)
+        _sync()
+        s = time.perf_counter() - t0
+        out[f"b{batch}"] = {"first_call_s": round(compile_s, 1),
+                            "img_s": round(max(1, n // batch) * batch / s, 3)}
+        out[f"b{batch}"]["first_image"] = _digest(first[0])
+        print(f"[{name}] batch {batch}: first call {compile_s:.1f} s, "
+              f"{out[f'b{batch}']['img_s']} img/s", flush=True)
+    if device == "cuda":
+        out["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    return out
+
+
+def _digest(image: Any) -> list[int]:
+    """A few pixel values of an image, to see that variants agree (not a test)."""
+    import numpy as np
+
+    return np.asarray(image.convert("RGB").resize((4, 4))).reshape(-1)[:12].tolist()
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _child(a: argparse.Namespace) -> int:
+    try:
+        res = _variant(a.child, a)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic: report and go on
+        res = {"variant": a.child, "error": f"{type(exc).__name__}: {exc}"[:2000]}
+    Path(a.json).write_text(json.dumps(res, indent=1))
+    return 0
+
+
+def _gpu_list(a: argparse.Namespace, gpu: int, names: list[str], deadline: float,
+              work: Path) -> list[dict[str, Any]]:
+    """The variants of one GPU, one process each, in order: their results."""
+    results = []
+    for name in names:
+        left = deadline - time.time()
+        if left < 60:
+            results.append({"variant": name, "skipped": f"{left:.0f} s left"})
+            continue
+        path = work / f"{gpu}-{name}.json"
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{gpu}-{name}"))
+        if not a.tiny:
+            env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+        cmd = [sys.executable, "-m", "bench.diag_layout", "--child", name, "--json", str(path),
+               "--model-dir", a.model_dir, "--steps", str(a.steps), "--size", str(a.size),
+               "--images-b1", str(a.images_b1), "--calls-b8", str(a.calls_b8)]
+        if a.tiny:
+            cmd.append("--tiny")
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            proc.wait(left)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        stopped = {"variant": name, "error": f"stopped at the budget (rc {proc.returncode})"}
+        results.append(json.loads(path.read_text()) if path.exists() else stopped)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--gpus", default="plain,cl;clfused,dynamic",
+                    help="variants per GPU: lists separated by ';', GPU 0 first")
+    ap.add_argument("--out", default=os.environ.get("OUT", "diag-layout-out"))
+    ap.add_argument("--budget-s", type=float, default=420.0)
+    ap.add_argument("--model-dir", default="/tmp/sd15-random")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--images-b1", type=int, default=12)
+    ap.add_argument("--calls-b8", type=int, default=4)
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: numbers mean nothing")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--json", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.tiny:
+        a.steps, a.size, a.images_b1, a.calls_b8 = 2, 64, 2, 1
+        if a.model_dir == "/tmp/sd15-random":
+            a.model_dir = "/tmp/cs-tiny-sd15"
+    if a.child:
+        return _child(a)
+    lists = [[v for v in part.split(",") if v] for part in a.gpus.split(";")]
+    for names in lists:
+        for v in names:
+            if v not in VARIANTS:
+                ap.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+    from bench.bench_multigpu import prepare_folder
+
+    prepare_folder(a.model_dir, "sd15", tiny=a.tiny)  # once, before the GPUs start
+    deadline = time.time() + a.budget_s
+    work = Path(tempfile.mkdtemp(prefix="diag-layout-"))
+    import threading
+
+    results: dict[str, Any] = {}
+    threads = [threading.Thread(target=lambda g=g, n=n: results.__setitem__(
+        f"gpu{g}", _gpu_list(a, g, n, deadline, work))) for g, n in enumerate(lists)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    import torch
+
+    merged = {"command": "python3 -m bench.diag_layout " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "torch": torch.__version__,
+        "budget_s": a.budget_s, "results": results}
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    (Path(a.out) / "diag-layout.json").write_text(json.dumps(merged, indent=1))
+    for gpu, rows in results.items():
+        for r in rows:
+            print(gpu, json.dumps({k: v for k, v in r.items() if k != "first_image"}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
