@@ -367,7 +367,8 @@ def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lor
         comp = _wait_compiled(handle, timeout=300)
         assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
         assert "VAE decoder eager" not in (comp.detail or ""), comp.detail
-        assert all(w.is_contiguous() for w in _convs(eng)), "a CPU worker changed its layout"
+        assert all(w.is_contiguous() for part in ("unet", "decoder")
+                   for w in _convs(eng, part)), "a CPU worker changed its model's layout"
         graphs = counters["stats"]["unique_graphs"]
         for sampler in (None, "DPM++ 2M Karras"):  # float and integer timesteps
             req = _req(seeds=[5], sampler=sampler)
@@ -395,9 +396,10 @@ def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lor
 def test_a_channels_last_model_compiles_runs_loras_and_keeps_the_pictures(lora_file, monkeypatch):
     """On a GPU a compiled worker puts its UNet and decoder in channels_last (measured faster
     compiled). That path runs here on the CPU by asking for it: the graphs are traced and run
-    on the new layout, a LoRA job (peft layers over channels_last weights) still works, and the
-    pictures stay within the tolerance of an eager worker's. A CPU worker keeps the layout it
-    loaded (nothing was measured there)."""
+    on the new layout with float and integer timesteps, a LoRA job on the channels_last model
+    still works and the next plain job runs compiled again, and the pictures stay within the
+    tolerance of an eager worker's. A CPU worker keeps the layout it loaded (nothing was
+    measured there; the real-compile test checks it)."""
     import torch
 
     from colabswarm.backend import compiled
@@ -414,29 +416,39 @@ def test_a_channels_last_model_compiles_runs_loras_and_keeps_the_pictures(lora_f
     try:
         comp = _wait_compiled(handle, timeout=300)
         assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
-        convs = _convs(eng)
-        assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
-                             for w in convs), "the UNet is not in channels_last"
-        runs = backend.runs
-        got = _engine_images(eng, _req(seeds=[5]))
-        assert backend.runs - runs == 3 + 1, "3 UNet steps + the decoder ran compiled"
-        assert_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0], "channels_last")
+        for part in ("unet", "decoder"):
+            convs = _convs(eng, part)
+            assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
+                                 for w in convs), f"the {part} is not in channels_last"
+        for sampler in (None, "DPM++ 2M Karras"):  # float and integer timesteps
+            req = _req(seeds=[5], sampler=sampler)
+            runs = backend.runs
+            got = _engine_images(eng, req)
+            assert backend.runs - runs == 3 + 1, f"3 UNet steps + the decoder compiled ({sampler})"
+            assert_same_picture(_engine_images(ref, req)[0], got[0], f"channels_last, {sampler}")
         lora = LoraRef(name="alpha", hash=eng.lora_files["alpha"].hash, weight=1.0)
         req = _req(seeds=[5], loras=[lora])
-        assert_same_picture(_engine_images(ref, req)[0], _engine_images(eng, req)[0],
-                            "a LoRA job on channels_last weights")
-        assert_not_same_picture(_engine_images(ref, _req(seeds=[5]))[0],
-                                _engine_images(eng, req)[0], "the LoRA changed nothing")
+        runs = backend.runs
+        with_lora = _engine_images(eng, req)[0]
+        assert backend.runs == runs, "a LoRA job runs eagerly"
+        assert_same_picture(_engine_images(ref, req)[0], with_lora, "a LoRA job, channels_last")
+        assert_not_same_picture(_engine_images(ref, _req(seeds=[5]))[0], with_lora,
+                                "the LoRA changed nothing")
+        runs = backend.runs
+        got = _engine_images(eng, _req(seeds=[5]))
+        assert backend.runs - runs == 4, "after the LoRA job the compiled graphs apply again"
+        assert_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0], "after a LoRA")
     finally:
         handle.stop()
         ref.close()
 
 
-def _convs(eng: Engine) -> list:
+def _convs(eng: Engine, part: str = "unet") -> list:
     import torch
 
-    unet = eng._loaded.txt2img.unet
-    return [m.weight for m in unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    pipe = eng._loaded.txt2img
+    module = pipe.unet if part == "unet" else pipe.vae.decoder
+    return [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
 
 
 # ----- a swarm and a compiled worker --------------------------------------------------------------
@@ -585,10 +597,10 @@ def test_a_restarted_worker_finds_every_shape_it_compiled_in_the_cache_files(tmp
         pytest.skip("no C++ compiler: inductor cannot compile on this CPU")
     folder = tmp_path / "compile-cache"
 
-    def run(phase: str) -> list[str]:
-        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{phase}"),
-               "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, phase, str(folder)],
+    def run(phase: str, to=folder, inductor: str | None = None) -> list[str]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{inductor or phase}")}
+        out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, phase, str(to)],
                              capture_output=True, text=True, env=env, timeout=500, cwd=ROOT)
         assert out.returncode == 0, out.stderr[-3000:]
         return out.stdout.split()
@@ -613,6 +625,14 @@ def test_a_restarted_worker_finds_every_shape_it_compiled_in_the_cache_files(tmp
     new = [f for f in folder.glob("*.bin") if f.name.startswith("11x5-")]
     assert len(new) == 1, list(folder.iterdir())
     assert new[0].stat().st_size < 1.5 * sizes[0], (new[0].stat().st_size, sizes)
+    # the same machine (its inductor cache warm) with a new, empty folder: both shapes are hits
+    # of the local cache, and the folder still gets a file of each
+    other = tmp_path / "new-drive-folder"
+    warm = run("restart", to=other, inductor="first")
+    assert warm[:3] == ["loaded", "0", "0"], warm
+    assert warm[warm.index("misses") + 1] == "0", f"the warm machine compiled again: {warm}"
+    assert sorted(f.name.split("-")[0] for f in other.glob("*.bin")) == ["3x5", "7x5"], \
+        list(other.iterdir()) if other.exists() else "no folder written"
 
 
 def test_attaching_keeps_a_half_precision_model_in_half_precision():

@@ -50,10 +50,13 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   torch that has them (2.7+), ``torch.compiler.save_cache_artifacts`` files are written to the
   owner's compile cache folder (a Drive folder on Colab: one file per compiled shape, not
   thousands of small ones; ``write_artifacts`` says why never one file rewritten), in a
-  subfolder keyed by GPU, torch, CUDA, Triton, diffusers, model, its configuration, dtype and
-  mode, and all of them loaded back before compiling. A file is named by its shape; where a
-  file of the same shape appeared in the folder after this worker loaded it (another worker
-  sharing the folder finished that shape first), this worker does not write its own copy.
+  subfolder keyed by GPU, torch, CUDA, Triton, diffusers, model, its configuration, dtype,
+  mode and layout, and all of them loaded back before compiling. A file holds what its shape
+  compiled (cache hits are dropped before each shape, torch records them again), and a shape
+  served by the machine's own inductor cache is written when the folder has no file of it. A
+  file is named by its shape; where a file of the same shape appeared in the folder after this
+  worker loaded it (another worker sharing the folder finished that shape first), this worker
+  does not write its own copy.
 """
 
 from __future__ import annotations
@@ -413,7 +416,8 @@ def _torch_compile(fn: Callable[..., Any], mode: str, fullgraph: bool) -> Callab
 def cache_key(model: str, mode: str, pipe: Any) -> str:
     """The compile cache subfolder of this GPU, software, model and mode: a different GPU,
     torch, CUDA, Triton, diffusers, model (name, configuration, dtype) or mode never reads
-    another's artifacts. Readable prefix, then a hash of everything."""
+    another's artifacts; nor does a worker with another memory layout (channels_last on a
+    GPU, ``memory_format_for``). Readable prefix, then a hash of everything."""
     import torch
 
     try:
@@ -941,7 +945,10 @@ class Compiler:
         log.info("compiled %s in %.1f s%s%s", shape, seconds,
                  " from the cache" if hits2 > hits and misses2 == misses else "",
                  _phase_text(timers, _compile_timers()))
-        if misses2 > misses:  # written before "ready": a worker stopped then keeps the shape
+        # written before "ready": a worker stopped then keeps the shape. A shape served by
+        # this machine's own inductor cache (hits, no misses) is written too when the folder
+        # has no file of it (a new or emptied Drive folder on the same machine)
+        if misses2 > misses or (hits2 > hits and not _has_file(att, shape)):
             self._save_cache(att, shape)
         att.set_keys(shape, {name: frozenset(found) for name, found in keys.items()})
         with self._cv:
@@ -1154,14 +1161,16 @@ class Compiler:
         folder = att.cache_dir
         if _mega_cache() is None or not folder or folder == Path():
             return
-        prefix = f"{shape.width}x{shape.height}-b{shape.batch}-"
+        prefix = _shape_prefix(shape)
         try:
             meanwhile = sorted(p.name for p in folder.glob(prefix + "*.bin")
                                if p.name not in att.cache_known)
         except OSError:
             meanwhile = []
         if meanwhile:
-            _empty_artifact_buffer()  # in a file already: the next file holds what is new
+            # this shape is in that file: drop what it recorded, keep any earlier bytes whose
+            # write failed (torch's serialized buffer) for the next file
+            _forget_unsaved_artifacts()
             log.info("compile cache: %s was written meanwhile by another worker (%s); not "
                      "written again", shape, meanwhile[0])
             return
@@ -1173,6 +1182,17 @@ class Compiler:
             return
         if path is not None:
             log.info("compile cache: wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+
+
+def _shape_prefix(shape: Shape) -> str:
+    """The start of a cache file's name for `shape` (then the run id and save number)."""
+    return f"{shape.width}x{shape.height}-b{shape.batch}-"
+
+
+def _has_file(att: _Attached, shape: Shape) -> bool:
+    """Whether the cache folder held a file of `shape` when this worker loaded it."""
+    prefix = _shape_prefix(shape)
+    return any(name.startswith(prefix) for name in att.cache_known)
 
 
 def write_artifacts(folder: Path, name: str) -> Path | None:
@@ -1241,9 +1261,10 @@ def _forget_unsaved_artifacts() -> None:
     """Drop what torch recorded for its portable cache since the last save, before a shape is
     compiled. A cache hit records its artifacts again: a restarted worker's first new shape
     wrote the shapes it had loaded from the folder into its file too (SD 1.5 on the device:
-    139 MiB for batch 2 after batch 1 and 8 were hits, 74 MiB for batch 4), and a shape another
+    139 MiB for batch 2 after batch 1 was a hit, 74 MiB for batch 4), and a shape another
     worker had written meanwhile (not saved here) went into the next file. Artifacts already
-    seen stay known to torch, so a hit is not recorded twice."""
+    seen stay known to torch, so a hit is not recorded twice; bytes of an earlier save whose
+    write failed (torch's serialized buffer) are kept for the next file."""
     try:
         from torch.compiler._cache import CacheArtifactManager
     except ImportError:
