@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -41,7 +42,7 @@ VARIANTS = ("plain", "cl", "clfused", "dynamic")
 def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from bench.bench_multigpu import load_pipe, prepare_folder, raw_call
+    from bench.bench_multigpu import load_pipe, prepare_folder, raw_call, time_loop
 
     folder = prepare_folder(a.model_dir, "sd15", tiny=a.tiny)
     device = "cpu" if a.tiny else "cuda"
@@ -69,21 +70,13 @@ def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
     run = SimpleNamespace(steps=a.steps, cfg=7.0, size=a.size)
     out: dict[str, Any] = {"variant": name}
     for batch, n in ((1, a.images_b1), (8, a.calls_b8 * 8)):
-        seeds = list(range(batch))
         t0 = time.perf_counter()
-        first = raw_call(pipe, seeds, run)
-        _sync()
+        first = raw_call(pipe, list(range(batch)), run)  # PIL images: the GPU is done
         compile_s = time.perf_counter() - t0
-        raw_call(pipe, seeds, run)  # CUDA graphs: recorded on this second call
-        _sync()
-        t0 = time.perf_counter()
-        for i in range(max(1, n // batch)):
-            raw_call(pipe, list(range(100 + i * batch, 100 + (i + 1) * batch)), run)
-        _sync()
-        s = time.perf_counter() - t0
+        # one untimed call (CUDA graphs are recorded on the second), then n images
+        timed = time_loop(pipe, batch, n, run, warm=1)
         out[f"b{batch}"] = {"first_call_s": round(compile_s, 1),
-                            "img_s": round(max(1, n // batch) * batch / s, 3)}
-        out[f"b{batch}"]["first_image"] = _digest(first[0])
+                            "img_s": round(timed["img_s"], 3), "first_image": _digest(first[0])}
         print(f"[{name}] batch {batch}: first call {compile_s:.1f} s, "
               f"{out[f'b{batch}']['img_s']} img/s", flush=True)
     if device == "cuda":
@@ -97,12 +90,6 @@ def _digest(image: Any) -> list[int]:
 
     return np.asarray(image.convert("RGB").resize((4, 4))).reshape(-1)[:12].tolist()
 
-
-def _sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def _child(a: argparse.Namespace) -> int:
@@ -174,15 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     prepare_folder(a.model_dir, "sd15", tiny=a.tiny)  # once, before the GPUs start
     deadline = time.time() + a.budget_s
     work = Path(tempfile.mkdtemp(prefix="diag-layout-"))
-    import threading
-
-    results: dict[str, Any] = {}
-    threads = [threading.Thread(target=lambda g=g, n=n: results.__setitem__(
-        f"gpu{g}", _gpu_list(a, g, n, deadline, work))) for g, n in enumerate(lists)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with ThreadPoolExecutor(len(lists)) as pool:  # the GPUs at once, each its list in order
+        rows = pool.map(lambda g: _gpu_list(a, g, lists[g], deadline, work), range(len(lists)))
+        results = {f"gpu{g}": r for g, r in enumerate(rows)}
     import torch
 
     merged = {"command": "python3 -m bench.diag_layout " + " ".join(
@@ -190,9 +171,9 @@ def main(argv: list[str] | None = None) -> int:
         "budget_s": a.budget_s, "results": results}
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "diag-layout.json").write_text(json.dumps(merged, indent=1))
-    for gpu, rows in results.items():
-        for r in rows:
-            print(gpu, json.dumps({k: v for k, v in r.items() if k != "first_image"}))
+    for gpu, done in results.items():
+        for r in done:
+            print(gpu, json.dumps(r))
     return 0
 
 

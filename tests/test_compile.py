@@ -351,12 +351,27 @@ def _engine_images(eng: Engine, req: JobRequest) -> list[np.ndarray]:
     return [np.asarray(im) for im in eng.run(req)]
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-xl"])
-def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lora_file):
+@pytest.mark.parametrize("model,channels_last", [("tiny", False), ("tiny-xl", False),
+                                                  ("tiny", True)])
+def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, channels_last,
+                                                                     lora_file, monkeypatch):
+    """Real dynamo graphs on the CPU: shapes run compiled with float and integer timesteps, the
+    pictures stay within the tolerance of an eager worker's, a LoRA job runs eagerly and the
+    next plain job compiled again, and the engine thread never compiles. A CPU worker keeps the
+    layout it loaded; on a GPU it puts its UNet and decoder in channels_last (measured faster
+    compiled), and ``channels_last`` runs that path here by asking for it: the same checks hold,
+    a LoRA job on that layout is the eager picture within the tolerance (not bit for bit: the
+    convolutions run in another order)."""
+    import torch
     from torch._dynamo.utils import counters
 
+    from colabswarm.backend import compiled
     from colabswarm.protocol import LoraRef
 
+    assert compiled.memory_format_for("cuda") == "channels_last"
+    assert compiled.memory_format_for("cpu") is None
+    if channels_last:
+        monkeypatch.setattr(compiled, "memory_format_for", lambda device_type: "channels_last")
     backend = CountingBackend()
     loras = [str(lora_file)] if model == "tiny" else None
     eng = Engine(models=[model], compile="default", compile_batches=(1,),
@@ -367,8 +382,13 @@ def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lor
         comp = _wait_compiled(handle, timeout=300)
         assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
         assert "VAE decoder eager" not in (comp.detail or ""), comp.detail
-        assert all(w.is_contiguous() for part in ("unet", "decoder")
-                   for w in _convs(eng, part)), "a CPU worker changed its model's layout"
+        for part in ("unet", "decoder"):
+            convs = _convs(eng, part)
+            if channels_last:
+                assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
+                                     for w in convs), f"the {part} is not in channels_last"
+            else:
+                assert all(w.is_contiguous() for w in convs), "a CPU worker changed its layout"
         graphs = counters["stats"]["unique_graphs"]
         for sampler in (None, "DPM++ 2M Karras"):  # float and integer timesteps
             req = _req(seeds=[5], sampler=sampler)
@@ -382,62 +402,17 @@ def test_real_torch_compile_runs_jobs_compiled_and_keeps_the_pictures(model, lor
             runs = backend.runs
             got = _engine_images(eng, req)
             assert backend.runs == runs, "a LoRA job runs eagerly"
-            assert_identical(_engine_images(ref, req)[0], got[0], "a LoRA job")
+            if channels_last:
+                assert_same_picture(_engine_images(ref, req)[0], got[0], "a LoRA job")
+                assert_not_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0],
+                                        "the LoRA changed nothing")
+            else:
+                assert_identical(_engine_images(ref, req)[0], got[0], "a LoRA job")
             runs = backend.runs
             got = _engine_images(eng, _req(seeds=[5]))
             assert backend.runs - runs == 4, "after the LoRA job the compiled graphs apply again"
             assert_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0], "after a LoRA")
         assert counters["stats"]["unique_graphs"] == graphs, "the engine thread compiled"
-    finally:
-        handle.stop()
-        ref.close()
-
-
-def test_a_channels_last_model_compiles_runs_loras_and_keeps_the_pictures(lora_file, monkeypatch):
-    """On a GPU a compiled worker puts its UNet and decoder in channels_last (measured faster
-    compiled). That path runs here on the CPU by asking for it: the graphs are traced and run
-    on the new layout with float and integer timesteps, a LoRA job on the channels_last model
-    still works and the next plain job runs compiled again, and the pictures stay within the
-    tolerance of an eager worker's. A CPU worker keeps the layout it loaded (nothing was
-    measured there; the real-compile test checks it)."""
-    import torch
-
-    from colabswarm.backend import compiled
-    from colabswarm.protocol import LoraRef
-
-    assert compiled.memory_format_for("cuda") == "channels_last"
-    assert compiled.memory_format_for("cpu") is None
-    monkeypatch.setattr(compiled, "memory_format_for", lambda device_type: "channels_last")
-    backend = CountingBackend()
-    eng = Engine(models=["tiny"], compile="default", compile_batches=(1,),
-                 compile_fn=backend.compile_fn, loras=[str(lora_file)])
-    ref = Engine(models=["tiny"], loras=[str(lora_file)])
-    handle = start_worker(engine=eng, name="channels-last", limits=Limits(max_images=4))
-    try:
-        comp = _wait_compiled(handle, timeout=300)
-        assert comp.shapes == [CompiledShape(width=64, height=64, batches=[1])], comp
-        for part in ("unet", "decoder"):
-            convs = _convs(eng, part)
-            assert convs and all(w.is_contiguous(memory_format=torch.channels_last)
-                                 for w in convs), f"the {part} is not in channels_last"
-        for sampler in (None, "DPM++ 2M Karras"):  # float and integer timesteps
-            req = _req(seeds=[5], sampler=sampler)
-            runs = backend.runs
-            got = _engine_images(eng, req)
-            assert backend.runs - runs == 3 + 1, f"3 UNet steps + the decoder compiled ({sampler})"
-            assert_same_picture(_engine_images(ref, req)[0], got[0], f"channels_last, {sampler}")
-        lora = LoraRef(name="alpha", hash=eng.lora_files["alpha"].hash, weight=1.0)
-        req = _req(seeds=[5], loras=[lora])
-        runs = backend.runs
-        with_lora = _engine_images(eng, req)[0]
-        assert backend.runs == runs, "a LoRA job runs eagerly"
-        assert_same_picture(_engine_images(ref, req)[0], with_lora, "a LoRA job, channels_last")
-        assert_not_same_picture(_engine_images(ref, _req(seeds=[5]))[0], with_lora,
-                                "the LoRA changed nothing")
-        runs = backend.runs
-        got = _engine_images(eng, _req(seeds=[5]))
-        assert backend.runs - runs == 4, "after the LoRA job the compiled graphs apply again"
-        assert_same_picture(_engine_images(ref, _req(seeds=[5]))[0], got[0], "after a LoRA")
     finally:
         handle.stop()
         ref.close()
@@ -571,10 +546,13 @@ fn = torch.compile(lambda x: (x.sin() * 2 + x.cos()).sum(1), dynamic=False)
 compiler._warm = lambda att, shape: (fn(torch.randn(shape.width, 5)), {})[1]
 att = types.SimpleNamespace(cache_dir=folder, cache_known=frozenset(),
                             set_keys=lambda shape, keys: None)
-if sys.argv[1] != "first":
+if sys.argv[1] in ("restart", "grow"):
     print("loaded", *read_artifacts(folder))
     att.cache_known = frozenset(p.name for p in folder.glob("*.bin"))
-for rows in (3, 7) if sys.argv[1] != "grow" else (3, 11):  # grow: a hit, then a new shape
+# grow: a hit, then a new shape; meanwhile: nothing loaded (the folder's files count as written
+# meanwhile by another worker), a shape found there, then a new shape
+shapes = {"grow": (3, 11), "meanwhile": (3, 13)}.get(sys.argv[1], (3, 7))
+for rows in shapes:
     compiler._compile_shape(att, Shape(rows, 5, 1))
 ind, aot = counters["inductor"], counters["aot_autograd"]
 print("hits", ind["fxgraph_cache_hit"] + aot["autograd_cache_hit"],
@@ -633,6 +611,12 @@ def test_a_restarted_worker_finds_every_shape_it_compiled_in_the_cache_files(tmp
     assert warm[warm.index("misses") + 1] == "0", f"the warm machine compiled again: {warm}"
     assert sorted(f.name.split("-")[0] for f in other.glob("*.bin")) == ["3x5", "7x5"], \
         list(other.iterdir()) if other.exists() else "no folder written"
+    # a shape another worker wrote meanwhile is not written again, and is not carried into
+    # this worker's next file either
+    run("meanwhile")
+    assert len(list(folder.glob("3x5-*.bin"))) == 1, "a second copy was written"
+    (last,) = folder.glob("13x5-*.bin")
+    assert last.stat().st_size < 1.5 * sizes[0], (last.stat().st_size, sizes)
 
 
 def test_attaching_keeps_a_half_precision_model_in_half_precision():

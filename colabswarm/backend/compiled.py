@@ -39,10 +39,10 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   its own. (A restarted worker died when these overlapped: docs/BENCHMARKS.md.)
 - **Layout.** On a GPU the UNet and the decoder are put in ``channels_last`` memory format before
   their first trace: the compiled UNet then ran 8 % faster at batch 1 and 4 % at batch 8 (SD 1.5,
-  H200, docs/BENCHMARKS.md "Which compiled UNet is fastest"); fused QKV projections added under
-  1 % more and would clash with LoRA adapters, so they stay off. Eager jobs of a compiled
-  worker (LoRAs, sizes not compiled) run in that layout too. On a CPU nothing was measured and
-  the layout stays as loaded. The layout is part of the cache key.
+  H200, docs/BENCHMARKS.md "Which compiled UNet is fastest"); fused QKV projections gave no
+  measured gain on top and would clash with LoRA adapters, so they stay off. Eager jobs of a
+  compiled worker (LoRAs, sizes not compiled) run in that layout too. On a CPU nothing was
+  measured and the layout stays as loaded. The layout is part of the cache key.
 - **LoRAs** run eagerly. A job without LoRAs on a compiled model unloads any adapters first, so
   the compiled graphs (traced without them) apply again and compilation can go on.
 - **Cache.** Inductor's own caches (FX graph, AOTAutograd, Triton kernels) live in
@@ -1168,9 +1168,8 @@ class Compiler:
         except OSError:
             meanwhile = []
         if meanwhile:
-            # this shape is in that file: drop what it recorded, keep any earlier bytes whose
-            # write failed (torch's serialized buffer) for the next file
-            _forget_unsaved_artifacts()
+            # this shape is in that file; what it recorded is dropped before the next shape is
+            # compiled, and bytes of an earlier failed write stay for the next file
             log.info("compile cache: %s was written meanwhile by another worker (%s); not "
                      "written again", shape, meanwhile[0])
             return
@@ -1248,13 +1247,7 @@ def read_artifacts(folder: Path) -> tuple[int, int]:
 
 def _empty_artifact_buffer() -> None:
     """Start torch's artifact buffer afresh after a save (see ``write_artifacts``)."""
-    try:
-        from torch.compiler._cache import CacheArtifactManager
-    except ImportError:
-        return
-    buffer = getattr(CacheArtifactManager, "_serializer", None)
-    if buffer is not None and callable(getattr(buffer, "clear", None)):
-        buffer.clear()
+    _clear_artifact_manager("_serializer")
 
 
 def _forget_unsaved_artifacts() -> None:
@@ -1265,13 +1258,19 @@ def _forget_unsaved_artifacts() -> None:
     worker had written meanwhile (not saved here) went into the next file. Artifacts already
     seen stay known to torch, so a hit is not recorded twice; bytes of an earlier save whose
     write failed (torch's serialized buffer) are kept for the next file."""
+    _clear_artifact_manager("_new_cache_artifacts")
+
+
+def _clear_artifact_manager(part: str) -> None:
+    """Clear one of the private collections of torch's ``CacheArtifactManager`` (torch has no
+    public call for either); nothing where this torch lacks it."""
     try:
         from torch.compiler._cache import CacheArtifactManager
     except ImportError:
         return
-    recorded = getattr(CacheArtifactManager, "_new_cache_artifacts", None)
-    if recorded is not None and callable(getattr(recorded, "clear", None)):
-        recorded.clear()
+    held = getattr(CacheArtifactManager, part, None)
+    if held is not None and callable(getattr(held, "clear", None)):
+        held.clear()
 
 
 def _reset_cudagraph_trees() -> None:
