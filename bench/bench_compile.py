@@ -20,6 +20,9 @@ order, skipping a stage its time budget cannot fit (and saying so in the JSON):
    empty inductor cache (what a new Colab session with a Drive folder has): its compile seconds,
    and batch-1 jobs sent while it compiles (their latency shows whether a job ever waits
    behind compilation);
+4b. ``quiet``: restarted once more the same way, with no job sent while it compiles: the
+   compile from the cache alone (the issue's "cached restart's compile <= 20 s"), where 4
+   shows it while serving (eager jobs hold the interpreter that dynamo's tracing needs);
 5. ``raw compiled``: the raw loop with the worker's own compiled modules
    (``Compiler(background=False)``, from the cache), the bar for the swarm's compiled rows;
 6. ``default`` (inductor without CUDA graphs), cold, as 3 (the first stage the budget drops);
@@ -486,6 +489,11 @@ class Child:
                            f"{mode} restart", fresh_cache=False, measure=True,
                            serve_while_compiling=True, compile_timeout=min(
                                120.0, max(30.0, self.left() - 45)), batches=[1])
+            if i == 0 and "quiet" in only and f"{mode} cold" in self.res["stages"]:
+                # restarted again, no job meanwhile: the compile from the cache alone
+                self.stage(f"{mode} restart quiet", start_s + 40, self.worker, mode,
+                           f"{mode} restart quiet", fresh_cache=False, measure=False,
+                           compile_timeout=min(120.0, max(30.0, self.left() - 45)))
             if i == 0 and a.raw_compiled and "rawc" in only:
                 self.stage(f"raw compiled {mode}", 60, self.raw_compiled, mode)
             if i == 0 and "tuned" in only:
@@ -618,11 +626,12 @@ def summary(merged: dict[str, Any]) -> dict[str, Any]:
             r, c = _img_s(raw, b), _img_s(tuned, b)
             if r and c:
                 s[f"{model} raw compiled tuned b{b} x raw"] = round(c / r, 2)
-        restart = stages.get("reduce-overhead restart", {}).get("compile", {})
-        if restart:
-            s[f"{model} restart compile s"] = restart.get("compile_s")
-            s[f"{model} restart compile <= 20 s"] = (restart.get("done") is True
-                                                     and restart.get("compile_s", 1e9) <= 20)
+        for key, label in (("restart", "restart (serving)"), ("restart quiet", "restart")):
+            restart = stages.get(f"reduce-overhead {key}", {}).get("compile", {})
+            if restart:
+                s[f"{model} {label} compile s"] = restart.get("compile_s")
+                s[f"{model} {label} compile <= 20 s"] = (restart.get("done") is True
+                                                         and restart.get("compile_s", 1e9) <= 20)
     return s
 
 
@@ -692,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deadline", type=float, default=0.0, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="cuda:0", help=argparse.SUPPRESS)
-    p.add_argument("--only", default="raw,off,cold,restart,rawc",
+    p.add_argument("--only", default="raw,off,cold,restart,quiet,rawc",
                    help="the stages run (e.g. 'cold,restart' for the cache alone; "
                         "bench_multigpu runs 'rawc' alone; 'raw,tuned' compares the "
                         "tuned inductor settings with raw diffusers)")

@@ -14,6 +14,7 @@ code, without inductor's minutes of C++ compilation on this CPU).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from collections import Counter
@@ -23,7 +24,12 @@ import numpy as np
 import pytest
 
 from colabswarm.backend.client import WorkerClient
-from colabswarm.backend.compiled import DEFAULT_BATCHES, check_batches, check_mode
+from colabswarm.backend.compiled import (
+    DEFAULT_BATCHES,
+    SWITCH_ENV,
+    check_batches,
+    check_mode,
+)
 from colabswarm.backend.engine import Engine
 from colabswarm.backend.serve import make_engine, start_worker
 from colabswarm.errors import InvalidRequest
@@ -240,6 +246,39 @@ def test_a_size_is_listed_once_its_shapes_are_done_while_the_next_size_still_com
                                                                                 (96, 64)]
     finally:
         handle.stop()
+
+
+@pytest.mark.parametrize("env, during", [(None, 0.0005), ("0.2", 0.0002), ("off", None),
+                                         ("soon", 0.0005)])
+async def test_jobs_get_the_interpreter_back_sooner_while_a_shape_compiles(monkeypatch, env,
+                                                                           during):
+    """Tracing is pure Python on the compile thread, and an eager job gives up the GIL in every
+    torch op: with Python's 5 ms switch interval, jobs served while a shape compiled took many
+    times their time. While a shape compiles the interval is short (0.5 ms, or what
+    COLABSWARM_COMPILE_SWITCH_MS says; 'off' leaves it, a value that is no number is warned
+    about and the default used), jobs still run meanwhile, and once nothing compiles the
+    interval is what it was."""
+    if env is None:
+        monkeypatch.delenv(SWITCH_ENV, raising=False)
+    else:
+        monkeypatch.setenv(SWITCH_ENV, env)
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    fake = FakeCompile(hold=lambda shape: seen.append(sys.getswitchinterval()) or True)
+    handle = _compiled_worker(fake, batches=(1,))
+    try:
+        wait_until(lambda: seen, timeout=60, what="the compile to start")
+        assert seen[0] == pytest.approx(during if during is not None else before), seen
+        images = await _run(handle, _req(seeds=(5,)))  # eagerly, while it compiles
+        assert len(images) == 1 and handle.info().compile.state == "compiling"
+        fake.release.set()
+        assert _wait_compiled(handle).state == "ready"
+        wait_until(lambda: sys.getswitchinterval() == pytest.approx(before), timeout=30,
+                   what="the switch interval to be restored")
+    finally:
+        fake.release.set()
+        handle.stop()
+    assert sys.getswitchinterval() == pytest.approx(before)
 
 
 def test_no_first_run_while_lora_adapters_are_loaded():

@@ -23,6 +23,10 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   eagerly when it cannot (or when the compile thread is waiting for it: compilation comes
   first). A job that changes the UNet (LoRA adapters loaded, switched or unloaded) waits for
   it: a trace must never see the module change under it.
+- **Jobs get the interpreter back soon.** While a shape compiles, the interpreter's switch interval
+  is 0.5 ms instead of Python's 5 ms (``_engine_first``; ``SWITCH_ENV`` sets it or ``off``): an
+  eager job gives up the GIL in every torch op, and the compile thread's tracing is pure Python,
+  so jobs served meanwhile crawled.
 - **CUDA graphs are recorded by the engine thread**, in a shape's first compiled job: torch
   keeps one graph tree per thread, so graphs recorded by the compile thread would never be
   replayed by the engine (they only held memory). The compile thread compiles and runs each
@@ -86,6 +90,7 @@ __all__ = [
     "COMPILE_MODES",
     "DEFAULT_BATCHES",
     "MAX_SIZES",
+    "SWITCH_ENV",
     "Compiler",
     "JobPlan",
     "Shape",
@@ -547,6 +552,67 @@ def _keep_cuda_guard() -> None:
         done.wait()
 
 
+# The interpreter's switch interval while a shape compiles. Tracing and inductor's code
+# generation are pure Python on the compile thread; the engine thread's eager jobs give up the
+# GIL in every torch op and then wait up to the switch interval (5 ms by default) to get it
+# back, so jobs served while a shape compiled crawled (SD 1.5 on an H200: 0.65 s alone, a median
+# 2.6 s and 8 s at worst during a restart; one SDXL job took 18 s of a 19 s restart). A shorter
+# interval hands the GIL back sooner, and costs the compile what the jobs then take: on this
+# 2-core CPU (tiny model, restart from the cache with batch-1 jobs one after another) 5 ms
+# served 6 jobs, the worst 9.0 s, ready after 20.6 s; 0.5 ms 18 jobs, the worst 2.5 s, ready
+# after 24.4 s; 0.1 ms 57 jobs, the worst 1.4 s, ready after 37.9 s (docs/BENCHMARKS.md,
+# "Jobs served while compiling"). 0.5 ms is the middle; nothing changes while no compile runs,
+# and a restart with no jobs meanwhile is as fast as before.
+SWITCH_ENV = "COLABSWARM_COMPILE_SWITCH_MS"
+COMPILE_SWITCH_S = 0.0005
+_switch_lock = threading.Lock()
+_switch_users = 0
+_switch_saved: float | None = None
+
+
+def _compile_switch_s() -> float | None:
+    """The switch interval to use while compiling (None: leave it), from ``SWITCH_ENV`` where
+    set ("off", or milliseconds), else ``COMPILE_SWITCH_S``."""
+    raw = os.environ.get(SWITCH_ENV, "").strip().lower()
+    if not raw:
+        return COMPILE_SWITCH_S
+    if raw in ("off", "0", "none"):
+        return None
+    try:
+        ms = float(raw)
+    except ValueError:
+        ms = float("nan")
+    if not 0 < ms < float("inf"):  # also NaN
+        log.warning("%s=%r is not a number of milliseconds above 0, nor 'off'; using %.2f ms",
+                    SWITCH_ENV, raw, COMPILE_SWITCH_S * 1000)
+        return COMPILE_SWITCH_S
+    return min(max(ms, 0.01), 5.0) / 1000  # 10 us to Python's default 5 ms
+
+
+@contextmanager
+def _engine_first() -> Iterator[None]:
+    """While a shape compiles: the shorter switch interval (process-wide; the first of several
+    compile threads saves the interval and the last one out restores it)."""
+    global _switch_users, _switch_saved
+    want = _compile_switch_s()
+    if want is None:
+        yield
+        return
+    with _switch_lock:
+        if _switch_users == 0:
+            _switch_saved = sys.getswitchinterval()
+            sys.setswitchinterval(min(want, _switch_saved))
+        _switch_users += 1
+    try:
+        yield
+    finally:
+        with _switch_lock:
+            _switch_users -= 1
+            if _switch_users == 0 and _switch_saved is not None:
+                sys.setswitchinterval(_switch_saved)
+                _switch_saved = None
+
+
 # ----- the compiler ------------------------------------------------------------------------
 class Compiler:
     """One engine's compiled path. ``mode`` is what to run ('off', 'reduce-overhead' or
@@ -916,7 +982,8 @@ class Compiler:
                             return
                         self._adapters_in = True
                     continue
-                self._compile_shape(att, shape)
+                with _engine_first():
+                    self._compile_shape(att, shape)
             except Exception:  # noqa: BLE001 - the thread must live on; the shape is marked
                 log.exception("compile thread: unexpected error")
             finally:
