@@ -106,17 +106,19 @@ def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
         print(f"[{name}] batch {batch}: first call {compile_s:.1f} s, "
               f"{out[f'b{batch}']['img_s']} img/s", flush=True)
     if device == "cuda":
-        out["sdpa"] = _sdpa_choices(a.model)
+        out["sdpa"] = _sdpa_choices(a.model, a.size)
         out["max_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
 
 
-def _sdpa_choices(model: str) -> dict[str, str]:
-    """The SDPA backend torch picks for the model's self-attention shapes (batch 2: CFG)."""
+def _sdpa_choices(model: str, size: int) -> dict[str, str]:
+    """The SDPA backend torch picks for the model's self-attention shapes at this image size
+    (batch 2: one image with CFG)."""
     import torch
 
-    shapes = ([(8, 4096, 40), (8, 1024, 80), (8, 256, 160)] if model == "sd15"
-              else [(10, 4096, 64), (20, 1024, 64)])
+    side = size // 8  # the latent's side
+    shapes = ([(8, side ** 2, 40), (8, (side // 2) ** 2, 80), (8, (side // 4) ** 2, 160)]
+              if model == "sd15" else [(10, (side // 2) ** 2, 64), (20, (side // 4) ** 2, 64)])
     names = {int(v): k for k, v in torch.nn.attention.SDPBackend.__members__.items()}
     out = {}
     for heads, seq, dim in shapes:
@@ -223,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         for v in names:
             if v not in VARIANTS:
                 ap.error(f"unknown variant {v!r}: choose from {', '.join(VARIANTS)}")
+            owner = SHARES_CACHE.get(v)
+            if owner in names and names.index(owner) > names.index(v):
+                ap.error(f"{v!r} uses {owner!r}'s compiled graphs: list {owner!r} first")
     from bench.bench_multigpu import prepare_folder
 
     prepare_folder(a.model_dir, a.model, tiny=a.tiny)  # once, before the GPUs start

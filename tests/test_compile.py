@@ -250,8 +250,8 @@ def test_a_size_is_listed_once_its_shapes_are_done_while_the_next_size_still_com
 
 @pytest.mark.parametrize("env, during", [(None, 0.0005), ("0.2", 0.0002), ("off", None),
                                          ("soon", 0.0005)])
-async def test_jobs_get_the_interpreter_back_sooner_while_a_shape_compiles(monkeypatch, env,
-                                                                           during):
+async def test_jobs_get_the_interpreter_back_sooner_while_a_shape_compiles(monkeypatch, caplog,
+                                                                           env, during):
     """Tracing is pure Python on the compile thread, and an eager job gives up the GIL in every
     torch op: with Python's 5 ms switch interval, jobs served while a shape compiled took many
     times their time. While a shape compiles the interval is short (0.5 ms, or what
@@ -263,6 +263,8 @@ async def test_jobs_get_the_interpreter_back_sooner_while_a_shape_compiles(monke
     else:
         monkeypatch.setenv(SWITCH_ENV, env)
     before = sys.getswitchinterval()
+    assert before > 0.0005, "this test needs Python's default interval to start from"
+    caplog.set_level("WARNING", logger="colabswarm.compiled")
     seen: list[float] = []
     fake = FakeCompile(hold=lambda shape: seen.append(sys.getswitchinterval()) or True)
     handle = _compiled_worker(fake, batches=(1,))
@@ -279,6 +281,8 @@ async def test_jobs_get_the_interpreter_back_sooner_while_a_shape_compiles(monke
         fake.release.set()
         handle.stop()
     assert sys.getswitchinterval() == pytest.approx(before)
+    warned = [r.getMessage() for r in caplog.records if SWITCH_ENV in r.getMessage()]
+    assert bool(warned) == (env == "soon"), warned
 
 
 def test_no_first_run_while_lora_adapters_are_loaded():

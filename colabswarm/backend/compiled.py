@@ -23,10 +23,11 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   eagerly when it cannot (or when the compile thread is waiting for it: compilation comes
   first). A job that changes the UNet (LoRA adapters loaded, switched or unloaded) waits for
   it: a trace must never see the module change under it.
-- **Jobs get the interpreter back soon.** While a shape compiles, the interpreter's switch interval
-  is 0.5 ms instead of Python's 5 ms (``_engine_first``; ``SWITCH_ENV`` sets it or ``off``): an
-  eager job gives up the GIL in every torch op, and the compile thread's tracing is pure Python,
-  so jobs served meanwhile crawled.
+- **Jobs get the interpreter back sooner.** While a shape compiles, the interpreter's switch
+  interval is 0.5 ms instead of Python's 5 ms (``_engine_first``; ``SWITCH_ENV`` sets it or
+  ``off``): an eager job gives up the GIL in every torch op, and the compile thread's tracing is
+  pure Python, so jobs served meanwhile crawled. It bounds the worst job and serves more of
+  them; the compile takes longer while jobs come, not otherwise.
 - **CUDA graphs are recorded by the engine thread**, in a shape's first compiled job: torch
   keeps one graph tree per thread, so graphs recorded by the compile thread would never be
   replayed by the engine (they only held memory). The compile thread compiles and runs each
@@ -557,43 +558,57 @@ def _keep_cuda_guard() -> None:
 # GIL in every torch op and then wait up to the switch interval (5 ms by default) to get it
 # back, so jobs served while a shape compiled crawled (SD 1.5 on an H200: 0.65 s alone, a median
 # 2.6 s and 8 s at worst during a restart; one SDXL job took 18 s of a 19 s restart). A shorter
-# interval hands the GIL back sooner, and costs the compile what the jobs then take: on this
-# 2-core CPU (tiny model, restart from the cache with batch-1 jobs one after another) 5 ms
-# served 6 jobs, the worst 9.0 s, ready after 20.6 s; 0.5 ms 18 jobs, the worst 2.5 s, ready
-# after 24.4 s; 0.1 ms 57 jobs, the worst 1.4 s, ready after 37.9 s (docs/BENCHMARKS.md,
-# "Jobs served while compiling"). 0.5 ms is the middle; nothing changes while no compile runs,
-# and a restart with no jobs meanwhile is as fast as before.
+# interval hands the GIL back sooner, and costs the compile what the jobs then take. On this
+# 2-core CPU (tiny model, dynamo's eager backend, a restarted worker tracing its two shapes
+# again while batch-1 jobs came one after another; one run each): 5 ms served 6 jobs, median
+# 1.50 s, the worst 9.0 s, ready after 20.6 s; 0.5 ms 18 jobs, median 1.64 s, the worst 2.5 s,
+# ready after 24.4 s; 0.1 ms 57 jobs, median 0.66 s, the worst 1.4 s, ready after 37.9 s
+# (docs/BENCHMARKS.md, "Jobs served while compiling"). 0.5 ms is the middle. With no jobs the
+# interval changes nothing (the GIL is only handed over when another thread asks for it).
 SWITCH_ENV = "COLABSWARM_COMPILE_SWITCH_MS"
 COMPILE_SWITCH_S = 0.0005
+_SWITCH_RANGE_MS = (0.01, 5.0)  # 10 us to Python's default
 _switch_lock = threading.Lock()
 _switch_users = 0
-_switch_saved: float | None = None
+_switch_saved: float | None = None  # the interval before the first compile thread set one
+_switch_set: float | None = None    # the interval it set
+_switch_warned: set[str] = set()
 
 
 def _compile_switch_s() -> float | None:
     """The switch interval to use while compiling (None: leave it), from ``SWITCH_ENV`` where
-    set ("off", or milliseconds), else ``COMPILE_SWITCH_S``."""
+    set (milliseconds; "off", "no", "false" or 0 and below leave it), else
+    ``COMPILE_SWITCH_S``. A value that is no number, or is clamped, is warned about once."""
     raw = os.environ.get(SWITCH_ENV, "").strip().lower()
     if not raw:
         return COMPILE_SWITCH_S
-    if raw in ("off", "0", "none"):
+    if raw in ("off", "no", "false", "none"):
         return None
     try:
         ms = float(raw)
     except ValueError:
         ms = float("nan")
-    if not 0 < ms < float("inf"):  # also NaN
-        log.warning("%s=%r is not a number of milliseconds above 0, nor 'off'; using %.2f ms",
-                    SWITCH_ENV, raw, COMPILE_SWITCH_S * 1000)
-        return COMPILE_SWITCH_S
-    return min(max(ms, 0.01), 5.0) / 1000  # 10 us to Python's default 5 ms
+    if ms <= 0:
+        return None
+    low, high = _SWITCH_RANGE_MS
+    if not ms < float("inf"):  # NaN, inf, no number
+        why, use = "is not a number of milliseconds nor 'off'", COMPILE_SWITCH_S * 1000
+    elif not low <= ms <= high:
+        why, use = f"is outside {low}-{high} ms", min(max(ms, low), high)
+    else:
+        return ms / 1000
+    if raw not in _switch_warned:
+        _switch_warned.add(raw)
+        log.warning("%s=%r %s; using %.2f ms", SWITCH_ENV, raw, why, use)
+    return use / 1000
 
 
 @contextmanager
 def _engine_first() -> Iterator[None]:
     """While a shape compiles: the shorter switch interval (process-wide; the first of several
-    compile threads saves the interval and the last one out restores it)."""
-    global _switch_users, _switch_saved
+    compile threads saves the interval and the last one out restores it, unless someone else
+    changed it meanwhile)."""
+    global _switch_users, _switch_saved, _switch_set
     want = _compile_switch_s()
     if want is None:
         yield
@@ -602,15 +617,17 @@ def _engine_first() -> Iterator[None]:
         if _switch_users == 0:
             _switch_saved = sys.getswitchinterval()
             sys.setswitchinterval(min(want, _switch_saved))
+            _switch_set = sys.getswitchinterval()
         _switch_users += 1
     try:
         yield
     finally:
         with _switch_lock:
             _switch_users -= 1
-            if _switch_users == 0 and _switch_saved is not None:
-                sys.setswitchinterval(_switch_saved)
-                _switch_saved = None
+            if _switch_users == 0:
+                if _switch_saved is not None and sys.getswitchinterval() == _switch_set:
+                    sys.setswitchinterval(_switch_saved)
+                _switch_saved = _switch_set = None
 
 
 # ----- the compiler ------------------------------------------------------------------------
