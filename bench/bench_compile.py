@@ -469,7 +469,6 @@ class Child:
 
         self.res["versions"] = versions([a.device])
         self.res["switch_ms_env"] = os.environ.get("COLABSWARM_COMPILE_SWITCH_MS")
-        self.res["commit"] = _commit()
         t0 = time.perf_counter()
         prepare_folder(a.model_dir, "sdxl" if a.child == "sdxl" else "sd15", tiny=a.tiny)
         self.res["build_s"] = round(time.perf_counter() - t0, 1)
@@ -504,19 +503,6 @@ class Child:
                            self.raw_compiled, mode, tuned=True)
         self.res["left_s"] = round(self.left(), 1)
         self.save()
-
-
-def _commit() -> str | None:
-    """The checkout's commit (None where there is no git), with '+' when files changed."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (head + ("+" if dirty else "")) or None
 
 
 def _free() -> None:

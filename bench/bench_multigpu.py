@@ -312,6 +312,19 @@ class Run:
         self.save()
 
 
+def _commit() -> str | None:
+    """The checkout's commit (None where there is no git), with '+' when tracked files changed."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+" if dirty else "")) or None
+
+
 def versions(devices: list[str]) -> dict[str, Any]:
     import diffusers
     import PIL
@@ -321,7 +334,7 @@ def versions(devices: list[str]) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "diffusers": diffusers.__version__,
                             "transformers": transformers.__version__, "pillow": PIL.__version__,
-                            "cpus": os.cpu_count(), "devices": devices}
+                            "cpus": os.cpu_count(), "devices": devices, "commit": _commit()}
     try:
         import fastapi
         import httpx

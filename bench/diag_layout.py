@@ -139,17 +139,19 @@ def _digest(image: Any) -> list[int]:
 
 
 def _compare(base: Path, other: Path) -> dict[str, Any] | None:
-    """Largest difference (of 255) and PSNR of one image against another; None if missing."""
+    """``bench_compile.compare`` of one saved image against another (largest difference, PSNR,
+    ...); None if either is missing."""
     if not (base.exists() and other.exists()):
         return None
     import numpy as np
     from PIL import Image
 
-    x = np.asarray(Image.open(base).convert("RGB"), dtype=np.float64)
-    y = np.asarray(Image.open(other).convert("RGB"), dtype=np.float64)
-    mse = float(((x - y) ** 2).mean())
-    psnr = None if mse == 0 else round(10 * np.log10(255.0 ** 2 / mse), 2)  # None: identical
-    return {"max_abs": int(np.abs(x - y).max()), "psnr": psnr}
+    from bench.bench_compile import compare
+
+    def load(path: Path) -> dict[str, dict[int, Any]]:
+        return {"image": {0: np.asarray(Image.open(path).convert("RGB"))}}
+
+    return compare(load(other), load(base))["image"]
 
 
 def _child(a: argparse.Namespace) -> int:

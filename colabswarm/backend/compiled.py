@@ -24,10 +24,10 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   first). A job that changes the UNet (LoRA adapters loaded, switched or unloaded) waits for
   it: a trace must never see the module change under it.
 - **Jobs get the interpreter back sooner.** While a shape compiles, the interpreter's switch
-  interval is 0.5 ms instead of Python's 5 ms (``_engine_first``; ``SWITCH_ENV`` sets it or
-  ``off``): an eager job gives up the GIL in every torch op, and the compile thread's tracing is
-  pure Python, so jobs served meanwhile crawled. It bounds the worst job and serves more of
-  them; the compile takes longer while jobs come, not otherwise.
+  interval is 0.5 ms instead of Python's 5 ms (``_engine_first``; ``SWITCH_ENV``, read when the
+  compiler is made, sets it or ``off``): an eager job gives up the GIL in every torch op, and
+  the compile thread's tracing is pure Python, so jobs served meanwhile crawled. It bounds the
+  worst job and serves more of them; the compile takes longer while jobs come, not otherwise.
 - **CUDA graphs are recorded by the engine thread**, in a shape's first compiled job: torch
   keeps one graph tree per thread, so graphs recorded by the compile thread would never be
   replayed by the engine (they only held memory). The compile thread compiles and runs each
@@ -555,16 +555,11 @@ def _keep_cuda_guard() -> None:
 
 # The interpreter's switch interval while a shape compiles. Tracing and inductor's code
 # generation are pure Python on the compile thread; the engine thread's eager jobs give up the
-# GIL in every torch op and then wait up to the switch interval (5 ms by default) to get it
-# back, so jobs served while a shape compiled crawled (SD 1.5 on an H200: 0.65 s alone, a median
-# 2.6 s and 8 s at worst during a restart; one SDXL job took 18 s of a 19 s restart). A shorter
-# interval hands the GIL back sooner, and costs the compile what the jobs then take. On this
-# 2-core CPU (tiny model, dynamo's eager backend, a restarted worker tracing its two shapes
-# again while batch-1 jobs came one after another; one run each): 5 ms served 6 jobs, median
-# 1.50 s, the worst 9.0 s, ready after 20.6 s; 0.5 ms 18 jobs, median 1.64 s, the worst 2.5 s,
-# ready after 24.4 s; 0.1 ms 57 jobs, median 0.66 s, the worst 1.4 s, ready after 37.9 s
-# (docs/BENCHMARKS.md, "Jobs served while compiling"). 0.5 ms is the middle. With no jobs the
-# interval changes nothing (the GIL is only handed over when another thread asks for it).
+# GIL in every torch op and then wait up to the switch interval (Python's 5 ms) to get it back,
+# so jobs served while a shape compiled crawled. A shorter interval hands it back sooner and
+# costs the compile what the jobs then take; with no jobs it changes nothing (the GIL is only
+# handed over when another thread asks). 0.5 ms is the middle of what was measured
+# (docs/BENCHMARKS.md, "Jobs served while compiling").
 SWITCH_ENV = "COLABSWARM_COMPILE_SWITCH_MS"
 COMPILE_SWITCH_S = 0.0005
 _SWITCH_RANGE_MS = (0.01, 5.0)  # 10 us to Python's default
@@ -572,13 +567,12 @@ _switch_lock = threading.Lock()
 _switch_users = 0
 _switch_saved: float | None = None  # the interval before the first compile thread set one
 _switch_set: float | None = None    # the interval it set
-_switch_warned: set[str] = set()
 
 
 def _compile_switch_s() -> float | None:
     """The switch interval to use while compiling (None: leave it), from ``SWITCH_ENV`` where
     set (milliseconds; "off", "no", "false" or 0 and below leave it), else
-    ``COMPILE_SWITCH_S``. A value that is no number, or is clamped, is warned about once."""
+    ``COMPILE_SWITCH_S``. A value that is no number, or is clamped, is warned about."""
     raw = os.environ.get(SWITCH_ENV, "").strip().lower()
     if not raw:
         return COMPILE_SWITCH_S
@@ -597,19 +591,16 @@ def _compile_switch_s() -> float | None:
         why, use = f"is outside {low}-{high} ms", min(max(ms, low), high)
     else:
         return ms / 1000
-    if raw not in _switch_warned:
-        _switch_warned.add(raw)
-        log.warning("%s=%r %s; using %.2f ms", SWITCH_ENV, raw, why, use)
+    log.warning("%s=%r %s; using %.2f ms", SWITCH_ENV, raw, why, use)
     return use / 1000
 
 
 @contextmanager
-def _engine_first() -> Iterator[None]:
-    """While a shape compiles: the shorter switch interval (process-wide; the first of several
-    compile threads saves the interval and the last one out restores it, unless someone else
-    changed it meanwhile)."""
+def _engine_first(want: float | None) -> Iterator[None]:
+    """While a shape compiles: the switch interval ``want`` (None: as it is). Process-wide: the
+    first of several compile threads saves the interval and the last one out restores it,
+    unless someone else changed it meanwhile."""
     global _switch_users, _switch_saved, _switch_set
-    want = _compile_switch_s()
     if want is None:
         yield
         return
@@ -669,6 +660,7 @@ class Compiler:
         self._run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(3)}"
         self._saves = 0
         self._adapters_in = False  # the compile thread waits for a job to unload LoRAs
+        self._switch_s = _compile_switch_s()  # read once: the env is the owner's, per worker
         if self.on:
             self._setup_caches()
 
@@ -999,7 +991,7 @@ class Compiler:
                             return
                         self._adapters_in = True
                     continue
-                with _engine_first():
+                with _engine_first(self._switch_s):
                     self._compile_shape(att, shape)
             except Exception:  # noqa: BLE001 - the thread must live on; the shape is marked
                 log.exception("compile thread: unexpected error")
