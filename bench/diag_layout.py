@@ -50,10 +50,12 @@ VARIANTS = ("plain", "cl", "clfused", "dynamic", "clbench", "clcudnn", "cl1x1")
 SHARES_CACHE = {"clbench": "cl"}  # a variant whose traced graphs are another's
 
 
-def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
+def build(name: str, a: argparse.Namespace) -> Any:
+    """The pipeline of variant `name`, its UNet and VAE decode compiled (not yet traced: the
+    first call compiles). `a` needs model_dir, model and tiny. bench/diag_floor.py uses it too."""
     import torch
 
-    from bench.bench_multigpu import load_pipe, prepare_folder, raw_call, time_loop
+    from bench.bench_multigpu import load_pipe, prepare_folder
 
     folder = prepare_folder(a.model_dir, a.model, tiny=a.tiny)
     device = "cpu" if a.tiny else "cuda"
@@ -90,6 +92,16 @@ def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
 
     unet.forward = forward
     pipe.vae.decode = torch.compile(pipe.vae.decode, mode=mode, backend=backend, dynamic=False)
+    return pipe
+
+
+def _variant(name: str, a: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from bench.bench_multigpu import raw_call, time_loop
+
+    device = "cpu" if a.tiny else "cuda"
+    pipe = build(name, a)
     run = SimpleNamespace(steps=a.steps, cfg=7.0, size=a.size)
     out: dict[str, Any] = {"variant": name}
     for batch in a.batch_list:

@@ -51,6 +51,7 @@ from .compiled import (
 )
 from .loras import LoraFile, find_loras
 from .schedulers import SchedulerBank, available_samplers
+from .textcache import DEFAULT_CACHE_BYTES, TextCache
 from .tiny import TINY_MODELS, tiny_model_dir
 
 __all__ = ["Engine", "Interrupted", "ModelSource", "resolve_model"]
@@ -141,6 +142,8 @@ class _Loaded:
     text_layers: int  # layers of the shallowest text encoder
     # LoRA content hash -> adapter name, least recently used first
     adapters: OrderedDict[str, str] = field(default_factory=OrderedDict)
+    # the text encoders' outputs for recent prompts (textcache.py); goes with the model
+    text_cache: TextCache = field(default_factory=TextCache)
 
 
 def _text_layers(pipe: Any) -> int:
@@ -204,10 +207,14 @@ class Engine:
     compile_sizes: tuple[tuple[int, int], ...] = ()  # compiled at start (none: the native)
     compile_cache: str | None = None  # the compile cache folder (None: colabswarm's own)
     compile_fn: Any = field(default=None, repr=False)  # test seam: instead of torch.compile
+    # bytes of text-encoder outputs kept for repeated prompts (textcache.py); 0 turns it off
+    text_cache_bytes: int = DEFAULT_CACHE_BYTES
 
     def __post_init__(self) -> None:
         if self.lora_cache < 1:
             raise InvalidRequest("lora_cache must be at least 1 (adapters kept loaded).")
+        if self.text_cache_bytes < 0:
+            raise InvalidRequest("text_cache_bytes must be 0 (off) or more.")
         self.compile = check_mode(self.compile)
         self.compile_batches = check_batches(self.compile_batches)
         self.compile_sizes = check_sizes(self.compile_sizes)
@@ -357,6 +364,7 @@ class Engine:
                 src.name, txt2img, img2img, SchedulerBank(txt2img.scheduler.config),
                 sdxl=getattr(txt2img, "text_encoder_2", None) is not None,
                 text_layers=_text_layers(txt2img),
+                text_cache=TextCache(self.text_cache_bytes),
             )
             self.step_seconds_per_mpix = None
             if self.warmup:
@@ -569,7 +577,9 @@ class Engine:
                                   adapters_loaded=bool(loaded.adapters))
         with plan as p, self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras,
                                                        p.unload_adapters):
-            with torch.inference_mode(), _text_model_alias(pipe):
+            # a LoRA job's adapters change the text encoders: it neither reads nor writes
+            with torch.inference_mode(), _text_model_alias(pipe), \
+                    loaded.text_cache.serving(pipe, enabled=not req.loras):
                 images = pipe(**common, callback_on_step_end=_callback).images
             self._read_gpu()
         self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)
@@ -662,6 +672,11 @@ class Engine:
         again, None when nothing is left."""
         with self._turn():
             return self._compiler.settle()
+
+    def text_cache_stats(self) -> dict[str, int] | None:
+        """Hits, misses, entries and bytes of the loaded model's text cache (None: no model)."""
+        loaded = self._loaded
+        return loaded.text_cache.stats() if loaded is not None else None
 
     def compile_info(self) -> Any:
         """What the compiled path has (protocol.CompileInfo), for /v1/info."""

@@ -1,0 +1,163 @@
+"""The text encoders' outputs for recent prompts, per loaded model: a repeated prompt is not
+encoded again.
+
+A swarm run is mostly one prompt: the controller splits N images of it into many jobs, and a
+worker encodes the same prompt and negative prompt for every one of them. On a compiled worker
+that encoding is what is left outside the compiled graphs: SD 1.5's two CLIP passes take about
+17 ms of a 160 ms batch-1 image on an H200, eager and bound by kernel launches
+(docs/BENCHMARKS.md, "Where a compiled image's time goes"). ComfyUI skips a text-encode node
+whose inputs did not change; this does the same below the pipeline, for every diffusers
+pipeline the engine runs (SD, SDXL's two encoders, txt2img and img2img), by answering a text
+encoder's call from memory when it is called with the same token ids and options as before.
+
+What it may answer, and why the answer is the same as encoding again:
+
+- only calls made on the thread that opened ``serving`` (the engine's job), never the compile
+  thread's;
+- only jobs without LoRAs: the engine turns every adapter off for those, which is the encoder
+  of the model as loaded; a LoRA job neither reads nor writes (its adapters change the encoder);
+- only calls whose arguments are tensors, numbers, strings, booleans or None; the key holds the
+  encoder's slot, every tensor's shape, dtype and bytes and every other value;
+- each answer is a copy (``clone``) of what the encoder returned, so nothing a pipeline does to
+  it reaches the next job.
+
+One ``TextCache`` belongs to one loaded model and goes with it. It is bounded in bytes (the
+outputs, hidden states included, live on the model's device), least recently used first out.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+__all__ = ["DEFAULT_CACHE_BYTES", "ENCODER_SLOTS", "TextCache"]
+
+DEFAULT_CACHE_BYTES = 64 * 2**20  # SDXL's two encoders keep about 8 MB per prompt
+ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
+_MAX_ENTRIES = 256
+
+
+class _Uncacheable(Exception):
+    """An argument the key cannot hold: the call goes to the encoder."""
+
+
+def _key_part(value: Any) -> Any:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        data = value.detach().cpu().contiguous()
+        return ("tensor", tuple(data.shape), str(data.dtype), data.numpy().tobytes())
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return (type(value).__name__, value)
+    raise _Uncacheable(type(value).__name__)
+
+
+def _copy(value: Any) -> Any:
+    """A copy of an encoder output: tensors cloned, tuples and the output object rebuilt."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, tuple) and not hasattr(value, "keys"):
+        return type(value)(_copy(v) for v in value)
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):  # transformers' ModelOutput
+        return type(value)(**{k: _copy(value[k]) for k in value.keys()})
+    return value
+
+
+def _nbytes(value: Any) -> int:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, tuple) and not hasattr(value, "keys"):
+        return sum(_nbytes(v) for v in value)
+    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
+        return sum(_nbytes(value[k]) for k in value.keys())
+    return 0
+
+
+class TextCache:
+    """Text-encoder outputs by (slot, arguments), least recently used first out."""
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        self.max_bytes = max(0, int(max_bytes))
+        self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries),
+                    "bytes": self._bytes, "max_bytes": self.max_bytes}
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+    @contextmanager
+    def serving(self, pipe: Any, enabled: bool = True) -> Iterator[None]:
+        """For the length of one pipeline call on this thread, the pipeline's text encoders
+        answer repeated calls from the cache (nothing changes if not enabled)."""
+        if not enabled or self.max_bytes == 0:
+            yield
+            return
+        owner = threading.get_ident()
+        undo = []
+        for slot in ENCODER_SLOTS:
+            enc = getattr(pipe, slot, None)
+            if enc is None or "forward" in enc.__dict__:  # absent, or wrapped already
+                continue
+            object.__setattr__(enc, "forward", self._wrap(slot, enc.forward, owner))
+            undo.append(enc)
+        try:
+            yield
+        finally:
+            for enc in undo:
+                enc.__dict__.pop("forward", None)
+
+    def _wrap(self, slot: str, forward: Any, owner: int) -> Any:
+        def cached_forward(*args: Any, **kw: Any) -> Any:
+            if threading.get_ident() != owner:
+                return forward(*args, **kw)
+            try:
+                pos = tuple(_key_part(a) for a in args)
+                named = tuple(sorted((k, _key_part(v)) for k, v in kw.items()))
+            except _Uncacheable:
+                return forward(*args, **kw)
+            key = (slot, pos, named)
+            with self._lock:
+                found = self._entries.get(key)
+                if found is not None:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                else:
+                    self.misses += 1
+            if found is not None:
+                return _copy(found[0])
+            out = forward(*args, **kw)
+            parts = [*pos, *(v for _, v in named)]
+            key_bytes = sum(len(p[3]) for p in parts if p[0] == "tensor")
+            self._put(key, _copy(out), _nbytes(out) + key_bytes)
+            return out
+
+        return cached_forward
+
+    def _put(self, key: tuple, value: Any, size: int) -> None:
+        with self._lock:
+            if size > self.max_bytes:
+                return
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1]
+            self._entries[key] = (value, size)
+            self._bytes += size
+            while self._bytes > self.max_bytes or len(self._entries) > _MAX_ENTRIES:
+                _, (_, dropped) = self._entries.popitem(last=False)
+                self._bytes -= dropped

@@ -1,0 +1,167 @@
+"""A repeated prompt is not encoded again, and every image stays what it was: the engine with
+its text cache against one without, job for job, on the real tiny SD and SDXL pipelines.
+
+The LoRA tests (tests/test_loras.py) run a worker with the cache on: a LoRA job right after
+the same prompt without one, its text-encoder half taking effect and the plain job after it
+coming back identical are checked there too."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from colabswarm.backend.engine import Engine
+from colabswarm.backend.loras import addnet_hash
+from colabswarm.backend.textcache import TextCache
+from colabswarm.backend.tiny import build_tiny_lora
+from colabswarm.errors import InvalidRequest
+from colabswarm.protocol import JobRequest, LoraRef
+from tests.imagecheck import assert_identical
+
+
+@pytest.fixture(scope="module")
+def lora(tmp_path_factory) -> tuple[str, LoraRef]:
+    path = build_tiny_lora(tmp_path_factory.mktemp("tc") / "fox.safetensors", "tiny", 7)
+    return str(path), LoraRef(name="fox", hash=addnet_hash(path))
+
+
+@pytest.fixture(scope="module")
+def engines(lora):
+    """The same two models with the cache (default size) and without it."""
+    return (Engine(models=["tiny", "tiny-xl"], loras=[lora[0]]),
+            Engine(models=["tiny", "tiny-xl"], loras=[lora[0]], text_cache_bytes=0))
+
+
+def _job(**kw) -> JobRequest:
+    return JobRequest(**{**dict(prompt="a red fox", width=64, height=64, steps=3, cfg=7.0,
+                                seeds=[5]), **kw})
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch):
+    """How often each text-encoder class really ran (the cache's own counts are not trusted)."""
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    calls = {"n": 0}
+    for cls in (CLIPTextModel, CLIPTextModelWithProjection):
+        real = cls.forward
+
+        def counting(self, *args, _real=real, **kw):
+            calls["n"] += 1
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(cls, "forward", counting)
+    return calls
+
+
+def test_repeated_prompts_skip_the_encoders_and_the_images_stay_the_same(engines, lora,
+                                                                         encoder_calls):
+    cached, plain = engines
+    fox = lora[1]
+    # (job, does the cached engine run its encoders for it?)
+    steps = [
+        (_job(), True),
+        (_job(seeds=[6, 7]), False),  # same prompt, other seeds and batch: no encoding
+        (_job(negative_prompt="blurry"), True),  # another negative prompt: encoded
+        (_job(clip_skip=2), True),  # SD's clip skip asks for the hidden states: encoded
+        (_job(clip_skip=2, seeds=[9]), False),
+        (_job(loras=[fox]), True),  # a LoRA changes the encoder: never from the cache
+        (_job(loras=[fox]), True),  # ... nor into it
+        (_job(), False),  # the plain prompt again, after the LoRA jobs
+        (_job(prompts=["a cat", "a dog"], seeds=[1, 2]), True),  # a prompt list
+        (_job(prompts=["a cat", "a dog"], seeds=[3, 4]), False),
+        (_job(kind="img2img", strength=0.5), False),  # img2img shares the text encoder
+        (_job(model="tiny-xl"), True),  # another model: its own encoders
+        (_job(model="tiny-xl", clip_skip=3), False),  # SDXL keeps every hidden state anyway
+        (_job(), True),  # back on SD 1.5: its cache went with the model
+    ]
+    init = None
+    for req, encodes in steps:
+        inits = None
+        if req.kind == "img2img":
+            inits = [init]
+        before = encoder_calls["n"]
+        got = cached.run(req, inits)
+        ran = encoder_calls["n"] - before
+        want = plain.run(req, inits)
+        what = f"{req.model or 'tiny'} {req.prompt!r} {req.prompts} neg={req.negative_prompt!r} "
+        what += f"clip_skip={req.clip_skip} loras={len(req.loras)} {req.kind}"
+        assert (ran > 0) == encodes, f"{what}: the encoders ran {ran} times"
+        assert len(got) == len(want) == len(req.seeds)
+        for g, w in zip(got, want, strict=True):
+            assert_identical(np.asarray(g, np.int16), np.asarray(w, np.int16),
+                             f"{what}: with the cache and without")
+        init = init or got[0]
+    stats = cached.text_cache_stats()
+    assert stats is not None and stats["entries"] == 2 and 0 < stats["bytes"] <= stats["max_bytes"]
+
+
+def _encoder_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    from colabswarm.backend.tiny import tiny_model_dir
+
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny"))
+    return pipe, SimpleNamespace(text_encoder=pipe.text_encoder)
+
+
+def _ids(pipe, text: str):
+    return pipe.tokenizer(text, padding="max_length", max_length=77,
+                          return_tensors="pt").input_ids
+
+
+def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder_calls):
+    import torch
+
+    pipe, holder = _encoder_pipe()
+    enc = pipe.text_encoder
+    fox, cat, dog = (_ids(pipe, t) for t in ("a red fox", "a cat", "a dog"))
+    with torch.inference_mode():
+        fresh = enc(fox).last_hidden_state.clone()
+        one = TextCache()
+        with one.serving(holder):
+            n = encoder_calls["n"]
+            for _ in range(3):  # a pipeline that changes what it got, encoded or remembered
+                enc(fox).last_hidden_state.add_(1.0)
+            assert encoder_calls["n"] == n + 1, "a repeated call is answered from the cache"
+            again = enc(fox)
+            assert torch.equal(again.last_hidden_state, fresh), "no answer changes another"
+            # another thread (the compiler's) is never answered from the cache
+            box = []
+            worker = threading.Thread(target=lambda: box.append(enc(fox)))
+            worker.start()
+            worker.join()
+            assert encoder_calls["n"] == n + 2 and torch.equal(box[0].last_hidden_state, fresh)
+        assert "forward" not in enc.__dict__, "the encoder is itself again after the call"
+        n = encoder_calls["n"]
+        enc(fox)
+        assert encoder_calls["n"] == n + 1, "no cache outside serving"
+
+        # room for two prompts: the least recently used one goes first
+        size = one.stats()["bytes"]
+        small = TextCache(max_bytes=2 * size + size // 2)
+        with small.serving(holder):
+            for ids in (fox, cat, fox, dog):  # fox used after cat: cat goes when dog comes
+                enc(ids)
+            n = encoder_calls["n"]
+            enc(fox)
+            assert encoder_calls["n"] == n, "the recently used prompt stayed"
+            enc(cat)
+            assert encoder_calls["n"] == n + 1, "the least recently used prompt went"
+        stats = small.stats()
+        assert stats["entries"] == 2 and stats["bytes"] <= stats["max_bytes"]
+        # an answer bigger than the whole cache is not kept; size 0 keeps nothing
+        for tiny in (TextCache(max_bytes=size // 2), TextCache(max_bytes=0)):
+            with tiny.serving(holder):
+                n = encoder_calls["n"]
+                enc(fox)
+                enc(fox)
+                assert encoder_calls["n"] == n + 2 and tiny.stats()["entries"] == 0
+
+
+def test_a_negative_size_is_refused():
+    with pytest.raises(InvalidRequest, match="text_cache_bytes"):
+        Engine(models=["tiny"], text_cache_bytes=-1)
