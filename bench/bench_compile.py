@@ -62,6 +62,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon, highly detailed"
+STAGES = ("raw", "off", "cold", "restart", "quiet", "rawc", "tuned")  # --only's names
 T0 = time.monotonic()
 _SHARE_RE = re.compile(r"^(https?://\S+#token=[A-Za-z0-9_\-]+)$")
 _SHAPE_RE = re.compile(
@@ -709,6 +710,10 @@ def main(argv: list[str] | None = None) -> int:
                         "bench_multigpu runs 'rawc' alone; 'raw,tuned' compares the "
                         "tuned inductor settings with raw diffusers)")
     a = p.parse_args(argv)
+    unknown = {s for s in a.only.split(",") if s} - set(STAGES)
+    if unknown:
+        p.error(f"unknown stage(s) in --only: {', '.join(sorted(unknown))} "
+                f"(stages: {', '.join(STAGES)})")
     a.models = [m for m in a.models.split(",") if m]
     a.modes = [m for m in a.modes.split(",") if m]
     a.gpus = [g for g in a.gpus.split(",") if g]
@@ -723,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
             a.sdxl_dir = "/tmp/cs-tiny-sdxl"
     if a.child:
         a.batches = [int(b) for b in a.batches.split(",") if b]
-        a.only = set(a.only.split(","))
+        a.only = {s for s in a.only.split(",") if s}
         a.cache_dir = Path(a.work) / "compile-cache"
         Path(a.work).mkdir(parents=True, exist_ok=True)
         return child_main(a)

@@ -325,6 +325,21 @@ def _commit() -> str | None:
     return (head + ("+" if dirty else "")) or None
 
 
+def source_digest(root: Path | None = None) -> str:
+    """SHA-256 over the paths and bytes of colabswarm/ and bench/ Python files: what ran, even
+    where the checkout's git is not the tree's (a device's copy can carry an older .git). To
+    check a result against a commit: ``git worktree add /tmp/c COMMIT`` and
+    ``python3 -c "from bench.bench_multigpu import source_digest; print(source_digest())"``
+    there."""
+    import hashlib
+
+    root = root or Path(__file__).resolve().parent.parent
+    h = hashlib.sha256()
+    for path in sorted([*root.glob("colabswarm/**/*.py"), *root.glob("bench/*.py")]):
+        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def versions(devices: list[str]) -> dict[str, Any]:
     import diffusers
     import PIL
@@ -334,7 +349,8 @@ def versions(devices: list[str]) -> dict[str, Any]:
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "diffusers": diffusers.__version__,
                             "transformers": transformers.__version__, "pillow": PIL.__version__,
-                            "cpus": os.cpu_count(), "devices": devices, "commit": _commit()}
+                            "cpus": os.cpu_count(), "devices": devices, "commit": _commit(),
+                            "source_sha256": source_digest()}
     try:
         import fastapi
         import httpx

@@ -122,7 +122,7 @@ def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder
     with torch.inference_mode():
         fresh = enc(fox).last_hidden_state.clone()
         one = TextCache()
-        with one.serving(holder):
+        with one.serving(holder, "owner"):
             n = encoder_calls["n"]
             for _ in range(3):  # a pipeline that changes what it got, encoded or remembered
                 enc(fox).last_hidden_state.add_(1.0)
@@ -143,7 +143,7 @@ def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder
         # room for two prompts: the least recently used one goes first
         size = one.stats()["bytes"]
         small = TextCache(max_bytes=2 * size + size // 2)
-        with small.serving(holder):
+        with small.serving(holder, "owner"):
             for ids in (fox, cat, fox, dog):  # fox used after cat: cat goes when dog comes
                 enc(ids)
             n = encoder_calls["n"]
@@ -155,7 +155,7 @@ def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder
         assert stats["entries"] == 2 and stats["bytes"] <= stats["max_bytes"]
         # an answer bigger than the whole cache is not kept; size 0 keeps nothing
         for tiny in (TextCache(max_bytes=size // 2), TextCache(max_bytes=0)):
-            with tiny.serving(holder):
+            with tiny.serving(holder, "owner"):
                 n = encoder_calls["n"]
                 enc(fox)
                 enc(fox)
@@ -165,3 +165,38 @@ def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder
 def test_a_negative_size_is_refused():
     with pytest.raises(InvalidRequest, match="text_cache_bytes"):
         Engine(models=["tiny"], text_cache_bytes=-1)
+
+
+def test_one_tokens_prompts_never_answer_anothers(encoder_calls):
+    """A guest's job with the owner's prompt is encoded again (a faster job would tell the guest
+    that prompt was used lately); each token's own repeats are answered."""
+    import time
+
+    import httpx
+
+    from colabswarm.backend.serve import start_worker
+
+    handle = start_worker(name="text-cache", engine=Engine(models=["tiny"]))
+    try:
+        guest = handle.add_guest("gina").split("#token=")[1]
+
+        def run(token: str) -> int:
+            before = encoder_calls["n"]
+            with httpx.Client(base_url=handle.local_url, timeout=60,
+                              headers={"Authorization": f"Bearer {token}"}) as http:
+                r = http.post("/v1/jobs", json={"prompt": "a red fox", "width": 64,
+                                                "height": 64, "steps": 2})
+                assert r.status_code == 202, r.text
+                deadline = time.monotonic() + 60
+                while (state := http.get(f"/v1/jobs/{r.json()['id']}").json()["state"]) in (
+                        "queued", "running") and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert state == "done"
+            return encoder_calls["n"] - before
+
+        assert run(handle.token) > 0, "the owner's first job encodes"
+        assert run(handle.token) == 0, "the owner's repeat is answered"
+        assert run(guest) > 0, "the guest's job with the owner's prompt encodes again"
+        assert run(guest) == 0, "the guest's own repeat is answered"
+    finally:
+        handle.stop()

@@ -41,7 +41,8 @@ log = logging.getLogger("colabswarm.jobs")
 class Runner(Protocol):
     """What the job thread needs from an engine (the real one or the bench simulator)."""
 
-    def run(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any) -> list: ...
+    def run(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any, *,
+            owner: str = "owner") -> list: ...
 
 
 def out_of_memory_types() -> tuple[type[BaseException], ...]:
@@ -399,7 +400,8 @@ class JobManager:
                 self._changed(job)
 
         try:
-            images = self.runner.run(job.req, job.init_images, on_step, lambda: job.stop)
+            images = self.runner.run(job.req, job.init_images, on_step, lambda: job.stop,
+                                     owner=job.owner)
             if len(images) != len(job.req.seeds):
                 raise RuntimeError(
                     f"engine returned {len(images)} images for {len(job.req.seeds)} seeds"

@@ -91,6 +91,8 @@ class SimulatedEngine:
         init_images: Any = None,
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        *,
+        owner: str = "owner",
     ) -> list[Image.Image]:
         self.load(req.model)
         n = len(req.seeds)

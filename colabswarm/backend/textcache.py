@@ -17,7 +17,9 @@ What it may answer, and why the answer is the same as encoding again:
 - only jobs without LoRAs: the engine turns every adapter off for those, which is the encoder
   of the model as loaded; a LoRA job neither reads nor writes (its adapters change the encoder);
 - only calls whose arguments are tensors, numbers, strings, booleans or None; the key holds the
-  encoder's slot, every tensor's shape, dtype and bytes and every other value;
+  job's token (its name: "owner" or a guest's), the encoder's slot, every tensor's shape, dtype
+  and bytes and every other value. With the token in the key, a guest cannot learn from a
+  faster job that someone else used a prompt lately; a swarm's jobs all come with one token;
 - each answer is a copy (``clone``) of what the encoder returned, so nothing a pipeline does to
   it reaches the next job.
 
@@ -102,9 +104,10 @@ class TextCache:
             self._bytes = 0
 
     @contextmanager
-    def serving(self, pipe: Any, enabled: bool = True) -> Iterator[None]:
+    def serving(self, pipe: Any, scope: str, enabled: bool = True) -> Iterator[None]:
         """For the length of one pipeline call on this thread, the pipeline's text encoders
-        answer repeated calls from the cache (nothing changes if not enabled)."""
+        answer repeated calls from the cache (nothing changes if not enabled). ``scope`` (the
+        job's token) is part of every key: one token's prompts never answer another's."""
         if not enabled or self.max_bytes == 0:
             yield
             return
@@ -114,7 +117,7 @@ class TextCache:
             enc = getattr(pipe, slot, None)
             if enc is None or "forward" in enc.__dict__:  # absent, or wrapped already
                 continue
-            object.__setattr__(enc, "forward", self._wrap(slot, enc.forward, owner))
+            object.__setattr__(enc, "forward", self._wrap((scope, slot), enc.forward, owner))
             undo.append(enc)
         try:
             yield
@@ -122,7 +125,7 @@ class TextCache:
             for enc in undo:
                 enc.__dict__.pop("forward", None)
 
-    def _wrap(self, slot: str, forward: Any, owner: int) -> Any:
+    def _wrap(self, where: tuple[str, str], forward: Any, owner: int) -> Any:
         def cached_forward(*args: Any, **kw: Any) -> Any:
             if threading.get_ident() != owner:
                 return forward(*args, **kw)
@@ -131,7 +134,7 @@ class TextCache:
                 named = tuple(sorted((k, _key_part(v)) for k, v in kw.items()))
             except _Uncacheable:
                 return forward(*args, **kw)
-            key = (slot, pos, named)
+            key = (where, pos, named)
             with self._lock:
                 found = self._entries.get(key)
                 if found is not None:
