@@ -127,7 +127,7 @@ class FailingEngine(SimulatedEngine):
 
     frees = 0
 
-    def run(self, req, init_images=None, on_step=None, should_stop=None, *, owner="owner"):
+    def run(self, req, init_images=None, on_step=None, should_stop=None, *, scope="owner"):
         if req.prompt == "oom":  # what torch raises when CUDA (or another device) is full
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         if req.prompt == "says oom":  # the same words, not the type: a crash

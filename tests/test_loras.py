@@ -172,6 +172,9 @@ def test_weights_apply_per_job_and_nothing_stays_active(lora_worker, lora_files)
             assert_different(full, before, "a LoRA at weight 1 and no LoRA")
             assert_identical(zero, before, "a LoRA at weight 0 and no LoRA")
             assert_different(half, full, "weights 0.5 and 1")
+            # (its text encoding comes from the worker's text cache: that no adapter stays on
+            # in the text encoder is checked against an engine without the cache in
+            # tests/test_text_cache.py)
             assert_identical(after, before, "no LoRA after a LoRA job, and before any")
             # A1111's 12-digit short hash names the same file
             short = LoraRef(name="alpha", hash=h["alpha"][:12])

@@ -136,6 +136,10 @@ def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder
             worker.join()
             assert encoder_calls["n"] == n + 2 and torch.equal(box[0].last_hidden_state, fresh)
         assert "forward" not in enc.__dict__, "the encoder is itself again after the call"
+        with pytest.raises(RuntimeError), one.serving(holder, "owner"):
+            enc(fox)
+            raise RuntimeError("a job that failed or was interrupted")
+        assert "forward" not in enc.__dict__, "the encoder is itself again after a failure"
         n = encoder_calls["n"]
         enc(fox)
         assert encoder_calls["n"] == n + 1, "no cache outside serving"
@@ -198,5 +202,41 @@ def test_one_tokens_prompts_never_answer_anothers(encoder_calls):
         assert run(handle.token) == 0, "the owner's repeat is answered"
         assert run(guest) > 0, "the guest's job with the owner's prompt encodes again"
         assert run(guest) == 0, "the guest's own repeat is answered"
+        # revoked and added again under the same name: another token, nothing inherited
+        assert handle.revoke("gina")
+        guest = handle.add_guest("gina").split("#token=")[1]
+        assert run(guest) > 0, "a new token of an old name encodes again"
     finally:
         handle.stop()
+
+
+def test_what_the_key_or_the_copy_cannot_hold_goes_to_the_encoder_each_time():
+    """An argument the key cannot hold (here a list) or an answer the cache cannot copy and
+    measure (here a list) is never kept: each call runs."""
+    import torch
+
+    class Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, ids, extra=None, as_list=False):
+            self.calls += 1
+            out = ids.float() * 2
+            return [out] if as_list else (out,)
+
+    enc = Encoder()
+    holder = SimpleNamespace(text_encoder=enc)
+    cache = TextCache()
+    ids = torch.arange(4)
+    with cache.serving(holder, "owner"):
+        enc(ids)
+        enc(ids)
+        assert enc.calls == 1, "a plain tuple answer is kept"
+        enc(ids, extra=[1, 2])
+        enc(ids, extra=[1, 2])
+        assert enc.calls == 3, "a list argument is not a key"
+        enc(ids, as_list=True)
+        enc(ids, as_list=True)
+        assert enc.calls == 5, "a list answer is not kept"
+    assert cache.stats()["entries"] == 1

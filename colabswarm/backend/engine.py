@@ -472,6 +472,8 @@ class Engine:
 
         self._free_pending = False
         self._upscaled.clear()
+        if self._loaded is not None:  # the cached encodings are device memory too
+            self._loaded.text_cache.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -485,14 +487,14 @@ class Engine:
         on_step: ProgressFn | None = None,
         should_stop: Callable[[], bool] | None = None,
         *,
-        owner: str = "owner",
+        scope: str = "owner",
     ) -> list[Image.Image]:
         """Run one job; raises Interrupted if should_stop() turns true between steps. The
         engine's lock is held throughout (a free() asked for meanwhile happens after it).
-        ``owner`` is the token the job came with ("owner" or a guest's name): cached prompt
-        encodings are that token's own (textcache.py)."""
+        ``scope`` is the job's token (``guests.Who.scope``): cached prompt encodings are that
+        token's own (textcache.py)."""
         with self._turn():
-            return self._run(req, init_images, on_step, should_stop, owner)
+            return self._run(req, init_images, on_step, should_stop, scope)
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
@@ -507,7 +509,7 @@ class Engine:
 
     def _run(self, req: JobRequest, init_images: list[Image.Image] | None,
              on_step: ProgressFn | None, should_stop: Callable[[], bool] | None,
-             owner: str = "owner") -> list[Image.Image]:
+             scope: str = "owner") -> list[Image.Image]:
         n = len(req.seeds)
         inits = list(init_images or [])
         if req.kind != "txt2img":
@@ -583,7 +585,7 @@ class Engine:
                                                        p.unload_adapters):
             # a LoRA job's adapters change the text encoders: it neither reads nor writes
             with torch.inference_mode(), _text_model_alias(pipe), \
-                    loaded.text_cache.serving(pipe, owner, enabled=not req.loras):
+                    loaded.text_cache.serving(pipe, scope, enabled=not req.loras):
                 images = pipe(**common, callback_on_step_end=_callback).images
             self._read_gpu()
         self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)

@@ -81,6 +81,9 @@ class Who:
     name: str                          # "owner" or the guest's name
     role: str                          # "owner" | "guest"
     limits: GuestLimits | None = None  # a guest's
+    # what the worker's per-token caches are keyed by: one token's own (a guest revoked and
+    # added again under its name with a new token starts afresh); never leaves the process
+    scope: str = field(default=OWNER, compare=False)
 
     @property
     def is_owner(self) -> bool:
@@ -167,7 +170,8 @@ class TokenBook:
         with self._lock:
             entry = self._find(name)
             self._entries = tuple(
-                _Entry(Who(e.who.name, "guest", limits), e.digest, e.token) if e is entry else e
+                _Entry(Who(e.who.name, "guest", limits, e.who.scope), e.digest, e.token)
+                if e is entry else e
                 for e in self._entries)
             self._save()
 
@@ -209,8 +213,9 @@ class TokenBook:
     def _put(self, name: str, token: str, limits: GuestLimits) -> None:
         if hmac.compare_digest(_digest(token), self._owner.digest):
             raise InvalidRequest(f"Guest {name!r} cannot have the owner's token.")
-        self._entries = (*self._entries, _Entry(Who(name, "guest", limits), _digest(token),
-                                                token))
+        digest = _digest(token)
+        self._entries = (*self._entries, _Entry(Who(name, "guest", limits, digest.hex()[:32]),
+                                                digest, token))
         self._ever.add(token)
 
     def _save(self) -> None:

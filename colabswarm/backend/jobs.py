@@ -42,7 +42,7 @@ class Runner(Protocol):
     """What the job thread needs from an engine (the real one or the bench simulator)."""
 
     def run(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any, *,
-            owner: str = "owner") -> list: ...
+            scope: str = "owner") -> list: ...  # scope: the job's token (Who.scope)
 
 
 def out_of_memory_types() -> tuple[type[BaseException], ...]:
@@ -117,6 +117,7 @@ class Job:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     out_size: tuple[int, int] = (0, 0)
     owner: str = "owner"  # the token's name: "owner" or a guest's
+    scope: str = "owner"  # the token's own key for the engine's caches (guests.Who.scope)
     ended: bool = False   # the end hook has run
 
     def __post_init__(self) -> None:
@@ -198,7 +199,7 @@ class JobManager:
 
     # ----- what handlers call --------------------------------------------------------------
     def submit(self, req: JobRequest, init_images: list[Image.Image],
-               owner: str = "owner") -> JobStatus:
+               owner: str = "owner", scope: str | None = None) -> JobStatus:
         with self._lock:
             self._sweep()
             waiting = len(self._queue) + (1 if self.running else 0)
@@ -215,7 +216,8 @@ class JobManager:
                     "or use another worker.",
                     kind=ErrorKind.QUEUE_FULL, retry_after_s=wait,
                 )
-            job = Job(secrets.token_hex(8), req, init_images, owner=owner)
+            job = Job(secrets.token_hex(8), req, init_images, owner=owner,
+                      scope=scope or owner)
             self._jobs[job.id] = job
             self._queue.push(job, owner, len(req.seeds))
             self._lock.notify_all()
@@ -401,7 +403,7 @@ class JobManager:
 
         try:
             images = self.runner.run(job.req, job.init_images, on_step, lambda: job.stop,
-                                     owner=job.owner)
+                                     scope=job.scope)
             if len(images) != len(job.req.seeds):
                 raise RuntimeError(
                     f"engine returned {len(images)} images for {len(job.req.seeds)} seeds"

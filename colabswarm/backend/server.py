@@ -349,7 +349,7 @@ class WorkerApp:
         if refusal is not None:
             self.log.note(logging.INFO, f"refused a job of {who.name}: {refusal}")
             raise refusal
-        status = self.jobs.submit(req, images, owner=who.name)
+        status = self.jobs.submit(req, images, owner=who.name, scope=who.scope)
         self.usage.accepted(who, status.id, len(req.seeds), now)
         return status
 

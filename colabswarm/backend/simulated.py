@@ -92,7 +92,7 @@ class SimulatedEngine:
         on_step: Callable[[int, int], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         *,
-        owner: str = "owner",
+        scope: str = "owner",
     ) -> list[Image.Image]:
         self.load(req.model)
         n = len(req.seeds)

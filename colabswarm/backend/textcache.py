@@ -57,17 +57,25 @@ def _key_part(value: Any) -> Any:
     raise _Uncacheable(type(value).__name__)
 
 
+def _is_output(value: Any) -> bool:
+    """transformers' ModelOutput (an ordered dict of fields, rebuilt from them)."""
+    return any(c.__name__ == "ModelOutput" for c in type(value).__mro__)
+
+
 def _copy(value: Any) -> Any:
-    """A copy of an encoder output: tensors cloned, tuples and the output object rebuilt."""
+    """A copy of an encoder output: tensors cloned, tuples and the output object rebuilt;
+    _Uncacheable for anything else but None (it could not be copied or measured)."""
     import torch
 
+    if value is None:
+        return None
     if isinstance(value, torch.Tensor):
         return value.clone()
-    if isinstance(value, tuple) and not hasattr(value, "keys"):
-        return type(value)(_copy(v) for v in value)
-    if hasattr(value, "keys") and hasattr(value, "__getitem__"):  # transformers' ModelOutput
+    if type(value) is tuple:
+        return tuple(_copy(v) for v in value)
+    if _is_output(value):
         return type(value)(**{k: _copy(value[k]) for k in value.keys()})
-    return value
+    raise _Uncacheable(type(value).__name__)
 
 
 def _nbytes(value: Any) -> int:
@@ -75,9 +83,9 @@ def _nbytes(value: Any) -> int:
 
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
-    if isinstance(value, tuple) and not hasattr(value, "keys"):
+    if type(value) is tuple:
         return sum(_nbytes(v) for v in value)
-    if hasattr(value, "keys") and hasattr(value, "__getitem__"):
+    if _is_output(value):
         return sum(_nbytes(value[k]) for k in value.keys())
     return 0
 
@@ -113,13 +121,15 @@ class TextCache:
             return
         owner = threading.get_ident()
         undo = []
-        for slot in ENCODER_SLOTS:
-            enc = getattr(pipe, slot, None)
-            if enc is None or "forward" in enc.__dict__:  # absent, or wrapped already
-                continue
-            object.__setattr__(enc, "forward", self._wrap((scope, slot), enc.forward, owner))
-            undo.append(enc)
         try:
+            for slot in ENCODER_SLOTS:
+                enc = getattr(pipe, slot, None)
+                # absent, or its forward replaced already (accelerate's hooks of a model spread
+                # over devices do that): such an encoder is not cached
+                if enc is None or "forward" in enc.__dict__:
+                    continue
+                object.__setattr__(enc, "forward", self._wrap((scope, slot), enc.forward, owner))
+                undo.append(enc)
             yield
         finally:
             for enc in undo:
@@ -132,7 +142,7 @@ class TextCache:
             try:
                 pos = tuple(_key_part(a) for a in args)
                 named = tuple(sorted((k, _key_part(v)) for k, v in kw.items()))
-            except _Uncacheable:
+            except Exception:  # noqa: BLE001 - any argument the key cannot hold: not cached
                 return forward(*args, **kw)
             key = (where, pos, named)
             with self._lock:
@@ -145,9 +155,13 @@ class TextCache:
             if found is not None:
                 return _copy(found[0])
             out = forward(*args, **kw)
+            try:
+                kept = _copy(out)
+            except _Uncacheable:  # an answer of a kind the cache cannot copy: not kept
+                return out
             parts = [*pos, *(v for _, v in named)]
             key_bytes = sum(len(p[3]) for p in parts if p[0] == "tensor")
-            self._put(key, _copy(out), _nbytes(out) + key_bytes)
+            self._put(key, kept, _nbytes(out) + key_bytes)
             return out
 
         return cached_forward
