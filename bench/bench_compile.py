@@ -91,7 +91,8 @@ class Worker:
                "--port", "0", "--name", name, "--compile", mode,
                "--compile-batches", ",".join(str(b) for b in a.batches),
                "--compile-sizes", f"{a.size}x{a.size}",
-               "--compile-cache", str(a.cache_dir), "--parent-pid", str(os.getpid())]
+               "--compile-cache", str(a.cache_dir), "--parent-pid", str(os.getpid()),
+               "--text-cache-mb", str(a.text_cache_mb)]
         # a crash in native code prints every thread's Python stack (kept in the JSON)
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"}
         if inductor_dir is not None:
@@ -470,6 +471,7 @@ class Child:
 
         self.res["versions"] = versions([a.device])
         self.res["switch_ms_env"] = os.environ.get("COLABSWARM_COMPILE_SWITCH_MS")
+        self.res["text_cache_mb"] = a.text_cache_mb
         t0 = time.perf_counter()
         prepare_folder(a.model_dir, "sdxl" if a.child == "sdxl" else "sd15", tiny=a.tiny)
         self.res["build_s"] = round(time.perf_counter() - t0, 1)
@@ -548,6 +550,7 @@ def _child_cmd(a: argparse.Namespace, model: str, deadline: float, json_path: Pa
         cmd.append("--tiny")
     if not a.fused:
         cmd.append("--no-fused")
+    cmd += ["--text-cache-mb", str(a.text_cache_mb)]
     if not a.raw_compiled:
         cmd.append("--no-raw-compiled")
     return cmd
@@ -695,6 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compare-images", type=int, default=4,
                    help="seeds compared at batch 1 (at a larger batch: one job of them)")
     p.add_argument("--work", default="/tmp/bench-compile")
+    p.add_argument("--text-cache-mb", type=float, default=64.0,
+                   help="the workers' text cache (0: off, to measure what it is worth)")
     p.add_argument("--no-fused", dest="fused", action="store_false",
                    help="skip the raw fused-QKV + channels_last rows")
     p.add_argument("--no-raw-compiled", dest="raw_compiled", action="store_false",

@@ -61,7 +61,7 @@ def _worker(args: argparse.Namespace) -> int:
             loras=(args.lora or []) + ([args.loras_dir] if args.loras_dir else []) or None,
             lora_cache=args.lora_cache, compile=args.compile,
             compile_batches=args.compile_batches, compile_sizes=args.compile_sizes,
-            compile_cache=args.compile_cache,
+            compile_cache=args.compile_cache, text_cache_mb=args.text_cache_mb,
         )
     except ColabSwarmError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
@@ -140,6 +140,7 @@ def _serve_gpus(args: argparse.Namespace) -> int:
         extra += ["--compile-sizes", args.compile_sizes]
     if args.compile_cache:
         extra += ["--compile-cache", args.compile_cache]
+    extra += ["--text-cache-mb", str(args.text_cache_mb)]
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -299,6 +300,9 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--compile-cache", default=None, metavar="FOLDER",
                    help="keep compiled artifacts here so a restart skips most of the compile "
                         "(default: colabswarm's cache folder); a folder only you can write to")
+    w.add_argument("--text-cache-mb", type=float, default=64.0, metavar="MIB",
+                   help="device memory kept for the text encoders' answers to recent prompts, "
+                        "so a repeated prompt is not encoded again (default 64; 0 = off)")
     w.add_argument("--max-pixels", type=int, default=None)
     w.add_argument("--max-steps", type=int, default=None)
     from .protocol import Limits

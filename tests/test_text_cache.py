@@ -240,3 +240,25 @@ def test_what_the_key_or_the_copy_cannot_hold_goes_to_the_encoder_each_time():
         enc(ids, as_list=True)
         assert enc.calls == 5, "a list answer is not kept"
     assert cache.stats()["entries"] == 1
+
+
+def test_the_owner_sizes_or_turns_off_the_cache():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from colabswarm.backend.serve import make_engine
+
+    assert make_engine("tiny", text_cache_mb=0).text_cache_bytes == 0
+    assert make_engine("tiny", text_cache_mb=8).text_cache_bytes == 8 * 2**20
+    for bad in (-1, float("nan")):
+        with pytest.raises(InvalidRequest, match="text_cache_mb"):
+            make_engine("tiny", text_cache_mb=bad)
+    r = subprocess.run(
+        [sys.executable, "-m", "colabswarm", "worker", "--model", "tiny", "--port", "0",
+         "--tunnel", "none", "--text-cache-mb", "-1"],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "text_cache_mb must be 0 (off) or more" in r.stderr and "Traceback" not in r.stderr

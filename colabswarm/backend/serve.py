@@ -120,12 +120,15 @@ def make_engine(
     compile_batches: str | tuple[int, ...] | list[int] = DEFAULT_BATCHES,
     compile_sizes: str | list[tuple[int, int]] | None = None,
     compile_cache: str | os.PathLike[str] | None = None,
+    text_cache_mb: float = 64.0,
 ) -> Any:
     """The real diffusers engine, or the bench-only simulator when simulate_speed is set.
 
     ``loras``: .safetensors LoRA files and/or folders of them (searched recursively), offered
     by file name; ``lora_cache``: how many stay loaded between jobs. ``compile``: off, auto,
-    reduce-overhead or default (see start_worker)."""
+    reduce-overhead or default (see start_worker). ``text_cache_mb``: see start_worker."""
+    if not text_cache_mb >= 0:  # also NaN
+        raise InvalidRequest(f"text_cache_mb must be 0 (off) or more MiB, not {text_cache_mb}.")
     compile = check_mode(compile)
     batches = check_batches(compile_batches)
     models = [model] if isinstance(model, str) else list(model)
@@ -145,6 +148,7 @@ def make_engine(
         lora_cache=lora_cache, compile=compile, compile_batches=batches,
         compile_sizes=check_sizes(compile_sizes),
         compile_cache=os.fspath(compile_cache) if compile_cache is not None else None,
+        text_cache_bytes=int(text_cache_mb * 2**20),
     )
 
 
@@ -373,6 +377,7 @@ def start_worker(
     compile_batches: str | tuple[int, ...] | list[int] = DEFAULT_BATCHES,
     compile_sizes: str | list[tuple[int, int]] | None = None,
     compile_cache: str | os.PathLike[str] | None = None,
+    text_cache_mb: float = 64.0,
 ) -> WorkerHandle:
     """Serve a model from this process on a background thread; returns at once with a handle.
 
@@ -396,6 +401,8 @@ def start_worker(
     ``compile_cache``: a folder for compiled artifacts, so a restart skips most of the compile
     (default: colabswarm's cache folder; on Colab, a Drive folder keeps them across sessions).
     Only point it at a folder nobody else can write to: the worker runs what it finds there.
+    ``text_cache_mb``: device memory for the text encoders' answers to recent prompts, so a
+    repeated prompt is not encoded again (default 64; 0 turns it off).
     """
     import uvicorn
 
@@ -408,7 +415,7 @@ def start_worker(
         simulate_step_seconds=simulate_step_seconds,
         simulate_load_seconds=simulate_load_seconds, loras=loras, lora_cache=lora_cache,
         compile=compile, compile_batches=check_batches(compile_batches, lim.max_images),
-        compile_sizes=compile_sizes, compile_cache=compile_cache,
+        compile_sizes=compile_sizes, compile_cache=compile_cache, text_cache_mb=text_cache_mb,
     )
     worker = WorkerApp(
         eng, token, lim, name=clean_name(name or socket.gethostname()),
