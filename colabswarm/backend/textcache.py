@@ -12,8 +12,9 @@ encoder's call from memory when it is called with the same token ids and options
 
 What it may answer, and why the answer is the same as encoding again:
 
-- only calls made on the thread that opened ``serving`` (the engine's job), never the compile
-  thread's;
+- only calls made on the thread that opened ``serving`` (the engine's job): another thread
+  using the same encoder objects meanwhile (the compile thread shares them) is answered by the
+  encoder;
 - only jobs without LoRAs: the engine turns every adapter off for those, which is the encoder
   of the model as loaded; a LoRA job neither reads nor writes (its adapters change the encoder);
 - only calls whose arguments are tensors, numbers, strings, booleans or None; the key holds the
