@@ -18,14 +18,16 @@ What it may answer, and why the answer is the same as encoding again:
 - only jobs without LoRAs: the engine turns every adapter off for those, which is the encoder
   of the model as loaded; a LoRA job neither reads nor writes (its adapters change the encoder);
 - only calls whose arguments are tensors, numbers, strings, booleans or None; the key holds the
-  job's token (its name: "owner" or a guest's), the encoder's slot, every tensor's shape, dtype
-  and bytes and every other value. With the token in the key, a guest cannot learn from a
-  faster job that someone else used a prompt lately; a swarm's jobs all come with one token;
-- each answer is a copy (``clone``) of what the encoder returned, so nothing a pipeline does to
-  it reaches the next job.
+  job's token (``guests.Who.scope``: from the token's digest, "owner" for the owner), the
+  encoder's slot, every tensor's shape, dtype and bytes and every other value. With the token
+  in the key, a guest cannot learn from a faster job that someone else used a prompt lately;
+  a swarm's jobs all come with one token;
+- only answers made of tensors, tuples and transformers' output objects, each kept and given
+  out as a copy (``clone``), so nothing a pipeline does to one reaches the next job.
 
-One ``TextCache`` belongs to one loaded model and goes with it. It is bounded in bytes (the
-outputs, hidden states included, live on the model's device), least recently used first out.
+One ``TextCache`` belongs to one loaded model and goes with it; the engine empties it when it
+frees memory. It is bounded in bytes (the outputs, hidden states included, live on the model's
+device) and in entries, least recently used first out.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ _MAX_ENTRIES = 256
 
 
 class _Uncacheable(Exception):
-    """An argument the key cannot hold: the call goes to the encoder."""
+    """An argument the key cannot hold, or an answer the cache cannot copy: not kept."""
 
 
 def _key_part(value: Any) -> Any:
