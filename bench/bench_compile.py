@@ -715,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
                         "bench_multigpu runs 'rawc' alone; 'raw,tuned' compares the "
                         "tuned inductor settings with raw diffusers)")
     a = p.parse_args(argv)
-    unknown = {s for s in a.only.split(",") if s} - set(STAGES)
+    stages = {s for s in a.only.split(",") if s}
+    unknown = stages - set(STAGES)
     if unknown:
         p.error(f"unknown stage(s) in --only: {', '.join(sorted(unknown))} "
                 f"(stages: {', '.join(STAGES)})")
@@ -733,7 +734,7 @@ def main(argv: list[str] | None = None) -> int:
             a.sdxl_dir = "/tmp/cs-tiny-sdxl"
     if a.child:
         a.batches = [int(b) for b in a.batches.split(",") if b]
-        a.only = {s for s in a.only.split(",") if s}
+        a.only = stages
         a.cache_dir = Path(a.work) / "compile-cache"
         Path(a.work).mkdir(parents=True, exist_ok=True)
         return child_main(a)

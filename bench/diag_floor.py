@@ -110,6 +110,37 @@ def _gpu_profile(call: Callable[[], Any], trace: Path) -> dict[str, Any]:
                              for g, a, b in gaps[:8]]}
 
 
+def _pipe_call(pipe: Any, a: argparse.Namespace, batch: int, *, output_type: str = "pil",
+               embeds: tuple[Any, Any] | None = None) -> Any:
+    """One pipeline call of `batch` images, one CPU generator each (as the raw loop): from the
+    prompt, or from its (prompt, negative) embeddings as a cached prompt gives them."""
+    import torch
+
+    from bench.bench_multigpu import PROMPT
+
+    given = ({"prompt": PROMPT} if embeds is None else
+             {"prompt_embeds": embeds[0][:1], "negative_prompt_embeds": embeds[1][:1]})
+    gens = [torch.Generator("cpu").manual_seed(s) for s in range(batch)]
+    with torch.inference_mode():
+        return pipe(**given, num_inference_steps=a.steps, guidance_scale=7.0,
+                    num_images_per_prompt=batch, generator=gens, width=a.size, height=a.size,
+                    output_type=output_type).images
+
+
+def _replay(fn: Callable[..., Any], recorded: dict[str, Any]) -> Callable[[], Any]:
+    """A call of fn with the arguments _record kept (a new CUDA graph step each time)."""
+    import torch
+
+    mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
+
+    def call() -> Any:
+        mark()
+        with torch.inference_mode():
+            return fn(*recorded["args"], **recorded["kw"])
+
+    return call
+
+
 def measure(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -131,55 +162,31 @@ def measure(a: argparse.Namespace) -> dict[str, Any]:
         row["img_s"] = round(timed["img_s"], 3)
         row["pipe_ms"] = round(timed["seconds"] * 1000 / calls, 2)
 
-        def latent_call(batch: int = batch) -> Any:
-            gens = [torch.Generator("cpu").manual_seed(s) for s in range(batch)]
-            with torch.inference_mode():
-                return pipe(prompt=PROMPT, num_inference_steps=a.steps, guidance_scale=7.0,
-                            num_images_per_prompt=batch, generator=gens, width=a.size,
-                            height=a.size, output_type="latent").images
-
-        row["latent_ms"] = round(_timed(latent_call, calls, 1, sync), 2)
+        row["latent_ms"] = round(_timed(
+            lambda batch=batch: _pipe_call(pipe, a, batch, output_type="latent"), calls, 1,
+            sync), 2)
         unet_in: dict[str, Any] = {}
         vae_in: dict[str, Any] = {}
         undo = [_record(pipe.unet, "forward", unet_in), _record(pipe.vae, "decode", vae_in)]
         raw_call(pipe, list(range(batch)), run)
         for u in undo:
             u()
-        mark = getattr(torch.compiler, "cudagraph_mark_step_begin", lambda: None)
-
-        def unet(mark: Any = mark, unet_in: dict = unet_in) -> Any:
-            mark()
-            with torch.inference_mode():
-                return pipe.unet(*unet_in["args"], **unet_in["kw"])
-
-        def decode(mark: Any = mark, vae_in: dict = vae_in) -> Any:
-            mark()
-            with torch.inference_mode():
-                return pipe.vae.decode(*vae_in["args"], **vae_in["kw"])
-
         def text(batch: int = batch) -> Any:
             with torch.inference_mode():
                 return pipe.encode_prompt(PROMPT, pipe.device, batch, True, None)
 
-        row["unet_ms"] = round(_timed(unet, 4 * a.steps, 3, sync), 3)
-        row["decode_ms"] = round(_timed(decode, 6, 2, sync), 2)
+        row["unet_ms"] = round(_timed(_replay(pipe.unet, unet_in), 4 * a.steps, 3, sync), 3)
+        row["decode_ms"] = round(_timed(_replay(pipe.vae.decode, vae_in), 6, 2, sync), 2)
         row["text_ms"] = round(_timed(text, 10, 2, sync), 2)
         floor = a.steps * row["unet_ms"] + row["decode_ms"] + row["text_ms"]
         row["floor_ms"] = round(floor, 2)
         row["waits_ms"] = round(row["pipe_ms"] - floor, 2)
         row["floor_img_s"] = round(batch * 1000 / floor, 3)
         if a.model == "sd15":  # the call with the prompt encoded beforehand (a cached prompt)
-            pe, ne = text()
-
-            def embeds_call(batch: int = batch, pe: Any = pe, ne: Any = ne) -> Any:
-                gens = [torch.Generator("cpu").manual_seed(s) for s in range(batch)]
-                with torch.inference_mode():
-                    return pipe(prompt_embeds=pe[:1], negative_prompt_embeds=ne[:1],
-                                num_inference_steps=a.steps, guidance_scale=7.0,
-                                num_images_per_prompt=batch, generator=gens, width=a.size,
-                                height=a.size).images
-
-            row["pipe_embeds_ms"] = round(_timed(embeds_call, calls, 1, sync), 2)
+            embeds = text()
+            row["pipe_embeds_ms"] = round(_timed(
+                lambda batch=batch, e=embeds: _pipe_call(pipe, a, batch, embeds=e), calls, 1,
+                sync), 2)
             row["embeds_img_s"] = round(batch * 1000 / row["pipe_embeds_ms"], 3)
         if cuda and a.profile:
             try:

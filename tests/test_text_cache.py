@@ -97,6 +97,12 @@ def test_repeated_prompts_skip_the_encoders_and_the_images_stay_the_same(engines
         init = init or got[0]
     stats = cached.text_cache_stats()
     assert stats is not None and stats["entries"] == 2 and 0 < stats["bytes"] <= stats["max_bytes"]
+    # freeing memory (asked by the owner, or after an out-of-memory error) empties it too
+    cached.free()
+    assert cached.text_cache_stats()["entries"] == 0
+    n = encoder_calls["n"]
+    cached.run(_job())
+    assert encoder_calls["n"] > n, "after a free the prompt is encoded again"
 
 
 def _encoder_pipe():
@@ -167,8 +173,9 @@ def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder
 
 
 def test_a_negative_size_is_refused():
-    with pytest.raises(InvalidRequest, match="text_cache_bytes"):
-        Engine(models=["tiny"], text_cache_bytes=-1)
+    for bad in (-1, 2**60):
+        with pytest.raises(InvalidRequest, match="text_cache_bytes"):
+            Engine(models=["tiny"], text_cache_bytes=bad)
 
 
 def test_one_tokens_prompts_never_answer_anothers(encoder_calls):
@@ -252,7 +259,7 @@ def test_the_owner_sizes_or_turns_off_the_cache():
 
     assert make_engine("tiny", text_cache_mb=0).text_cache_bytes == 0
     assert make_engine("tiny", text_cache_mb=8).text_cache_bytes == 8 * 2**20
-    for bad in (-1, float("nan")):
+    for bad in (-1, float("nan"), float("inf"), 1e12):
         with pytest.raises(InvalidRequest, match="text_cache_mb"):
             make_engine("tiny", text_cache_mb=bad)
     r = subprocess.run(
@@ -261,4 +268,24 @@ def test_the_owner_sizes_or_turns_off_the_cache():
         capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent, timeout=120,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert r.returncode == 2, r.stdout + r.stderr
-    assert "text_cache_mb must be 0 (off) or more" in r.stderr and "Traceback" not in r.stderr
+    assert "text_cache_mb must be 0 (off) to" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_flood_of_distinct_prompts_stays_within_the_bounds():
+    """The worst a token holder can send: a new prompt every call. The cache keeps at most 256
+    answers and its bytes, and answers the newest."""
+    import torch
+
+    pipe, holder = _encoder_pipe()
+    enc = pipe.text_encoder
+    cache = TextCache()
+    with torch.inference_mode(), cache.serving(holder, "guest"):
+        for i in range(300):
+            enc(_ids(pipe, f"prompt number {i}"))
+        stats = cache.stats()
+        assert stats["entries"] == 256 and stats["bytes"] <= stats["max_bytes"]
+        assert stats["misses"] == 300 and stats["hits"] == 0
+        enc(_ids(pipe, "prompt number 299"))
+        enc(_ids(pipe, "prompt number 0"))
+    stats = cache.stats()
+    assert (stats["hits"], stats["misses"]) == (1, 301), "the newest kept, the oldest gone"

@@ -51,7 +51,7 @@ from .compiled import (
 )
 from .loras import LoraFile, find_loras
 from .schedulers import SchedulerBank, available_samplers
-from .textcache import DEFAULT_CACHE_BYTES, TextCache
+from .textcache import DEFAULT_CACHE_BYTES, MAX_CACHE_MB, TextCache
 from .tiny import TINY_MODELS, tiny_model_dir
 
 __all__ = ["Engine", "Interrupted", "ModelSource", "resolve_model"]
@@ -213,8 +213,9 @@ class Engine:
     def __post_init__(self) -> None:
         if self.lora_cache < 1:
             raise InvalidRequest("lora_cache must be at least 1 (adapters kept loaded).")
-        if self.text_cache_bytes < 0:
-            raise InvalidRequest("text_cache_bytes must be 0 (off) or more.")
+        if not 0 <= self.text_cache_bytes <= MAX_CACHE_MB * 2**20:
+            raise InvalidRequest(f"text_cache_bytes must be 0 (off) to {MAX_CACHE_MB} MiB, not "
+                                 f"{self.text_cache_bytes}.")
         self.compile = check_mode(self.compile)
         self.compile_batches = check_batches(self.compile_batches)
         self.compile_sizes = check_sizes(self.compile_sizes)

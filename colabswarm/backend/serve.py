@@ -35,6 +35,7 @@ from ..protocol import (
 from .compiled import DEFAULT_BATCHES, check_batches, check_mode, check_sizes
 from .connections import guarded_protocol
 from .server import WorkerApp, create_app
+from .textcache import MAX_CACHE_MB
 
 __all__ = ["WorkerHandle", "idle_verdict", "make_engine", "parse_duration",
            "release_colab_runtime", "start_worker"]
@@ -127,8 +128,9 @@ def make_engine(
     ``loras``: .safetensors LoRA files and/or folders of them (searched recursively), offered
     by file name; ``lora_cache``: how many stay loaded between jobs. ``compile``: off, auto,
     reduce-overhead or default (see start_worker). ``text_cache_mb``: see start_worker."""
-    if not text_cache_mb >= 0:  # also NaN
-        raise InvalidRequest(f"text_cache_mb must be 0 (off) or more MiB, not {text_cache_mb}.")
+    if not 0 <= text_cache_mb <= MAX_CACHE_MB:  # also NaN and infinity
+        raise InvalidRequest(f"text_cache_mb must be 0 (off) to {MAX_CACHE_MB} MiB, not "
+                             f"{text_cache_mb}.")
     compile = check_mode(compile)
     batches = check_batches(compile_batches)
     models = [model] if isinstance(model, str) else list(model)

@@ -38,9 +38,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-__all__ = ["DEFAULT_CACHE_BYTES", "ENCODER_SLOTS", "TextCache"]
+__all__ = ["DEFAULT_CACHE_BYTES", "ENCODER_SLOTS", "MAX_CACHE_MB", "TextCache"]
 
 DEFAULT_CACHE_BYTES = 64 * 2**20  # SDXL's two encoders keep about 8 MB per prompt
+MAX_CACHE_MB = 16384  # what an owner may give it (256 answers never need more)
 ENCODER_SLOTS = ("text_encoder", "text_encoder_2")
 _MAX_ENTRIES = 256
 
@@ -49,55 +50,52 @@ class _Uncacheable(Exception):
     """An argument the key cannot hold, or an answer the cache cannot copy: not kept."""
 
 
-def _key_part(value: Any) -> Any:
+def _key_part(value: Any) -> tuple[Any, int]:
+    """What the key holds of one argument, and its bytes."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        data = value.detach().cpu().contiguous()
-        return ("tensor", tuple(data.shape), str(data.dtype), data.numpy().tobytes())
+        data = value.detach().cpu().contiguous().numpy().tobytes()
+        return ("tensor", tuple(value.shape), str(value.dtype), data), len(data)
     if value is None or isinstance(value, (bool, int, float, str)):
-        return (type(value).__name__, value)
+        return (type(value).__name__, value), 0
     raise _Uncacheable(type(value).__name__)
 
 
-def _is_output(value: Any) -> bool:
-    """transformers' ModelOutput (an ordered dict of fields, rebuilt from them)."""
-    return any(c.__name__ == "ModelOutput" for c in type(value).__mro__)
+def _key(where: tuple[str, str], args: tuple, kw: dict[str, Any]) -> tuple[tuple, int]:
+    """The key of one encoder call (its token scope and slot, every argument), and its bytes."""
+    pos = [_key_part(a) for a in args]
+    named = sorted((k, _key_part(v)) for k, v in kw.items())
+    key = (where, tuple(p for p, _ in pos), tuple((k, p) for k, (p, _) in named))
+    return key, sum(n for _, n in pos) + sum(n for _, (_, n) in named)
 
 
-def _copy(value: Any) -> Any:
-    """A copy of an encoder output: tensors cloned, tuples and the output object rebuilt;
-    _Uncacheable for anything else but None (it could not be copied or measured)."""
+def _copied(value: Any) -> tuple[Any, int]:
+    """A copy of an encoder output (tensors cloned, tuples and transformers' output objects
+    rebuilt) and its bytes; _Uncacheable for anything else but None."""
     import torch
 
     if value is None:
-        return None
+        return None, 0
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        return value.clone(), value.numel() * value.element_size()
     if type(value) is tuple:
-        return tuple(_copy(v) for v in value)
-    if _is_output(value):
-        return type(value)(**{k: _copy(value[k]) for k in value.keys()})
+        parts = [_copied(v) for v in value]
+        return tuple(c for c, _ in parts), sum(n for _, n in parts)
+    if any(c.__name__ == "ModelOutput" for c in type(value).__mro__):
+        fields = {k: _copied(value[k]) for k in value.keys()}
+        return (type(value)(**{k: c for k, (c, _) in fields.items()}),
+                sum(n for _, n in fields.values()))
     raise _Uncacheable(type(value).__name__)
-
-
-def _nbytes(value: Any) -> int:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if type(value) is tuple:
-        return sum(_nbytes(v) for v in value)
-    if _is_output(value):
-        return sum(_nbytes(value[k]) for k in value.keys())
-    return 0
 
 
 class TextCache:
     """Text-encoder outputs by (slot, arguments), least recently used first out."""
 
     def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.max_bytes = max(0, int(max_bytes))
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be 0 (off) or more, not {max_bytes}")
+        self.max_bytes = int(max_bytes)
         self._entries: OrderedDict[tuple, tuple[Any, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
@@ -122,7 +120,7 @@ class TextCache:
         if not enabled or self.max_bytes == 0:
             yield
             return
-        owner = threading.get_ident()
+        job_thread = threading.get_ident()
         undo = []
         try:
             for slot in ENCODER_SLOTS:
@@ -131,23 +129,22 @@ class TextCache:
                 # over devices do that): such an encoder is not cached
                 if enc is None or "forward" in enc.__dict__:
                     continue
-                object.__setattr__(enc, "forward", self._wrap((scope, slot), enc.forward, owner))
+                object.__setattr__(enc, "forward",
+                                   self._wrap((scope, slot), enc.forward, job_thread))
                 undo.append(enc)
             yield
         finally:
             for enc in undo:
                 enc.__dict__.pop("forward", None)
 
-    def _wrap(self, where: tuple[str, str], forward: Any, owner: int) -> Any:
+    def _wrap(self, where: tuple[str, str], forward: Any, job_thread: int) -> Any:
         def cached_forward(*args: Any, **kw: Any) -> Any:
-            if threading.get_ident() != owner:
+            if threading.get_ident() != job_thread:
                 return forward(*args, **kw)
             try:
-                pos = tuple(_key_part(a) for a in args)
-                named = tuple(sorted((k, _key_part(v)) for k, v in kw.items()))
+                key, key_bytes = _key(where, args, kw)
             except Exception:  # noqa: BLE001 - any argument the key cannot hold: not cached
                 return forward(*args, **kw)
-            key = (where, pos, named)
             with self._lock:
                 found = self._entries.get(key)
                 if found is not None:
@@ -156,15 +153,13 @@ class TextCache:
                 else:
                     self.misses += 1
             if found is not None:
-                return _copy(found[0])
+                return _copied(found[0])[0]
             out = forward(*args, **kw)
             try:
-                kept = _copy(out)
+                kept, size = _copied(out)
             except _Uncacheable:  # an answer of a kind the cache cannot copy: not kept
                 return out
-            parts = [*pos, *(v for _, v in named)]
-            key_bytes = sum(len(p[3]) for p in parts if p[0] == "tensor")
-            self._put(key, kept, _nbytes(out) + key_bytes)
+            self._put(key, kept, size + key_bytes)
             return out
 
         return cached_forward
