@@ -8,7 +8,6 @@ coming back identical are checked there too."""
 from __future__ import annotations
 
 import threading
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -75,7 +74,9 @@ def test_repeated_prompts_skip_the_encoders_and_the_images_stay_the_same(engines
         (_job(prompts=["a cat", "a dog"], seeds=[3, 4]), False),
         (_job(kind="img2img", strength=0.5), False),  # img2img shares the text encoder
         (_job(model="tiny-xl"), True),  # another model: its own encoders
-        (_job(model="tiny-xl", clip_skip=3), False),  # SDXL keeps every hidden state anyway
+        # clip skip is part of the call: encoded once, then answered at any batch size
+        (_job(model="tiny-xl", clip_skip=3), True),
+        (_job(model="tiny-xl", clip_skip=3, seeds=[9, 10, 11]), False),
         (_job(), True),  # back on SD 1.5: its cache went with the model
     ]
     init = None
@@ -96,7 +97,7 @@ def test_repeated_prompts_skip_the_encoders_and_the_images_stay_the_same(engines
                              f"{what}: with the cache and without")
         init = init or got[0]
     stats = cached.text_cache_stats()
-    assert stats is not None and stats["entries"] == 2 and 0 < stats["bytes"] <= stats["max_bytes"]
+    assert stats is not None and stats["entries"] == 1 and 0 < stats["bytes"] <= stats["max_bytes"]
     # freeing memory (asked by the owner, or after an out-of-memory error) empties it too
     cached.free()
     assert cached.text_cache_stats()["entries"] == 0
@@ -105,71 +106,74 @@ def test_repeated_prompts_skip_the_encoders_and_the_images_stay_the_same(engines
     assert encoder_calls["n"] > n, "after a free the prompt is encoded again"
 
 
-def _encoder_pipe():
+def _tiny_pipe():
     from diffusers import StableDiffusionPipeline
 
     from colabswarm.backend.tiny import tiny_model_dir
 
-    pipe = StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny"))
-    return pipe, SimpleNamespace(text_encoder=pipe.text_encoder)
+    return StableDiffusionPipeline.from_pretrained(tiny_model_dir("tiny"))
 
 
-def _ids(pipe, text: str):
-    return pipe.tokenizer(text, padding="max_length", max_length=77,
-                          return_tensors="pt").input_ids
+def _encode(pipe, prompt: str, n: int = 1):
+    return pipe.encode_prompt(prompt, "cpu", n, True, None)
 
 
 def test_answers_are_copies_bounded_in_bytes_and_only_for_the_job_thread(encoder_calls):
     import torch
 
-    pipe, holder = _encoder_pipe()
-    enc = pipe.text_encoder
-    fox, cat, dog = (_ids(pipe, t) for t in ("a red fox", "a cat", "a dog"))
+    pipe = _tiny_pipe()
     with torch.inference_mode():
-        fresh = enc(fox).last_hidden_state.clone()
+        fresh = [t.clone() for t in _encode(pipe, "a red fox")]
         one = TextCache()
-        with one.serving(holder, "owner"):
+        with one.serving(pipe, "owner"):
             n = encoder_calls["n"]
             for _ in range(3):  # a pipeline that changes what it got, encoded or remembered
-                enc(fox).last_hidden_state.add_(1.0)
-            assert encoder_calls["n"] == n + 1, "a repeated call is answered from the cache"
-            again = enc(fox)
-            assert torch.equal(again.last_hidden_state, fresh), "no answer changes another"
+                for t in _encode(pipe, "a red fox"):
+                    t.add_(1.0)
+            assert encoder_calls["n"] == n + 2, "a repeat is answered (one call: two passes)"
+            again = _encode(pipe, "a red fox")
+            assert all(torch.equal(a, f) for a, f in zip(again, fresh, strict=True)), \
+                "no answer changes another"
+            # three images per prompt: the one-image answer repeated, as the pipeline does it
+            three = _encode(pipe, "a red fox", 3)
+            assert encoder_calls["n"] == n + 2
+            assert all(torch.equal(t, f.repeat(1, 3, 1).view(3, *f.shape[1:]))
+                       for t, f in zip(three, fresh, strict=True))
             # another thread (the compiler's) is never answered from the cache
             box = []
-            worker = threading.Thread(target=lambda: box.append(enc(fox)))
+            worker = threading.Thread(target=lambda: box.append(_encode(pipe, "a red fox")))
             worker.start()
             worker.join()
-            assert encoder_calls["n"] == n + 2 and torch.equal(box[0].last_hidden_state, fresh)
-        assert "forward" not in enc.__dict__, "the encoder is itself again after the call"
-        with pytest.raises(RuntimeError), one.serving(holder, "owner"):
-            enc(fox)
+            assert encoder_calls["n"] == n + 4 and torch.equal(box[0][0], fresh[0])
+        assert "encode_prompt" not in pipe.__dict__, "the pipeline is itself again after"
+        with pytest.raises(RuntimeError), one.serving(pipe, "owner"):
+            _encode(pipe, "a red fox")
             raise RuntimeError("a job that failed or was interrupted")
-        assert "forward" not in enc.__dict__, "the encoder is itself again after a failure"
+        assert "encode_prompt" not in pipe.__dict__, "the pipeline is itself again after a failure"
         n = encoder_calls["n"]
-        enc(fox)
-        assert encoder_calls["n"] == n + 1, "no cache outside serving"
+        _encode(pipe, "a red fox")
+        assert encoder_calls["n"] == n + 2, "no cache outside serving"
 
         # room for two prompts: the least recently used one goes first
         size = one.stats()["bytes"]
         small = TextCache(max_bytes=2 * size + size // 2)
-        with small.serving(holder, "owner"):
-            for ids in (fox, cat, fox, dog):  # fox used after cat: cat goes when dog comes
-                enc(ids)
+        with small.serving(pipe, "owner"):
+            for text in ("a red fox", "a cat", "a red fox", "a dog"):  # cat goes when dog comes
+                _encode(pipe, text)
             n = encoder_calls["n"]
-            enc(fox)
+            _encode(pipe, "a red fox")
             assert encoder_calls["n"] == n, "the recently used prompt stayed"
-            enc(cat)
-            assert encoder_calls["n"] == n + 1, "the least recently used prompt went"
+            _encode(pipe, "a cat")
+            assert encoder_calls["n"] == n + 2, "the least recently used prompt went"
         stats = small.stats()
         assert stats["entries"] == 2 and stats["bytes"] <= stats["max_bytes"]
         # an answer bigger than the whole cache is not kept; size 0 keeps nothing
         for tiny in (TextCache(max_bytes=size // 2), TextCache(max_bytes=0)):
-            with tiny.serving(holder, "owner"):
+            with tiny.serving(pipe, "owner"):
                 n = encoder_calls["n"]
-                enc(fox)
-                enc(fox)
-                assert encoder_calls["n"] == n + 2 and tiny.stats()["entries"] == 0
+                _encode(pipe, "a red fox")
+                _encode(pipe, "a red fox")
+                assert encoder_calls["n"] == n + 4 and tiny.stats()["entries"] == 0
 
 
 def test_a_negative_size_is_refused():
@@ -218,34 +222,33 @@ def test_one_tokens_prompts_never_answer_anothers(encoder_calls):
 
 
 def test_what_the_key_or_the_copy_cannot_hold_goes_to_the_encoder_each_time():
-    """An argument the key cannot hold (here a list) or an answer the cache cannot copy and
-    measure (here a list) is never kept: each call runs."""
+    """An argument the key cannot hold (here ready embeddings: a tensor, never read back to
+    make a key) or an answer the cache cannot copy (here a list) is never kept: each call runs.
+    """
     import torch
 
-    class Encoder(torch.nn.Module):
+    class Pipe:
         def __init__(self) -> None:
-            super().__init__()
             self.calls = 0
 
-        def forward(self, ids, extra=None, as_list=False):
+        def encode_prompt(self, prompt, num_images_per_prompt=1, embeds=None, as_list=False):
             self.calls += 1
-            out = ids.float() * 2
-            return [out] if as_list else (out,)
+            out = torch.full((num_images_per_prompt, 2), float(len(prompt)))
+            return [out] if as_list else (out, None)
 
-    enc = Encoder()
-    holder = SimpleNamespace(text_encoder=enc)
+    pipe = Pipe()
     cache = TextCache()
-    ids = torch.arange(4)
-    with cache.serving(holder, "owner"):
-        enc(ids)
-        enc(ids)
-        assert enc.calls == 1, "a plain tuple answer is kept"
-        enc(ids, extra=[1, 2])
-        enc(ids, extra=[1, 2])
-        assert enc.calls == 3, "a list argument is not a key"
-        enc(ids, as_list=True)
-        enc(ids, as_list=True)
-        assert enc.calls == 5, "a list answer is not kept"
+    with cache.serving(pipe, "owner"):
+        first = pipe.encode_prompt("fox")
+        pipe.encode_prompt("fox", num_images_per_prompt=4)
+        assert pipe.calls == 1, "a plain tuple answer is kept, at any number per prompt"
+        assert first[1] is None and torch.equal(
+            pipe.encode_prompt("fox", 2)[0], torch.full((2, 2), 3.0))
+        pipe.encode_prompt("fox", embeds=torch.ones(2))
+        pipe.encode_prompt("fox", embeds=torch.ones(2))
+        assert pipe.calls == 3, "a tensor argument is not a key"
+        pipe.encode_prompt("fox", as_list=True)
+        assert pipe.calls == 5, "a list answer is not kept (and the call is made as it came)"
     assert cache.stats()["entries"] == 1
 
 
@@ -276,16 +279,15 @@ def test_a_flood_of_distinct_prompts_stays_within_the_bounds():
     answers and its bytes, and answers the newest."""
     import torch
 
-    pipe, holder = _encoder_pipe()
-    enc = pipe.text_encoder
+    pipe = _tiny_pipe()
     cache = TextCache()
-    with torch.inference_mode(), cache.serving(holder, "guest"):
+    with torch.inference_mode(), cache.serving(pipe, "guest"):
         for i in range(300):
-            enc(_ids(pipe, f"prompt number {i}"))
+            _encode(pipe, f"prompt number {i}")
         stats = cache.stats()
         assert stats["entries"] == 256 and stats["bytes"] <= stats["max_bytes"]
         assert stats["misses"] == 300 and stats["hits"] == 0
-        enc(_ids(pipe, "prompt number 299"))
-        enc(_ids(pipe, "prompt number 0"))
+        _encode(pipe, "prompt number 299")
+        _encode(pipe, "prompt number 0")
     stats = cache.stats()
     assert (stats["hits"], stats["misses"]) == (1, 301), "the newest kept, the oldest gone"

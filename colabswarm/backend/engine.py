@@ -49,6 +49,7 @@ from .compiled import (
     choose_mode,
     default_cache_dir,
 )
+from .inflight import InFlight, Pacer
 from .loras import LoraFile, find_loras
 from .schedulers import SchedulerBank, available_samplers
 from .textcache import DEFAULT_CACHE_BYTES, MAX_CACHE_MB, TextCache
@@ -188,6 +189,17 @@ def _quiet_lora_loading() -> Iterator[None]:
     finally:
         dlog.set_verbosity(d_level)
         tlog.set_verbosity(t_level)
+
+
+def _start_event(device: str) -> Any:
+    """A CUDA event queued at a job's start (its GPU seconds end at its images' copy)."""
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
 
 
 @dataclass
@@ -490,12 +502,26 @@ class Engine:
         *,
         scope: str = "owner",
     ) -> list[Image.Image]:
-        """Run one job; raises Interrupted if should_stop() turns true between steps. The
-        engine's lock is held throughout (a free() asked for meanwhile happens after it).
+        """Run one job and wait for its images: ``launch(...).wait()``."""
+        return self.launch(req, init_images, on_step, should_stop, scope=scope).wait()
+
+    def launch(
+        self,
+        req: JobRequest,
+        init_images: list[Image.Image] | None = None,
+        on_step: ProgressFn | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        *,
+        scope: str = "owner",
+    ) -> InFlight:
+        """Run one job up to its last queued GPU work; its images arrive through the returned
+        ``InFlight`` (inflight.py) while the caller goes on to the next job. Raises
+        Interrupted if should_stop() turns true between steps. The engine's lock is held
+        while the job's work is queued (a free() asked for meanwhile happens after it).
         ``scope`` is the job's token (``guests.Who.scope``): cached prompt encodings are that
         token's own (textcache.py)."""
         with self._turn():
-            return self._run(req, init_images, on_step, should_stop, scope)
+            return self._launch(req, init_images, on_step, should_stop, scope)
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
@@ -508,9 +534,9 @@ class Engine:
                 if self._free_pending:
                     self._free_now()
 
-    def _run(self, req: JobRequest, init_images: list[Image.Image] | None,
-             on_step: ProgressFn | None, should_stop: Callable[[], bool] | None,
-             scope: str = "owner") -> list[Image.Image]:
+    def _launch(self, req: JobRequest, init_images: list[Image.Image] | None,
+                on_step: ProgressFn | None, should_stop: Callable[[], bool] | None,
+                scope: str = "owner") -> InFlight:
         n = len(req.seeds)
         inits = list(init_images or [])
         if req.kind != "txt2img":
@@ -518,7 +544,8 @@ class Engine:
                 raise InvalidRequest(f"{req.kind} needs 1 or {n} init images, got {len(inits)}.")
             inits = inits * n if len(inits) == 1 else inits
         if req.kind == "upscale":
-            return [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits]
+            return InFlight.ready(
+                [self.upscale(im, req.upscaler or "lanczos", req.scale) for im in inits])
         import torch
 
         self.load(req.model)
@@ -552,7 +579,7 @@ class Engine:
             if req.strength == 0:
                 if on_step:
                     on_step(0, 0)
-                return [im.copy() for im in inits]
+                return InFlight.ready([im.copy() for im in inits])
             pipe = loaded.img2img
             total = int(req.steps * req.strength)
             common.update(image=inits, strength=req.strength)
@@ -560,17 +587,31 @@ class Engine:
             pipe = loaded.txt2img
             total = req.steps
             common.update(width=req.width, height=req.height)
-        scheduler = loaded.schedulers.for_job(req.sampler, req.seeds)
+        # made as inference tensors, as the pipeline's own would be (a compiled graph's guards
+        # tell the two apart)
+        with torch.inference_mode():
+            if req.kind == "txt2img":
+                common["latents"] = self._noise(pipe, n, req.width, req.height, gens)
+            scheduler = loaded.schedulers.for_job(
+                req.sampler, req.seeds, steps=req.steps,
+                device=getattr(pipe, "_execution_device", None))
         # second-order samplers call back twice per step: progress counts pipeline iterations
         order = int(getattr(scheduler, "order", 1))
         total = max(total * order - (order - 1), 0)
         calls = 0
+        step_s = (self.step_seconds_per_mpix * n * req.width * req.height / 1e6
+                  if self.step_seconds_per_mpix else None)
+        pacer = Pacer.for_device(self.device, step_s)
+        reported = -1
 
         def _callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict:
-            nonlocal calls
+            nonlocal calls, reported
             calls += 1
-            if on_step:
-                on_step(step + 1, max(int(getattr(p, "num_timesteps", total) or total), step + 1))
+            # on a GPU: the steps it has finished (the thread runs a bounded lead ahead)
+            done = pacer.stepped(step) if pacer is not None else step + 1
+            if on_step and done != reported:
+                reported = done
+                on_step(done, max(int(getattr(p, "num_timesteps", total) or total), done))
             if should_stop and should_stop():
                 raise Interrupted()
             return kwargs
@@ -580,6 +621,7 @@ class Engine:
         if on_step:
             on_step(0, total)
         t0 = time.perf_counter()
+        start = _start_event(self.device)
         plan = self._compiler.job(req.width, req.height, n, loras=bool(req.loras),
                                   adapters_loaded=bool(loaded.adapters))
         with plan as p, self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras,
@@ -587,10 +629,29 @@ class Engine:
             # a LoRA job's adapters change the text encoders: it neither reads nor writes
             with torch.inference_mode(), _text_model_alias(pipe), \
                     loaded.text_cache.serving(pipe, scope, enabled=not req.loras):
-                images = pipe(**common, callback_on_step_end=_callback).images
+                out = pipe(**common, output_type="pt", callback_on_step_end=_callback).images
+                step_mpix = calls * n * req.width * req.height / 1e6
+                flight = InFlight.start_copy(
+                    out, start_event=start, t0=t0,
+                    on_done=lambda seconds: self._note_speed(seconds, step_mpix))
             self._read_gpu()
-        self._note_speed(time.perf_counter() - t0, calls * n * req.width * req.height / 1e6)
-        return list(images)
+        return flight
+
+    def _noise(self, pipe: Any, n: int, width: int, height: int, gens: list[Any]) -> Any:
+        """A txt2img job's starting latents, drawn as the pipeline's ``prepare_latents``
+        draws them (the same shape, dtype and generators, on the CPU) and sent to the device
+        from pinned memory without waiting for the GPU (the pipeline's own copy would)."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        enc = getattr(pipe, "text_encoder_2", None) or getattr(pipe, "text_encoder", None)
+        dtype = enc.dtype if enc is not None else pipe.unet.dtype
+        scale = pipe.vae_scale_factor
+        shape = (n, pipe.unet.config.in_channels, int(height) // scale, int(width) // scale)
+        noise = randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype)
+        if not self.device.startswith("cuda"):
+            return noise.to(self.device)
+        return noise.pin_memory().to(self.device, non_blocking=True)
 
     # ----- per-job sampler and LoRAs -----------------------------------------------------
     @contextmanager

@@ -32,17 +32,27 @@ from ..protocol import JobRequest, JobStatus, Limits
 from .fairshare import FairQueue
 from .png import encode_png
 
-__all__ = ["Job", "JobManager", "Runner", "error_kind_of", "out_of_memory_types", "public_error",
-           "retry_after_s"]
+__all__ = ["Job", "JobManager", "Launched", "Runner", "error_kind_of", "out_of_memory_types",
+           "public_error", "retry_after_s"]
 
 log = logging.getLogger("colabswarm.jobs")
+
+# COLABSWARM_OVERLAP=off: the engine's thread waits for each job's images before the next job
+# (bench/bench_compile.py compares the two on a GPU); on by default
+_OVERLAP = os.environ.get("COLABSWARM_OVERLAP", "on").strip().lower() not in ("off", "0", "no")
+
+
+class Launched(Protocol):
+    """A job's images on their way (inflight.InFlight): ``wait()`` gives them."""
+
+    def wait(self) -> list: ...
 
 
 class Runner(Protocol):
     """What the job thread needs from an engine (the real one or the bench simulator)."""
 
-    def run(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any, *,
-            scope: str = "owner") -> list: ...  # scope: the job's token (Who.scope)
+    def launch(self, req: JobRequest, init_images: Any, on_step: Any, should_stop: Any, *,
+               scope: str = "owner") -> Launched: ...  # scope: the job's token (Who.scope)
 
 
 def out_of_memory_types() -> tuple[type[BaseException], ...]:
@@ -393,8 +403,9 @@ class JobManager:
                     again = None
 
     def _run(self, job: Job) -> None:
-        """Run one job on the engine; its PNGs are written on the encoder threads while the
-        engine already starts the next job (the GPU never waits for zlib)."""
+        """Launch one job on the engine and hand its images to the encoder threads: they wait
+        for the GPU and write the PNGs while the engine already prepares and queues the next
+        job (the GPU never waits for Python between jobs, nor for zlib)."""
 
         def on_step(step: int, total: int) -> None:
             with self._lock:
@@ -402,35 +413,47 @@ class JobManager:
                 self._changed(job)
 
         try:
-            images = self.runner.run(job.req, job.init_images, on_step, lambda: job.stop,
-                                     scope=job.scope)
+            launched = self.runner.launch(job.req, job.init_images, on_step,
+                                          lambda: job.stop, scope=job.scope)
+        except Exception as exc:  # interrupted, out of memory, a bad request, or a crash
+            self._failed(job, exc)
+            return
+        with self._lock:
+            self.running = None
+        if _OVERLAP:
+            self._encoder.submit(self._encode, job, launched)
+        else:  # the bench's comparison: the engine's thread waits for each job's images
+            self._encode(job, launched)
+
+    def _failed(self, job: Job, exc: BaseException) -> None:
+        kind = error_kind_of(exc)
+        if job.stop or isinstance(exc, JobInterrupted):
+            error = f"interrupted at step {job.step} of {job.total_steps}"
+            self._finish(job, [], "interrupted", error, ErrorKind.INTERRUPTED)
+        elif kind is ErrorKind.OUT_OF_MEMORY:
+            log.warning("job %s ran out of device memory: %s", job.id, public_error(exc))
+            req = job.req
+            self._free_memory()
+            self._finish(job, [], "failed",
+                         f"The device ran out of memory on this job ({len(req.seeds)} "
+                         f"images of {req.width}x{req.height}); fewer images per job or a "
+                         "smaller size may fit.", kind)
+        else:
+            log.exception("job %s failed", job.id, exc_info=exc)
+            self._finish(job, [], "failed", public_error(exc), kind)
+
+    def _encode(self, job: Job, launched: Launched) -> None:
+        try:
+            images = launched.wait()
             if len(images) != len(job.req.seeds):
                 raise RuntimeError(
                     f"engine returned {len(images)} images for {len(job.req.seeds)} seeds"
                 )
-        except Exception as exc:  # interrupted, out of memory, a bad request, or a crash
-            kind = error_kind_of(exc)
-            if job.stop or isinstance(exc, JobInterrupted):
-                error = f"interrupted at step {job.step} of {job.total_steps}"
-                self._finish(job, [], "interrupted", error, ErrorKind.INTERRUPTED)
-            elif kind is ErrorKind.OUT_OF_MEMORY:
-                log.warning("job %s ran out of device memory: %s", job.id, public_error(exc))
-                req = job.req
-                self._free_memory()
-                self._finish(job, [], "failed",
-                             f"The device ran out of memory on this job ({len(req.seeds)} "
-                             f"images of {req.width}x{req.height}); fewer images per job or a "
-                             "smaller size may fit.", kind)
-            else:
-                log.exception("job %s failed", job.id)
-                self._finish(job, [], "failed", public_error(exc), kind)
+        except Exception as exc:  # the device failed after the job was queued
+            self._failed(job, exc)
             return
         with self._lock:
             job.computed = time.monotonic()
-            self.running = None
-        self._encoder.submit(self._encode, job, images)
-
-    def _encode(self, job: Job, images: list[Image.Image]) -> None:
         try:
             pngs = list(self._png_pool.map(_rgb_png, images))
         except Exception as exc:

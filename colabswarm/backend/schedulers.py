@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 from typing import Any
 
 from ..errors import ModelNotAvailable
@@ -91,11 +92,41 @@ class SchedulerBank:
     def __init__(self, base_config: Any) -> None:
         self._base = dict(base_config)
         self._pristine: dict[str, Any] = {}
+        # (name, steps, device) -> a copy with its timesteps set (for_job)
+        self._prepared: OrderedDict[tuple[str, int, str], Any] = OrderedDict()
         self.names = available_samplers()
 
-    def for_job(self, name: str | None, seeds: list[int]) -> Any:
-        """A fresh scheduler for one job; ``name`` is canonical (None: the default)."""
+    def for_job(self, name: str | None, seeds: list[int], *, steps: int | None = None,
+                device: Any = None) -> Any:
+        """A fresh scheduler for one job; ``name`` is canonical (None: the default).
+
+        With ``steps`` and ``device``, its timesteps are already set for them (kept per
+        sampler, steps and device), so the pipeline's ``set_timesteps(steps, device=device)``
+        finds nothing to do, and where the class has a begin index it is set to the one its
+        first ``step`` would look up on the device: no copy to the GPU and no read back at
+        the start of a job (both wait for the GPU to finish the job before). A call with
+        anything else sets the timesteps as the class always does."""
         name = name or DEFAULT_SAMPLER
+        if steps is not None and device is not None:
+            key = (name, int(steps), str(device))
+            prepared = self._prepared.get(key)
+            if prepared is None:
+                prepared = self._prepare(self._pristine_for(name), int(steps), device)
+                self._prepared[key] = prepared
+                while len(self._prepared) > _MAX_PREPARED:
+                    self._prepared.popitem(last=False)
+            self._prepared.move_to_end(key)
+            scheduler = copy.deepcopy(prepared)
+            _keep_timesteps(scheduler, int(steps), device)
+        else:
+            scheduler = copy.deepcopy(self._pristine_for(name))
+        if type(scheduler).__name__ == _BROWNIAN:
+            # one Brownian tree per image, seeded with its seed (diffusers' BatchedBrownianTree
+            # takes a list): the image's noise is its own, alone or in any batch
+            scheduler.noise_sampler_seed = list(seeds)
+        return scheduler
+
+    def _pristine_for(self, name: str) -> Any:
         pristine = self._pristine.get(name)
         if pristine is None:
             cls = _scheduler_class(name) if name in SCHEDULER_TABLE else None
@@ -107,9 +138,42 @@ class SchedulerBank:
                 warnings.simplefilter("ignore")
                 pristine = cls.from_config(self._base, **SCHEDULER_TABLE[name][1])
             self._pristine[name] = pristine
-        scheduler = copy.deepcopy(pristine)
-        if type(scheduler).__name__ == _BROWNIAN:
-            # one Brownian tree per image, seeded with its seed (diffusers' BatchedBrownianTree
-            # takes a list): the image's noise is its own, alone or in any batch
-            scheduler.noise_sampler_seed = list(seeds)
-        return scheduler
+        return pristine
+
+    @staticmethod
+    def _prepare(pristine: Any, steps: int, device: Any) -> Any:
+        """A copy of ``pristine`` with its timesteps set for ``steps`` on ``device`` and, where
+        the class has one, its begin index: the index its first step would find for the first
+        timestep (``index_for_timestep``, asked of a CPU copy, so nothing waits)."""
+        prepared = copy.deepcopy(pristine)
+        prepared.set_timesteps(steps, device=device)
+        find = getattr(prepared, "index_for_timestep", None)
+        if callable(find) and callable(getattr(prepared, "set_begin_index", None)):
+            timesteps = prepared.timesteps.detach().to("cpu")
+            try:
+                first = int(find(timesteps[0], timesteps))
+            except (TypeError, ValueError, IndexError, RuntimeError):
+                return prepared  # a class that looks its index up otherwise: it does so
+            prepared.set_begin_index(first)
+        return prepared
+
+
+_MAX_PREPARED = 32
+
+
+def _keep_timesteps(scheduler: Any, steps: int, device: Any) -> None:
+    """The pipeline's ``set_timesteps(steps, device=device)`` on this prepared copy leaves it
+    as it is (it already is what that call makes); any other call runs the class's own."""
+    import torch
+
+    own = scheduler.set_timesteps
+    want = torch.device(device)
+
+    def set_timesteps(num_inference_steps: Any = None, device: Any = None, **kw: Any) -> Any:
+        if (not kw and num_inference_steps == steps and device is not None
+                and torch.device(device) == want):
+            return None
+        scheduler.__dict__.pop("set_timesteps", None)  # from now on the class's own
+        return own(num_inference_steps, device=device, **kw)
+
+    object.__setattr__(scheduler, "set_timesteps", set_timesteps)

@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from ..protocol import JobRequest
+from .inflight import InFlight
 
 __all__ = ["SimulatedEngine"]
 
@@ -84,6 +85,18 @@ class SimulatedEngine:
 
     def free(self) -> None:
         return None
+
+    def launch(
+        self,
+        req: JobRequest,
+        init_images: Any = None,
+        on_step: Callable[[int, int], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+        *,
+        scope: str = "owner",
+    ) -> InFlight:
+        """``run``, its images ready when it returns (nothing runs ahead of a simulated GPU)."""
+        return InFlight.ready(self.run(req, init_images, on_step, should_stop, scope=scope))
 
     def run(
         self,

@@ -1,0 +1,150 @@
+"""The engine's images are the pipeline's own: what it does so that the GPU never waits
+between jobs (its starting noise drawn and sent ahead, each sampler's timesteps set ahead, the
+prompt's encoding answered from memory, the 8-bit pixels made on the device) changes no pixel.
+
+Each job is compared with a plain diffusers pipeline of the same tiny model, built here on its
+own, called as its documentation shows (a fresh scheduler of the sampler's class, one CPU
+generator per seed, ``output_type="pil"``). Both run on this machine's CPU, so the comparison
+is exact on any processor."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from colabswarm.backend.engine import Engine
+from colabswarm.backend.inflight import AHEAD_S, Pacer
+from colabswarm.backend.schedulers import SCHEDULER_TABLE, available_samplers
+from colabswarm.protocol import JobRequest
+from tests.imagecheck import assert_identical
+
+# the plain pipelines' DPM++ SDE warns through torchsde on every step (the worker silences it)
+pytestmark = [pytest.mark.filterwarnings("ignore:Should have ta>=t0"),
+              pytest.mark.filterwarnings("ignore:__array_wrap__ must accept")]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine(models=["tiny", "tiny-xl"])
+
+
+_plain: dict[str, object] = {}
+
+
+def _plain_pipe(model: str, img2img: bool):
+    import diffusers
+
+    from colabswarm.backend.tiny import tiny_model_dir
+
+    key = f"{model}-{img2img}"
+    if key not in _plain:
+        xl = model == "tiny-xl"
+        cls = {(False, False): diffusers.StableDiffusionPipeline,
+               (False, True): diffusers.StableDiffusionImg2ImgPipeline,
+               (True, False): diffusers.StableDiffusionXLPipeline,
+               (True, True): diffusers.StableDiffusionXLImg2ImgPipeline}[(xl, img2img)]
+        pipe = cls.from_pretrained(tiny_model_dir(model))
+        pipe.set_progress_bar_config(disable=True)
+        _plain[key] = (pipe, dict(pipe.scheduler.config))
+    return _plain[key]
+
+
+def _diffusers(req: JobRequest, init=None) -> list[np.ndarray]:
+    import diffusers
+    import torch
+
+    pipe, config = _plain_pipe(req.model or "tiny", init is not None)
+    cls_name, options = SCHEDULER_TABLE[req.sampler or "Euler"]
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(config, **options)
+    if cls_name == "DPMSolverSDEScheduler":
+        pipe.scheduler.noise_sampler_seed = list(req.seeds)
+    kw = dict(prompt=req.prompt, negative_prompt=req.negative_prompt or None,
+              num_inference_steps=req.steps, guidance_scale=req.cfg,
+              num_images_per_prompt=len(req.seeds),
+              generator=[torch.Generator("cpu").manual_seed(s) for s in req.seeds])
+    if init is None:
+        kw.update(width=req.width, height=req.height)
+    else:
+        kw.update(image=[init] * len(req.seeds), strength=req.strength)
+    with torch.inference_mode():
+        images = pipe(**kw, output_type="pil").images
+    return [np.asarray(im, np.int16) for im in images]
+
+
+def _job(**kw) -> JobRequest:
+    return JobRequest(**{**dict(prompt="a red fox", width=64, height=64, steps=4, cfg=7.0,
+                                seeds=[5, 11]), **kw})
+
+
+@pytest.mark.parametrize("sampler", available_samplers())
+def test_every_sampler_gives_the_pipelines_own_images_first_time_and_again(engine, sampler):
+    req = _job(sampler=sampler)
+    one = req.model_copy(update={"seeds": [11]})
+    want = {2: _diffusers(req), 1: _diffusers(one)}  # (a batch may round differently)
+    # the first job prepares the sampler's timesteps and encodes the prompt; the others find
+    # both ready (the one-image job's prompt comes from the cache kept at another batch size)
+    for label, job in (("first", req), ("one image", one), ("again", req)):
+        got = [np.asarray(im, np.int16) for im in engine.run(job)]
+        for g, w in zip(got, want[len(job.seeds)], strict=True):
+            assert_identical(g, w, f"{sampler}, {label}: the engine against diffusers")
+
+
+@pytest.mark.parametrize("model,sampler", [("tiny-xl", "Euler"), ("tiny-xl", "DPM++ 2M Karras"),
+                                           ("tiny", "Euler a")])
+def test_sdxl_and_img2img_give_the_pipelines_own_images(engine, model, sampler):
+    from PIL import Image
+
+    req = _job(model=model, sampler=sampler, negative_prompt="blurry")
+    for _ in range(2):
+        for g, w in zip([np.asarray(im, np.int16) for im in engine.run(req)], _diffusers(req),
+                        strict=True):
+            assert_identical(g, w, f"{model} {sampler} txt2img")
+    init = Image.fromarray(np.asarray(engine.run(req)[0]))
+    i2i = req.model_copy(update={"kind": "img2img", "strength": 0.6, "steps": 5})
+    for _ in range(2):  # the pipeline sets its own begin index on the prepared timesteps
+        got = [np.asarray(im, np.int16) for im in engine.run(i2i, [init])]
+        for g, w in zip(got, _diffusers(i2i, init), strict=True):
+            assert_identical(g, w, f"{model} {sampler} img2img")
+
+
+def test_a_launched_job_hands_its_images_over_once_and_reports_its_speed(engine):
+    flight = engine.launch(_job(seeds=[3]))
+    before = engine.step_seconds_per_mpix
+    first = flight.wait()
+    assert flight.wait() is first and len(first) == 1 and first[0].size == (64, 64)
+    assert engine.step_seconds_per_mpix is not None and engine.step_seconds_per_mpix != before
+
+
+class _Event:
+    """A stand-in for a CUDA event: the one thing a CPU cannot have here."""
+
+    log: list[tuple[str, int]] = []
+    made = 0
+
+    def __init__(self) -> None:
+        type(self).made += 1
+        self.n = type(self).made
+
+    def record(self) -> None:
+        self.log.append(("record", self.n))
+
+    def synchronize(self) -> None:
+        self.log.append(("sync", self.n))
+
+
+def test_the_pacer_keeps_a_bounded_lead_and_reports_finished_steps():
+    assert Pacer(None).lead == 2, "no speed known yet: two steps ahead"
+    assert Pacer(AHEAD_S / 8).lead == 8, "fast steps: as many as fill the lead's time"
+    assert Pacer(10.0).lead == 1, "slow steps: one ahead, never none"
+    assert Pacer(1e-9).lead == 32, "bounded"
+    pacer = Pacer(AHEAD_S / 3, event=_Event)
+    finished = [pacer.stepped(step) for step in range(6)]
+    assert finished == [0, 0, 0, 1, 2, 3], "a step is reported once the GPU is past it"
+    records = [n for what, n in _Event.log if what == "record"]
+    syncs = [n for what, n in _Event.log if what == "sync"]
+    assert records == [1, 2, 3, 4, 5, 6] and syncs == [1, 2, 3]
+    # never more than `lead` steps queued beyond the last one waited for
+    queued = 0
+    for what, _ in _Event.log:
+        queued += 1 if what == "record" else -1
+        assert queued <= pacer.lead + 1
