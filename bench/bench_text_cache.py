@@ -8,8 +8,8 @@ run alternately on the two, after two untimed jobs each, so the GPU's and the ho
 falls on both alike:
 
 - ``repeat``: the same prompt every job (a swarm run): the cached engine answers from memory;
-- ``new``: a new prompt every job: the cached engine encodes the prompt (a miss, plus the key's
-  copy of the token ids to the host) and still answers the empty negative prompt.
+- ``new``: a new prompt every job: the cached engine encodes it (a miss: the prompt and its
+  negative prompt are one ``encode_prompt`` call, cached together).
 
 It prints and writes ``text-cache.json``: each row's median and mean seconds per job, the
 saving per job, and every job's seconds (an eager batch-1 job is bound by kernel launches on
