@@ -144,7 +144,9 @@ def time_raw(pipe: Any, calls: list[list[int]], a: argparse.Namespace) -> tuple[
 
 # ----- the worker, instrumented ----------------------------------------------------------------
 class Probe:
-    """Wraps the worker's engine.run, PNG writer and job runner: timings and what-if switches.
+    """Wraps the worker's engine.launch, PNG writer and job runner: timings and what-if switches.
+The engine's time per job is its thread's (``launch``, until the job's GPU work is queued; the
+images arrive later through ``InFlight.wait`` on the PNG thread, as in the shipped worker).
 
     ``offload`` (what-if) writes a job's PNGs on a pool thread and frees the engine thread at
     once, so the next queued job starts while the last one's images are encoded. It mirrors
@@ -162,8 +164,8 @@ class Probe:
         self.pngs = 0
         self.jobs = 0
         self._orig_png = jobs.encode_png
-        self._orig_run = engine.run
-        engine.run = self._run
+        self._orig_run = engine.launch
+        engine.launch = self._run
         jobs.encode_png = self._png
         self._jm = job_manager
         self._orig_job_run = job_manager._run
@@ -175,12 +177,12 @@ class Probe:
         self.pngs = self.jobs = 0
 
     def _run(self, req: Any, init_images: Any = None, on_step: Any = None,
-             should_stop: Any = None) -> Any:
+             should_stop: Any = None, *, scope: str = "owner") -> Any:
         if self.quiet and on_step is not None:
             on_step = _throttled(on_step, QUIET_INTERVAL_S)
         t0 = time.perf_counter()
         try:
-            return self._orig_run(req, init_images, on_step, should_stop)
+            return self._orig_run(req, init_images, on_step, should_stop, scope=scope)
         finally:
             self.engine_s += time.perf_counter() - t0
             self.jobs += 1

@@ -148,3 +148,32 @@ def test_the_pacer_keeps_a_bounded_lead_and_reports_finished_steps():
     for what, _ in _Event.log:
         queued += 1 if what == "record" else -1
         assert queued <= pacer.lead + 1
+
+
+def test_a_host_that_refuses_to_pin_memory_gets_plain_copies_and_one_warning(monkeypatch, caplog):
+    """Some WSL and container set-ups cap locked memory: pinning fails with a RuntimeError.
+    The worker then copies plainly (slower, same results) and says so once."""
+    import torch
+
+    from colabswarm.backend import inflight
+
+    real = torch.empty
+
+    def refusing(*args, pin_memory=False, **kw):
+        if pin_memory:
+            raise RuntimeError("CUDA error: OS call failed or operation not supported on this OS")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", refusing)
+    monkeypatch.setitem(inflight._pinning, "ok", True)
+    monkeypatch.setitem(inflight._pinning, "failed", 0)
+    with caplog.at_level("WARNING", logger="colabswarm.engine"):
+        for _ in range(inflight._PIN_TRIES - 1):  # a passing shortage: asked again next time
+            assert inflight._pinned((2, 3), torch.uint8) is None
+            assert inflight._pinning["ok"] is True
+        for _ in range(3):
+            assert inflight._pinned((2, 3), torch.uint8) is None
+    assert inflight._pinning["ok"] is False and inflight._pinning["failed"] == inflight._PIN_TRIES
+    assert sum("cannot pin host memory" in r.getMessage() for r in caplog.records) == 1
+    noise = torch.arange(6.0)
+    assert torch.equal(inflight.to_device(noise, "cpu"), noise)

@@ -49,7 +49,7 @@ from .compiled import (
     choose_mode,
     default_cache_dir,
 )
-from .inflight import InFlight, Pacer
+from .inflight import InFlight, Pacer, to_device
 from .loras import LoraFile, find_loras
 from .schedulers import SchedulerBank, available_samplers
 from .textcache import DEFAULT_CACHE_BYTES, MAX_CACHE_MB, TextCache
@@ -191,15 +191,38 @@ def _quiet_lora_loading() -> Iterator[None]:
         tlog.set_verbosity(t_level)
 
 
-def _start_event(device: str) -> Any:
-    """A CUDA event queued at a job's start (its GPU seconds end at its images' copy)."""
-    if not device.startswith("cuda"):
+def _start_event(device: Any) -> Any:
+    """A CUDA event queued at a job's start on ``device`` (its GPU seconds end at its images'
+    copy); None off CUDA."""
+    if getattr(device, "type", None) != "cuda":
         return None
     import torch
 
     ev = torch.cuda.Event(enable_timing=True)
-    ev.record()
+    ev.record(torch.cuda.current_stream(device))
     return ev
+
+
+def _module_device(module: Any) -> Any:
+    """The device of a module's first parameter (where its work is queued)."""
+    import torch
+
+    for param in module.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def _on_device(device: Any) -> Iterator[None]:
+    """``device`` as torch's current CUDA device for the block (a worker on cuda:1, or a
+    pipeline spread over GPUs: its steps' events go where its UNet runs)."""
+    if getattr(device, "type", None) != "cuda":
+        yield
+        return
+    import torch
+
+    with torch.cuda.device(device):
+        yield
 
 
 @dataclass
@@ -601,7 +624,7 @@ class Engine:
         calls = 0
         step_s = (self.step_seconds_per_mpix * n * req.width * req.height / 1e6
                   if self.step_seconds_per_mpix else None)
-        pacer = Pacer.for_device(self.device, step_s)
+        pacer = Pacer.for_device(str(_module_device(pipe.unet)), step_s)
         reported = -1
 
         def _callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict:
@@ -621,19 +644,22 @@ class Engine:
         if on_step:
             on_step(0, total)
         t0 = time.perf_counter()
-        start = _start_event(self.device)
         plan = self._compiler.job(req.width, req.height, n, loras=bool(req.loras),
                                   adapters_loaded=bool(loaded.adapters))
+        unet_device = _module_device(pipe.unet)
         with plan as p, self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras,
-                                                       p.unload_adapters):
+                                                       p.unload_adapters), \
+                _on_device(unet_device):
+            # the events (the start, the pacer's) are on the UNet's GPU, the current one here
+            start = _start_event(unet_device)
             # a LoRA job's adapters change the text encoders: it neither reads nor writes
             with torch.inference_mode(), _text_model_alias(pipe), \
                     loaded.text_cache.serving(pipe, scope, enabled=not req.loras):
                 out = pipe(**common, output_type="pt", callback_on_step_end=_callback).images
                 step_mpix = calls * n * req.width * req.height / 1e6
                 flight = InFlight.start_copy(
-                    out, start_event=start, t0=t0,
-                    on_done=lambda seconds: self._note_speed(seconds, step_mpix))
+                    out, start_event=start, start_device=unet_device, t0=t0,
+                    on_done=lambda seconds: self._note_speed(seconds, step_mpix, loaded.name))
             self._read_gpu()
         return flight
 
@@ -648,10 +674,9 @@ class Engine:
         dtype = enc.dtype if enc is not None else pipe.unet.dtype
         scale = pipe.vae_scale_factor
         shape = (n, pipe.unet.config.in_channels, int(height) // scale, int(width) // scale)
-        noise = randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype)
-        if not self.device.startswith("cuda"):
-            return noise.to(self.device)
-        return noise.pin_memory().to(self.device, non_blocking=True)
+        return to_device(
+            randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype),
+            self.device)
 
     # ----- per-job sampler and LoRAs -----------------------------------------------------
     @contextmanager
@@ -754,8 +779,10 @@ class Engine:
         """Stop the compile thread (the worker is stopping)."""
         self._compiler.close()
 
-    def _note_speed(self, seconds: float, step_mpix: float) -> None:
-        if step_mpix <= 0:
+    def _note_speed(self, seconds: float, step_mpix: float, model: str | None = None) -> None:
+        """Blend one job's seconds per step-megapixel into the estimate; a job of a model no
+        longer loaded (its images landed after a switch) does not count."""
+        if step_mpix <= 0 or (model is not None and model != self.loaded_model):
             return
         sample = seconds / step_mpix
         prev = self.step_seconds_per_mpix

@@ -17,6 +17,7 @@ job: progress reports the steps the GPU has finished, and an interrupt lands wit
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
@@ -25,12 +26,51 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["AHEAD_S", "InFlight", "Pacer", "to_uint8"]
+__all__ = ["AHEAD_S", "InFlight", "Pacer", "to_device", "to_uint8"]
+
+log = logging.getLogger("colabswarm.engine")
 
 # how much GPU work (seconds) the engine's thread may have queued ahead of the GPU in a job:
 # enough to cover the next job's set-up on a slow host (about 10-30 ms of Python)
 AHEAD_S = 0.05
 _MAX_LEAD_STEPS = 32
+
+
+_PIN_TRIES = 3
+_pinning = {"ok": True, "failed": 0}  # after _PIN_TRIES failures: plain copies from then on
+
+
+def _pinned(shape: Any, dtype: Any) -> Any | None:
+    """An empty page-locked host tensor, or None where the host refuses to pin (some WSL and
+    container set-ups limit locked memory): then the copy is a plain one, which waits. After
+    ``_PIN_TRIES`` refusals (not one: a passing shortage should not cost speed for good) no
+    more are asked for."""
+    import torch
+
+    if not _pinning["ok"]:
+        return None
+    try:
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+    except RuntimeError as exc:
+        _pinning["failed"] += 1
+        if _pinning["failed"] >= _PIN_TRIES:
+            _pinning["ok"] = False
+            log.warning("cannot pin host memory (%s, %d times): copies to and from the GPU "
+                        "wait for it from now on, which costs speed, not results",
+                        type(exc).__name__, _PIN_TRIES)
+        return None
+
+
+def to_device(tensor: Any, device: str) -> Any:
+    """A CPU tensor on ``device``; on a CUDA device sent from pinned memory without waiting
+    for the GPU's queued work (a plain copy waits for all of it)."""
+    if not device.startswith("cuda"):
+        return tensor.to(device)
+    host = _pinned(tensor.shape, tensor.dtype)
+    if host is None:
+        return tensor.to(device)
+    host.copy_(tensor)
+    return host.to(device, non_blocking=True)
 
 
 def to_uint8(images: Any) -> Any:
@@ -45,11 +85,11 @@ class InFlight:
     """Images on their way to the host; ``wait()`` gives them as PIL images (once)."""
 
     def __init__(self, images: list[Image.Image] | None = None, *, host: Any = None,
-                 keep: Any = None, done: Any = None, start: Any = None,
+                 done: Any = None, start: Any = None,
                  on_done: Callable[[float], None] | None = None, t0: float | None = None
                  ) -> None:
         self._images = images
-        self._host, self._keep, self._done, self._start = host, keep, done, start
+        self._host, self._done, self._start = host, done, start
         self._on_done = on_done
         self._t0 = t0 if t0 is not None else time.perf_counter()
 
@@ -59,23 +99,29 @@ class InFlight:
         return cls(list(images))
 
     @classmethod
-    def start_copy(cls, images: Any, *, start_event: Any = None,
+    def start_copy(cls, images: Any, *, start_event: Any = None, start_device: Any = None,
                    on_done: Callable[[float], None] | None = None,
                    t0: float | None = None) -> InFlight:
         """Queue the 8-bit conversion of a pipeline's (n, C, H, W) [0, 1] tensor and its copy
-        to the host. On a CUDA device nothing here waits for the GPU; ``on_done`` gets the
-        job's GPU seconds (from ``start_event``) or its wall seconds, once the images are in."""
+        to the host. On a CUDA device nothing here waits for the GPU: the copy and the event
+        that ends it go on the stream of the GPU holding the images (torch's caching allocator
+        reuses the device tensor's memory only after that stream's copy). ``on_done`` gets the
+        job's GPU seconds (``start_event``, recorded on ``start_device``; the wall clock where
+        the images end on another GPU) or its wall seconds, once the images are in."""
         import torch
 
         pixels = to_uint8(images)
-        if pixels.device.type != "cuda":
+        host = _pinned(pixels.shape, torch.uint8) if pixels.device.type == "cuda" else None
+        if host is None:
             return cls(host=pixels.cpu(), on_done=on_done, t0=t0)
-        host = torch.empty(pixels.shape, dtype=torch.uint8, pin_memory=True)
-        host.copy_(pixels, non_blocking=True)
+        stream = torch.cuda.current_stream(pixels.device)
+        with torch.cuda.stream(stream):
+            host.copy_(pixels, non_blocking=True)
+        if start_event is not None and torch.device(start_device) != pixels.device:
+            start_event = None  # the two events must be on one GPU to be compared
         done = torch.cuda.Event(enable_timing=start_event is not None)
-        done.record()
-        # the device tensor stays referenced until the copy is known to be over
-        return cls(host=host, keep=pixels, done=done, start=start_event, on_done=on_done, t0=t0)
+        done.record(stream)
+        return cls(host=host, done=done, start=start_event, on_done=on_done, t0=t0)
 
     def wait(self) -> list[Image.Image]:
         if self._images is not None:
@@ -91,7 +137,7 @@ class InFlight:
             images = [Image.fromarray(a[..., 0], mode="L") for a in arr]
         else:
             images = [Image.fromarray(a) for a in arr]
-        self._host = self._keep = None
+        self._host = None
         self._images = images
         if self._on_done is not None:
             self._on_done(seconds)
@@ -115,6 +161,7 @@ class Pacer:
         return cls(step_s) if device.startswith("cuda") else None
 
     def stepped(self, step: int) -> int:
+        """After step ``step`` is queued (on the current CUDA device, the UNet's)."""
         if self._event is None:
             import torch
 

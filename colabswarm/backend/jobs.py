@@ -40,6 +40,9 @@ log = logging.getLogger("colabswarm.jobs")
 # COLABSWARM_OVERLAP=off: the engine's thread waits for each job's images before the next job
 # (bench/bench_compile.py compares the two on a GPU); on by default
 _OVERLAP = os.environ.get("COLABSWARM_OVERLAP", "on").strip().lower() not in ("off", "0", "no")
+# jobs launched whose images are not yet on the host: the engine's thread waits past this many
+# (two keep the GPU fed; a slow PNG thread must not pile up pinned memory behind it)
+_MAX_IN_FLIGHT = 3
 
 
 class Launched(Protocol):
@@ -180,6 +183,7 @@ class JobManager:
         self.running: Job | None = None
         self.ready = threading.Event()
         self._encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="colabswarm-job-png")
+        self._in_flight = threading.BoundedSemaphore(_MAX_IN_FLIGHT)
         # the images of one job are written side by side: the last job of a run is waited for,
         # and zlib lets go of the GIL
         self._png_pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1),
@@ -412,10 +416,13 @@ class JobManager:
                 job.step, job.total_steps = step, total
                 self._changed(job)
 
+        # a bounded number of jobs on their way to the host: each holds pinned host memory
+        self._in_flight.acquire()
         try:
             launched = self.runner.launch(job.req, job.init_images, on_step,
                                           lambda: job.stop, scope=job.scope)
         except Exception as exc:  # interrupted, out of memory, a bad request, or a crash
+            self._in_flight.release()
             self._failed(job, exc)
             return
         with self._lock:
@@ -452,8 +459,13 @@ class JobManager:
         except Exception as exc:  # the device failed after the job was queued
             self._failed(job, exc)
             return
+        finally:
+            self._in_flight.release()
         with self._lock:
             job.computed = time.monotonic()
+            # its last steps ran after the engine's thread had moved on: all of them are done
+            job.step = max(job.step, job.total_steps)
+            self._changed(job)
         try:
             pngs = list(self._png_pool.map(_rgb_png, images))
         except Exception as exc:
