@@ -1,11 +1,15 @@
 """Diffusers pipelines on one device: load, txt2img, img2img, upscale, interrupt, free memory;
 per job a sampler, LoRAs and clip skip.
 
-The engine is synchronous and single-threaded on purpose: one GPU runs one pipeline call at a
-time, and the server's job thread owns it. Several images of one job run as one batched call
-with one generator per image, so the image for seed s is the same picture alone or inside a
-batch: exactly the same at the same batch size, up to kernel rounding across batch sizes
-(docs/ARCHITECTURE.md, "Same seed, same image").
+The engine is single-threaded on purpose: one GPU runs one pipeline call at a time, and the
+server's job thread owns it. ``launch`` returns once a job's GPU work is queued; its images
+reach the host through ``inflight.InFlight`` while the thread queues the next job, so the GPU
+never waits for Python between jobs (``run`` is ``launch(...).wait()``).
+
+Several images of one job run as one batched call with one generator per image, so the image
+for seed s is the same picture alone or inside a batch: exactly the same at the same batch
+size, up to kernel rounding across batch sizes (docs/ARCHITECTURE.md, "Same seed, same
+image").
 
 Nothing of one job stays on the pipeline for the next: each job runs with its own copy of its
 sampler's scheduler (the model's own one is put back after), and LoRAs are switched per job on
