@@ -177,3 +177,68 @@ def test_a_host_that_refuses_to_pin_memory_gets_plain_copies_and_one_warning(mon
     assert sum("cannot pin host memory" in r.getMessage() for r in caplog.records) == 1
     noise = torch.arange(6.0)
     assert torch.equal(inflight.to_device(noise, "cpu"), noise)
+
+
+def test_the_job_thread_hands_images_over_and_stops_at_three_on_their_way():
+    """The engine's thread launches the next job while earlier images are still on their way
+    (the GPU stays fed), but no more than three: a slow PNG side must not pile up pinned host
+    memory. The device is a stand-in whose images arrive only when the test lets them."""
+    import asyncio
+    import threading
+    import time
+
+    from PIL import Image
+
+    from colabswarm.backend import jobs
+    from colabswarm.protocol import Limits
+
+    class Arriving:
+        def __init__(self, req) -> None:
+            self.landed = threading.Event()
+            self.req = req
+
+        def wait(self):
+            assert self.landed.wait(30), "the test never let these images land"
+            return [Image.new("RGB", (self.req.width, self.req.height), (s % 256, 0, 0))
+                    for s in self.req.seeds]
+
+    class Gpu:
+        def __init__(self) -> None:
+            self.launched: list[Arriving] = []
+
+        def launch(self, req, init_images, on_step, should_stop, *, scope="owner"):
+            self.launched.append(Arriving(req))
+            return self.launched[-1]
+
+    gpu = Gpu()
+    loop = asyncio.new_event_loop()
+    manager = jobs.JobManager(gpu, Limits())
+    manager.start(loop)
+    try:
+        ids = [manager.submit(_job(seeds=[i]), []).id for i in range(6)]
+
+        def settle(count: int) -> None:
+            deadline = time.monotonic() + 10
+            while len(gpu.launched) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)  # and nothing more comes
+            assert len(gpu.launched) == count, f"{len(gpu.launched)} launched, {count} expected"
+
+        settle(jobs._MAX_IN_FLIGHT)  # three launched with none landed: the thread waits
+        assert all(manager.get(i).state == "running" for i in ids[:3])
+        assert manager.get(ids[3]).state == "queued"
+        gpu.launched[0].landed.set()
+        settle(jobs._MAX_IN_FLIGHT + 1)  # one landed: one more goes
+        for flight in gpu.launched:
+            flight.landed.set()
+        deadline = time.monotonic() + 10
+        while any(manager.get(i).state != "done" for i in ids) and time.monotonic() < deadline:
+            for flight in gpu.launched:
+                flight.landed.set()
+            time.sleep(0.02)
+        for n, job_id in enumerate(ids):
+            job = manager.get(job_id)
+            assert job.state == "done" and len(job.pngs) == 1, (n, job.state, job.error)
+    finally:
+        manager.close()
+        loop.close()

@@ -382,11 +382,15 @@ class JobManager:
         idle = getattr(self.runner, "idle_work", None)  # the engine's first runs of shapes
         again: float | None = 0.0 if idle is not None else None  # when to ask idle() again
         while True:
+            # a slot for the next job's images before taking the job: past _MAX_IN_FLIGHT
+            # launched jobs whose images are not in, the next one stays queued
+            self._in_flight.acquire()
             with self._lock:
                 if not self._queue and not self._closing and again != 0.0:
                     self._lock.wait(timeout=5.0 if again is None else again)
                     self._sweep()
                 if self._closing:
+                    self._in_flight.release()
                     return
                 job = self._queue.pop() if self._queue else None
                 if job is not None:
@@ -395,7 +399,9 @@ class JobManager:
                     self.running = job
                     self._changed(job)
             if job is not None:
-                self._run(job)
+                self._run(job)  # gives the slot back when the job's images are in
+            else:
+                self._in_flight.release()
             if idle is not None:
                 # one piece of the engine's own work between jobs, outside the lock, also when
                 # jobs are waiting (a compiled shape's first run takes a fraction of a second,
@@ -416,8 +422,6 @@ class JobManager:
                 job.step, job.total_steps = step, total
                 self._changed(job)
 
-        # a bounded number of jobs on their way to the host: each holds pinned host memory
-        self._in_flight.acquire()
         try:
             launched = self.runner.launch(job.req, job.init_images, on_step,
                                           lambda: job.stop, scope=job.scope)
