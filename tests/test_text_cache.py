@@ -247,8 +247,11 @@ def test_what_the_key_or_the_copy_cannot_hold_goes_to_the_encoder_each_time():
         pipe.encode_prompt("fox", embeds=torch.ones(2))
         pipe.encode_prompt("fox", embeds=torch.ones(2))
         assert pipe.calls == 3, "a tensor argument is not a key"
-        pipe.encode_prompt("fox", as_list=True)
-        assert pipe.calls == 5, "a list answer is not kept (and the call is made as it came)"
+        one = pipe.encode_prompt("fox", as_list=True)
+        assert pipe.calls == 4 and one[0].shape[0] == 1, "a list answer is not kept"
+        two = pipe.encode_prompt("fox", 2, as_list=True)
+        assert pipe.calls == 6 and two[0].shape[0] == 2, (
+            "not kept, and for two images per prompt the call is made again as it came")
     assert cache.stats()["entries"] == 1
 
 

@@ -53,7 +53,7 @@ from .compiled import (
     choose_mode,
     default_cache_dir,
 )
-from .inflight import InFlight, Pacer, to_device
+from .inflight import InFlight, Pacer, on_cuda, start_event, to_device
 from .loras import LoraFile, find_loras
 from .schedulers import SchedulerBank, available_samplers
 from .textcache import DEFAULT_CACHE_BYTES, MAX_CACHE_MB, TextCache
@@ -195,18 +195,6 @@ def _quiet_lora_loading() -> Iterator[None]:
         tlog.set_verbosity(t_level)
 
 
-def _start_event(device: Any) -> Any:
-    """A CUDA event queued at a job's start on ``device`` (its GPU seconds end at its images'
-    copy); None off CUDA."""
-    if getattr(device, "type", None) != "cuda":
-        return None
-    import torch
-
-    ev = torch.cuda.Event(enable_timing=True)
-    ev.record(torch.cuda.current_stream(device))
-    return ev
-
-
 def _module_device(module: Any) -> Any:
     """The device of a module's first parameter (where its work is queued)."""
     import torch
@@ -220,7 +208,7 @@ def _module_device(module: Any) -> Any:
 def _on_device(device: Any) -> Iterator[None]:
     """``device`` as torch's current CUDA device for the block (a worker on cuda:1, or a
     pipeline spread over GPUs: its steps' events go where its UNet runs)."""
-    if getattr(device, "type", None) != "cuda":
+    if not on_cuda(device):
         yield
         return
     import torch
@@ -614,21 +602,23 @@ class Engine:
             pipe = loaded.txt2img
             total = req.steps
             common.update(width=req.width, height=req.height)
+        # where the pipeline puts its inputs, and where its steps run (the same GPU but for a
+        # pipeline spread over several)
+        device, unet_device = pipe._execution_device, _module_device(pipe.unet)
         # made as inference tensors, as the pipeline's own would be (a compiled graph's guards
         # tell the two apart)
         with torch.inference_mode():
             if req.kind == "txt2img":
-                common["latents"] = self._noise(pipe, n, req.width, req.height, gens)
-            scheduler = loaded.schedulers.for_job(
-                req.sampler, req.seeds, steps=req.steps,
-                device=getattr(pipe, "_execution_device", None))
+                common["latents"] = self._noise(pipe, n, req.width, req.height, gens, device)
+            scheduler = loaded.schedulers.for_job(req.sampler, req.seeds, steps=req.steps,
+                                                  device=device)
         # second-order samplers call back twice per step: progress counts pipeline iterations
         order = int(getattr(scheduler, "order", 1))
         total = max(total * order - (order - 1), 0)
         calls = 0
         step_s = (self.step_seconds_per_mpix * n * req.width * req.height / 1e6
                   if self.step_seconds_per_mpix else None)
-        pacer = Pacer.for_device(str(_module_device(pipe.unet)), step_s)
+        pacer = Pacer.for_device(unet_device, step_s)
         reported = -1
 
         def _callback(p: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> dict:
@@ -650,12 +640,11 @@ class Engine:
         t0 = time.perf_counter()
         plan = self._compiler.job(req.width, req.height, n, loras=bool(req.loras),
                                   adapters_loaded=bool(loaded.adapters))
-        unet_device = _module_device(pipe.unet)
         with plan as p, self._lock, self._job_pipeline(loaded, pipe, scheduler, req.loras,
                                                        p.unload_adapters), \
                 _on_device(unet_device):
             # the events (the start, the pacer's) are on the UNet's GPU, the current one here
-            start = _start_event(unet_device)
+            start = start_event(unet_device)
             # a LoRA job's adapters change the text encoders: it neither reads nor writes
             with torch.inference_mode(), _text_model_alias(pipe), \
                     loaded.text_cache.serving(pipe, scope, enabled=not req.loras):
@@ -667,7 +656,8 @@ class Engine:
             self._read_gpu()
         return flight
 
-    def _noise(self, pipe: Any, n: int, width: int, height: int, gens: list[Any]) -> Any:
+    @staticmethod
+    def _noise(pipe: Any, n: int, width: int, height: int, gens: list[Any], device: Any) -> Any:
         """A txt2img job's starting latents, drawn as the pipeline's ``prepare_latents``
         draws them (the same shape, dtype and generators, on the CPU) and sent to the device
         from pinned memory without waiting for the GPU (the pipeline's own copy would)."""
@@ -679,8 +669,7 @@ class Engine:
         scale = pipe.vae_scale_factor
         shape = (n, pipe.unet.config.in_channels, int(height) // scale, int(width) // scale)
         return to_device(
-            randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype),
-            self.device)
+            randn_tensor(shape, generator=gens, device=torch.device("cpu"), dtype=dtype), device)
 
     # ----- per-job sampler and LoRAs -----------------------------------------------------
     @contextmanager

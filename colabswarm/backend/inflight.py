@@ -26,7 +26,7 @@ from typing import Any
 
 from PIL import Image
 
-__all__ = ["AHEAD_S", "InFlight", "Pacer", "to_device", "to_uint8"]
+__all__ = ["AHEAD_S", "InFlight", "Pacer", "on_cuda", "start_event", "to_device", "to_uint8"]
 
 log = logging.getLogger("colabswarm.engine")
 
@@ -61,10 +61,29 @@ def _pinned(shape: Any, dtype: Any) -> Any | None:
         return None
 
 
-def to_device(tensor: Any, device: str) -> Any:
+def on_cuda(device: Any) -> bool:
+    """Whether ``device`` (a name such as "cuda:1", or a torch.device) is a CUDA GPU."""
+    import torch
+
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def start_event(device: Any) -> Any:
+    """A timing event queued on ``device``'s current stream at a job's start (its GPU seconds
+    end at its images' copy, ``InFlight.start_copy``); None off CUDA."""
+    if not on_cuda(device):
+        return None
+    import torch
+
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record(torch.cuda.current_stream(device))
+    return ev
+
+
+def to_device(tensor: Any, device: Any) -> Any:
     """A CPU tensor on ``device``; on a CUDA device sent from pinned memory without waiting
     for the GPU's queued work (a plain copy waits for all of it)."""
-    if not device.startswith("cuda"):
+    if not on_cuda(device):
         return tensor.to(device)
     host = _pinned(tensor.shape, tensor.dtype)
     if host is None:
@@ -157,8 +176,8 @@ class Pacer:
         self.finished = 0
 
     @classmethod
-    def for_device(cls, device: str, step_s: float | None) -> Pacer | None:
-        return cls(step_s) if device.startswith("cuda") else None
+    def for_device(cls, device: Any, step_s: float | None) -> Pacer | None:
+        return cls(step_s) if on_cuda(device) else None
 
     def stepped(self, step: int) -> int:
         """After step ``step`` is queued (on the current CUDA device, the UNet's)."""

@@ -125,9 +125,10 @@ class TextCache:
         answers repeated calls from the cache (nothing changes if not enabled). ``scope`` (the
         job's token) is part of every key: one token's prompts never answer another's."""
         encode = getattr(pipe, "encode_prompt", None)
+        own = getattr(pipe, "__dict__", None)
         # absent, or replaced on this pipeline already: such a pipeline is not cached
-        if (not enabled or self.max_bytes == 0 or encode is None
-                or "encode_prompt" in getattr(pipe, "__dict__", {"encode_prompt": 0})):
+        if (not enabled or self.max_bytes == 0 or encode is None or own is None
+                or "encode_prompt" in own):
             yield
             return
         object.__setattr__(pipe, "encode_prompt",
@@ -165,11 +166,11 @@ class TextCache:
             out = encode(*bound.args, **bound.kwargs)
             try:
                 kept, size = _copied(out)
-                answer = _copied(out, per_prompt)[0]
-            except _Uncacheable:  # an answer the cache cannot copy or repeat: not kept, and
-                return encode(*args, **kw)  # the call is made as it came
+            except _Uncacheable:  # an answer the cache cannot copy (nor repeat): not kept; for
+                # more than one image per prompt the call is made again as it came
+                return out if per_prompt == 1 else encode(*args, **kw)
             self._put(key, kept, size + key_bytes)
-            return answer
+            return out if per_prompt == 1 else _copied(out, per_prompt)[0]
 
         return cached_encode
 
