@@ -86,6 +86,7 @@ from typing import Any
 
 from ..errors import InvalidRequest
 from ..protocol import CompiledShape, CompileInfo
+from . import precompiled
 
 __all__ = [
     "COMPILE_MODES",
@@ -118,6 +119,7 @@ _AUTO_MIN_CPUS = 4
 _CACHE_FORMAT = 1
 _MAX_CACHE_FILE = 4 << 30  # bytes; a bigger file in the cache folder is not read
 _MAX_CACHE_FILES = 64
+_MAX_SHAPE_FILES = 4       # ahead-of-time compiled files read per shape (the newest)
 FIRST_RUN_STEPS = 3        # a shape's first run on the engine thread: CUDA graph trees warm up
                            # a function once, record it on the next call, then replay it
 IDLE_POLL_S = 0.2          # how soon an idle engine asks again while shapes are on their way
@@ -346,6 +348,13 @@ class _Attached:
     cache_dir: Path | None = None
     cache_known: frozenset[str] = frozenset()  # the folder's file names when they were loaded
     decoder_off: str | None = None   # why the decoder stays eager
+    # ahead-of-time compiled calls (precompiled.py): name -> key -> function, the modes the
+    # modules compile in, why a module compiles the traced way instead, and this shape's new
+    # calls (written to its file once it warmed)
+    aot: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    modes: dict[str, str] = field(default_factory=dict)
+    aot_off: dict[str, str] = field(default_factory=dict)
+    aot_new: list[Any] = field(default_factory=list)
 
 
 # ----- inputs as keys ----------------------------------------------------------------------
@@ -661,6 +670,9 @@ class Compiler:
         self._saves = 0
         self._adapters_in = False  # the compile thread waits for a job to unload LoRAs
         self._switch_s = _compile_switch_s()  # read once: the env is the owner's, per worker
+        # shapes compiled ahead of time, saved and loaded without tracing (precompiled.py);
+        # not with the test seam, whose stand-in backends torch cannot save
+        self._aot = compile_fn is None and precompiled.supported()
         if self.on:
             self._setup_caches()
 
@@ -882,6 +894,8 @@ class Compiler:
 
         orig = type(module).forward
         att.fullgraph[name] = True
+        att.modes[name] = mode
+        att.aot[name] = {}
         att.fns[name] = self._compile_fn(orig, mode, True)
         att.run_only[name] = torch._dynamo.run(att.fns[name])
         att.ready_keys[name] = frozenset()
@@ -901,17 +915,59 @@ class Compiler:
                 if tls.compiling != name:
                     return orig(module, *args, **kwargs)
                 tls.keys[name].add(key)
-                out = att.fns[name](module, *a, **k)
+                out = self._compile_call(att, name, module, key, a, k)
             elif key in att.ready_keys[name]:
                 calls["compiled"] += 1
                 calls[f"compiled {name}"] += 1
-                out = att.run_only[name](module, *a, **k)
+                ahead = att.aot[name].get(key)
+                out = (precompiled.call(ahead, module, a, k) if ahead is not None
+                       else att.run_only[name](module, *a, **k))
             else:
                 calls["eager"] += 1
                 return orig(module, *args, **kwargs)
             return _cloned(out) if clone else out
 
         module.forward = forward
+
+    def _compile_call(self, att: _Attached, name: str, module: Any, key: Any, args: tuple,
+                      kwargs: dict) -> Any:
+        """One call of the compile thread's warm run: compiled ahead of time where it can be
+        (loaded from the shape's file, or compiled now and kept for its file), else traced."""
+        ahead = att.aot[name].get(key)
+        if ahead is None and self._aot and name not in att.aot_off and att.fullgraph[name] \
+                and _savable(key):
+            try:
+                ahead = precompiled.compile_call(type(module).forward, att.modes[name],
+                                                 os.environ.get(BACKEND_ENV) or None, module,
+                                                 args, kwargs)
+            except Exception as exc:
+                if _is_graph_break(exc):
+                    raise  # _warm compiles it with breaks, the traced way
+                from .jobs import public_error
+
+                att.aot_off[name] = public_error(exc)[:120]
+                log.info("the %s compiles the traced way (not ahead of time: %s)", name,
+                         att.aot_off[name], exc_info=True)
+            else:
+                self.calls["aot compiled"] += 1
+                att.aot[name][key] = ahead
+                att.aot_new.append((name, key, ahead))
+        if ahead is not None:
+            try:
+                return precompiled.call(ahead, module, args, kwargs)
+            except Exception as exc:
+                if _is_graph_break(exc):
+                    raise
+                from .jobs import public_error
+
+                # compiled ahead of time but does not run (torch's AOT path is experimental):
+                # this module compiles the traced way from now on
+                att.aot_off[name] = public_error(exc)[:120]
+                att.aot[name].clear()
+                att.aot_new = [e for e in att.aot_new if e[0] != name]
+                log.info("the %s ran not ahead-of-time compiled (%s); compiling it the traced "
+                         "way", name, att.aot_off[name], exc_info=True)
+        return att.fns[name](module, *args, **kwargs)
 
     # ----- queue -----------------------------------------------------------------------------
     def _note_size(self, att: _Attached, width: int, height: int) -> None:
@@ -1006,21 +1062,38 @@ class Compiler:
         t0 = time.perf_counter()
         hits, misses = _cache_counts()
         timers = _compile_timers()
-        try:
-            keys = self._warm(att, shape)
-        except Exception as exc:  # noqa: BLE001 - any failure: that shape stays eager
+        att.aot_new.clear()
+        loaded = self._load_shape(att, shape)
+        self.calls["aot loaded"] += len(loaded)
+        keys, failure = self._try_warm(att, shape)
+        if failure is not None and loaded:
             from .jobs import public_error
 
-            why = public_error(exc)
-            log.warning("compile of %s failed, it runs eagerly: %s", shape, why, exc_info=True)
+            log.warning("the ahead-of-time compiled %s from the cache did not run (%s); "
+                        "compiling it again", shape, public_error(failure))
+            for name, key, _ in loaded:
+                att.aot[name].pop(key, None)
+            att.aot_new.clear()
+            loaded = []
+            keys, failure = self._try_warm(att, shape)
+        if failure is not None:
+            from .jobs import public_error
+
+            why = public_error(failure)
+            log.warning("compile of %s failed, it runs eagerly: %s", shape, why,
+                        exc_info=failure)
             self._move(shape, ShapeState.FAILED, why)
             self._free_after_failure()
             return
         seconds = time.perf_counter() - t0
         hits2, misses2 = _cache_counts()
+        from_cache = (loaded and not att.aot_new) or (hits2 > hits and misses2 == misses)
         log.info("compiled %s in %.1f s%s%s", shape, seconds,
-                 " from the cache" if hits2 > hits and misses2 == misses else "",
-                 _phase_text(timers, _compile_timers()))
+                 " from the cache" if from_cache else "",
+                 f" (loaded ahead-of-time compiled: {len(loaded)} calls)" if loaded
+                 else _phase_text(timers, _compile_timers()))
+        if att.aot_new:
+            self._save_shape(att, shape)
         # written before "ready": a worker stopped then keeps the shape. A shape served by
         # this machine's own inductor cache (hits, no misses) is written too when the folder
         # has no file of it (a new or emptied Drive folder on the same machine)
@@ -1030,6 +1103,13 @@ class Compiler:
         with self._cv:
             self._seconds[shape] = round(seconds, 2)
         self._move(shape, ShapeState.COMPILED)
+
+    def _try_warm(self, att: _Attached, shape: Shape
+                  ) -> tuple[dict[str, set], BaseException | None]:
+        try:
+            return self._warm(att, shape), None
+        except Exception as exc:  # noqa: BLE001 - any failure: the caller says what follows
+            return {}, exc
 
     def _move(self, shape: Shape, to: ShapeState, why: str = "") -> bool:
         """The one place a shape's state changes, by ``_MOVES``; False (and no change) for a
@@ -1257,6 +1337,68 @@ class Compiler:
             return
         if path is not None:
             log.info("compile cache: wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+
+
+    def _forwards(self, att: _Attached) -> dict[str, Callable[..., Any]]:
+        out = {"unet": type(att.unet).forward}
+        if att.decoder is not None:
+            out["decoder"] = type(att.decoder).forward
+        return out
+
+    def _load_shape(self, att: _Attached, shape: Shape) -> list[precompiled.Entry]:
+        """The shape's ahead-of-time compiled calls from its files in the cache folder (the
+        newest few), installed for the warm run that follows; [] where there are none."""
+        folder = att.cache_dir
+        if not self._aot or not folder or folder == Path() or not folder.is_dir():
+            return []
+        try:
+            files = sorted(folder.glob(_shape_prefix(shape) + "*" + precompiled.SUFFIX),
+                           key=lambda p: p.stat().st_mtime)[-_MAX_SHAPE_FILES:]
+        except OSError:
+            return []
+        loaded: list[precompiled.Entry] = []
+        for path in files:
+            try:
+                if path.stat().st_size > _MAX_CACHE_FILE:
+                    log.warning("compile cache: %s is too large; skipped", path)
+                    continue
+                entries = precompiled.loads(path.read_bytes(), self._forwards(att))
+            except (OSError, precompiled.Unavailable) as exc:
+                log.warning("compile cache: %s not loaded (%s); compiling instead", path, exc)
+                continue
+            for name, key, fn in entries:
+                if name in att.aot and name not in att.aot_off:
+                    att.aot[name][key] = fn
+                    loaded.append((name, key, fn))
+        return loaded
+
+    def _save_shape(self, att: _Attached, shape: Shape) -> None:
+        """The calls this shape compiled ahead of time, as a new file of the cache folder."""
+        folder = att.cache_dir
+        new, att.aot_new = list(att.aot_new), []
+        if not folder or folder == Path():
+            return
+        try:
+            data = precompiled.dumps(new, self._forwards(att))
+            folder.mkdir(parents=True, exist_ok=True)
+            self._saves += 1
+            name = f"{_shape_prefix(shape)}{self._run_id}-{self._saves:03d}{precompiled.SUFFIX}"
+            tmp = folder / (name + ".tmp")
+            tmp.write_bytes(data)
+            os.replace(tmp, folder / name)
+        except (OSError, precompiled.Unavailable) as exc:
+            log.warning("compile cache: %s not saved ahead-of-time compiled (%s)", shape, exc)
+            return
+        log.info("compile cache: wrote %s (%.1f MiB)", folder / name, len(data) / 2**20)
+
+
+def _savable(key: Any) -> bool:
+    """Whether a call's key is the same in another process (no object identities in it)."""
+    if isinstance(key, tuple):
+        if len(key) == 3 and key[0] == "O":
+            return False
+        return all(_savable(k) for k in key)
+    return True
 
 
 def _shape_prefix(shape: Shape) -> str:
