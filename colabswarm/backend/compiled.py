@@ -62,6 +62,12 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   file is named by its shape; where a file of the same shape appeared in the folder after this
   worker loaded it (another worker sharing the folder finished that shape first), this worker
   does not write its own copy.
+- **Ahead of time.** Where torch can (``precompiled.supported``), each shape's calls are
+  compiled with torch's AOT precompile instead and written as one ``.aot`` file per shape; a
+  restarted worker loads a shape's files before its warm run, which then runs them without
+  tracing (a restart went from 25.8-33.4 s to 9.1 s). Whatever torch cannot save, load or run
+  falls back to the traced compile for that module (``_compile_call``); a loaded file whose
+  warm run fails makes the shape compile again.
 """
 
 from __future__ import annotations
@@ -949,7 +955,7 @@ class Compiler:
                 log.info("the %s compiles the traced way (not ahead of time: %s)", name,
                          att.aot_off[name], exc_info=True)
             else:
-                self.calls["aot compiled"] += 1
+                self.calls[f"aot compiled {name}"] += 1
                 att.aot[name][key] = ahead
                 att.aot_new.append((name, key, ahead))
         if ahead is not None:
@@ -1064,7 +1070,8 @@ class Compiler:
         timers = _compile_timers()
         att.aot_new.clear()
         loaded = self._load_shape(att, shape)
-        self.calls["aot loaded"] += len(loaded)
+        for name, _, _ in loaded:
+            self.calls[f"aot loaded {name}"] += 1
         keys, failure = self._try_warm(att, shape)
         if failure is not None and loaded:
             from .jobs import public_error

@@ -1,0 +1,104 @@
+"""Shapes compiled ahead of time (precompiled.py): a restarted worker loads them, no tracing.
+
+Each run is a new process with its own empty inductor cache and the same compile cache folder,
+as a restarted Colab worker with a Drive folder. torch's AOT precompile is real; the backend
+is AOTAutograd's ``aot_eager`` (what torch can save, without inductor's minutes of C++ on this
+CPU), so the numbers mean nothing and the behaviour is the worker's: what is written, what a
+restart loads instead of compiling, and that a bad file costs a compile, never a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.imagecheck import assert_same_picture
+
+ROOT = Path(__file__).resolve().parent.parent
+
+_SCRIPT = """
+import json, logging, sys, time
+import numpy as np
+from colabswarm.backend.engine import Engine
+from colabswarm.backend.serve import start_worker
+from colabswarm.protocol import JobRequest
+
+folder, image = sys.argv[1], sys.argv[2]
+logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+eng = Engine(models=["tiny"], compile="default", compile_batches=(1,), compile_cache=folder)
+handle = start_worker(engine=eng, name="aot")
+try:
+    deadline = time.monotonic() + 240
+    while handle.info().compile.state == "compiling" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    info = handle.info().compile
+    calls = eng._compiler.calls
+    before = calls["compiled unet"]
+    req = JobRequest(seeds=[5], prompt="a red fox", width=64, height=64, steps=3, cfg=7.0)
+    np.save(image, np.asarray(eng.run(req)[0]))
+    print(json.dumps({"state": info.state, "shapes": [s.batches for s in info.shapes],
+                      "aot_compiled": calls["aot compiled unet"],
+                      "aot_loaded": calls["aot loaded unet"],
+                      "job_unet_compiled": calls["compiled unet"] - before}))
+finally:
+    handle.stop()
+"""
+
+
+def _run(tmp_path: Path, folder: Path, name: str, **env: str) -> dict:
+    envs = {**os.environ, "OMP_NUM_THREADS": "1", "COLABSWARM_COMPILE_BACKEND": "aot_eager",
+            "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / f"inductor-{name}"), **env}
+    out = subprocess.run([sys.executable, "-c", _SCRIPT, str(folder),
+                          str(tmp_path / f"{name}.npy")],
+                         capture_output=True, text=True, env=envs, timeout=400, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["log"] = out.stderr
+    result["image"] = np.load(tmp_path / f"{name}.npy")
+    return result
+
+
+def _aot_files(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*/64x64-b1-*.aot"))
+
+
+@pytest.mark.timeout(900)
+def test_a_restarted_worker_loads_its_shapes_compiled_ahead_of_time(tmp_path):
+    """The first worker compiles its shape ahead of time and writes it; a restarted one loads
+    it instead of compiling and makes the same picture; a damaged file is said, compiled
+    again and replaced, and the job still runs; the owner can turn it off."""
+    pytest.importorskip("torch._dynamo.aot_compile", reason="this torch has no AOT precompile")
+    folder = tmp_path / "compile-cache"
+    first = _run(tmp_path, folder, "first")
+    assert first["state"] == "ready" and first["shapes"] == [[1]], first["log"][-2000:]
+    assert first["aot_compiled"] >= 1 and first["aot_loaded"] == 0, first
+    assert first["job_unet_compiled"] == 3, "the job's 3 UNet steps ran compiled"
+    (written,) = _aot_files(folder)
+
+    again = _run(tmp_path, folder, "restart")
+    assert again["state"] == "ready" and again["shapes"] == [[1]], again["log"][-2000:]
+    assert again["aot_loaded"] >= 1, again["log"][-2000:]
+    assert again["aot_compiled"] == 0, "the UNet's shape in the folder was compiled again"
+    assert "loaded ahead-of-time compiled" in again["log"]
+    assert again["job_unet_compiled"] == 3
+    assert _aot_files(folder) == [written], "a restart that compiled nothing wrote a file"
+    assert_same_picture(first["image"], again["image"], "the restarted worker's picture")
+
+    written.write_bytes(b"not a compiled shape")  # e.g. a half-synced Drive file
+    damaged = _run(tmp_path, folder, "damaged")
+    assert f"{written} not loaded" in damaged["log"], damaged["log"][-2000:]
+    assert damaged["state"] == "ready" and damaged["aot_compiled"] >= 1, damaged
+    assert damaged["job_unet_compiled"] == 3
+    assert_same_picture(first["image"], damaged["image"], "after a damaged file")
+    assert len(_aot_files(folder)) == 2, "the shape was not written again"
+
+    off = _run(tmp_path, tmp_path / "other-folder", "off", COLABSWARM_COMPILE_AOT="off")
+    assert off["state"] == "ready" and off["aot_compiled"] == 0 and off["aot_loaded"] == 0, off
+    assert not _aot_files(tmp_path / "other-folder")
+    assert_same_picture(first["image"], off["image"], "compiled the traced way")
