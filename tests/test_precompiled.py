@@ -102,3 +102,60 @@ def test_a_restarted_worker_loads_its_shapes_compiled_ahead_of_time(tmp_path):
     assert off["state"] == "ready" and off["aot_compiled"] == 0 and off["aot_loaded"] == 0, off
     assert not _aot_files(tmp_path / "other-folder")
     assert_same_picture(first["image"], off["image"], "compiled the traced way")
+
+
+_GRAPHS_SCRIPT = """
+import json, sys
+import torch
+from torch._dynamo.utils import counters
+from colabswarm.backend import precompiled
+
+class Small(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x)) * 2
+
+torch.manual_seed(0)
+m = Small().eval().requires_grad_(False)
+x = torch.randn(4, 8)
+with torch.inference_mode():
+    fn = precompiled.compile_call(Small.forward, "reduce-overhead", None, m, (x,), {})
+    data = precompiled.dumps([("small", "key", fn)], {"small": Small.forward})
+out = {}
+for mode in ("default", "reduce-overhead"):
+    before = counters["inductor"]["cudagraph_skips"]
+    ((name, key, loaded),) = precompiled.loads(data, {"small": Small.forward}, {"small": mode})
+    with torch.inference_mode():
+        same = bool(torch.equal(precompiled.call(loaded, m, (x,), {}), m(x)))
+    out[mode] = {"graphs_asked": counters["inductor"]["cudagraph_skips"] > before,
+                 "same": same, "key": key}
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.timeout(600)
+def test_a_loaded_function_records_cuda_graphs_when_its_mode_does(tmp_path):
+    """torch decides at load time, from inductor's global setting, whether a loaded function
+    records CUDA graphs: a restarted worker that loaded its shapes without it ran batch 1 at
+    2.6 img/s instead of 7.0 on an H200. Real inductor on this CPU: a function loaded for
+    'reduce-overhead' asks for CUDA graphs (torch skips them here, a CPU graph, and counts the
+    skip; on a GPU it records them), one loaded for 'default' does not; both compute what the
+    module does."""
+    import shutil
+
+    pytest.importorskip("torch._dynamo.aot_compile", reason="this torch has no AOT precompile")
+    if not (shutil.which("g++") or shutil.which("c++")):
+        pytest.skip("no C++ compiler: inductor cannot compile on this CPU")
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    out = subprocess.run([sys.executable, "-c", _GRAPHS_SCRIPT], capture_output=True,
+                         text=True, env=env, timeout=500, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["reduce-overhead"]["graphs_asked"], "loaded for CUDA graphs without asking"
+    assert not got["default"]["graphs_asked"]
+    assert got["default"]["same"] and got["reduce-overhead"]["same"], got
+    assert got["default"]["key"] == "key"

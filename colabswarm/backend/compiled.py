@@ -1369,7 +1369,7 @@ class Compiler:
                 if path.stat().st_size > _MAX_CACHE_FILE:
                     log.warning("compile cache: %s is too large; skipped", path)
                     continue
-                entries = precompiled.loads(path.read_bytes(), self._forwards(att))
+                entries = precompiled.loads(path.read_bytes(), self._forwards(att), att.modes)
             except (OSError, precompiled.Unavailable) as exc:
                 log.warning("compile cache: %s not loaded (%s); compiling instead", path, exc)
                 continue

@@ -138,10 +138,19 @@ def dumps(entries: list[Entry], forwards: dict[str, Callable[..., Any]]) -> byte
                         protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def loads(data: bytes, forwards: dict[str, Callable[..., Any]]) -> list[Entry]:
-    """A file's compiled calls, loaded (no tracing). Raises ``Unavailable`` for a file of
-    another format or torch, or one that does not load."""
+def loads(data: bytes, forwards: dict[str, Callable[..., Any]],
+          modes: dict[str, str]) -> list[Entry]:
+    """A file's compiled calls, loaded (no tracing), each module's in its compile mode
+    (``modes``: name -> 'reduce-overhead' or 'default'). Raises ``Unavailable`` for a file of
+    another format or torch, or one that does not load.
+
+    CUDA graphs: torch decides whether a loaded function records them from inductor's global
+    setting at load time, not from the options it was compiled with (its own comment in
+    ``deserialize_bundled_cache_entry``: precompile never calls compile_fx, which sets it). A
+    restarted SD 1.5 worker whose files were loaded without it made 2.6 img/s at batch 1
+    instead of 7.0 (docs/BENCHMARKS.md), so the setting is the module's mode while it loads."""
     import torch
+    import torch._inductor.config as icfg
     from torch._dynamo.aot_compile import AOTCompiledFunction
 
     _enable()
@@ -156,8 +165,10 @@ def loads(data: bytes, forwards: dict[str, Callable[..., Any]]) -> list[Entry]:
     for name, key, blob in held.get("calls", ()):
         if name not in forwards:
             raise Unavailable(f"a compiled-shape file for an unknown module {name!r}")
+        graphs = modes.get(name) == "reduce-overhead"
         try:
-            with torch.inference_mode():  # as every call is made (its guards are built so)
+            # inference mode: as every call is made (its guards are built so)
+            with icfg.patch({"triton.cudagraphs": graphs}), torch.inference_mode():
                 compiled = AOTCompiledFunction.deserialize(
                     blob, external_closure_data=_external(forwards[name]))
         except Exception as exc:  # noqa: BLE001 - any failure: compile instead
