@@ -96,6 +96,17 @@ def _inputs(model: str, unet: Any, batch: int, side: int) -> tuple[tuple, dict]:
     return (x, t), kw
 
 
+def _call_inputs(model: str, name: str, unet: Any, batch: int, side: int) -> tuple[tuple, dict]:
+    """A UNet call's inputs (CFG: twice the batch), or the decoder's latents."""
+    import torch
+
+    if name == "unet":
+        return _inputs(model, unet, batch, side)
+    lat = side // 8
+    z = torch.randn(batch, 4, lat, lat, generator=torch.Generator("cpu").manual_seed(batch))
+    return (z.to(unet.device, unet.dtype),), {}
+
+
 def _sync(device: str) -> None:
     import torch
 
@@ -150,13 +161,7 @@ def save_stage(a: argparse.Namespace) -> dict[str, Any]:
                                      options={"guard_filter_fn": _tensor_guards})
             else:
                 comp = torch.compile(fwd, fullgraph=True, dynamic=False, options=opts)
-            if name == "unet":
-                args, kw = _inputs(a.model, unet, b, side)
-            else:
-                lat = side // 8
-                args = (torch.randn(b, 4, lat, lat, generator=torch.Generator("cpu")
-                                    .manual_seed(b)).to(unet.device, unet.dtype),)
-                kw = {}
+            args, kw = _call_inputs(a.model, name, unet, b, side)
             row: dict[str, Any] = {"module": name, "batch": b}
             t0 = time.perf_counter()
             try:
@@ -202,13 +207,7 @@ def load_stage(a: argparse.Namespace) -> dict[str, Any]:
                 row["error"] = "no file"
                 rows.append(row)
                 continue
-            if name == "unet":
-                args, kw = _inputs(a.model, unet, b, side)
-            else:
-                lat = side // 8
-                args = (torch.randn(b, 4, lat, lat, generator=torch.Generator("cpu")
-                                    .manual_seed(b)).to(unet.device, unet.dtype),)
-                kw = {}
+            args, kw = _call_inputs(a.model, name, unet, b, side)
             try:
                 t0 = time.perf_counter()
                 with torch.inference_mode():

@@ -159,3 +159,52 @@ def test_a_loaded_function_records_cuda_graphs_when_its_mode_does(tmp_path):
     assert not got["default"]["graphs_asked"]
     assert got["default"]["same"] and got["reduce-overhead"]["same"], got
     assert got["default"]["key"] == "key"
+
+
+def test_a_shape_another_worker_wrote_meanwhile_is_not_written_again(tmp_path):
+    """Two workers sharing a folder (two Colab sessions on one Drive folder) that compile the
+    same shape keep one copy: the one that finishes second finds a file of that shape that was
+    not there when it read the folder, and writes none; its own earlier files do not count.
+    A restart loads the shape's calls from every file of it."""
+    import types
+
+    import torch
+
+    from colabswarm.backend import precompiled
+    from colabswarm.backend.compiled import Compiler, Shape
+
+    pytest.importorskip("torch._dynamo.aot_compile", reason="this torch has no AOT precompile")
+
+    class Small(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(8, 8)
+
+        def forward(self, x):
+            return torch.relu(self.lin(x)) * 2
+
+    torch.manual_seed(0)
+    m = Small().eval().requires_grad_(False)
+    x = torch.randn(4, 8)
+    with torch.inference_mode():
+        fn = precompiled.compile_call(Small.forward, "default", "aot_eager", m, (x,), {})
+    comp = Compiler("default", background=False)
+    folder = tmp_path / "compile-cache"
+    att = types.SimpleNamespace(cache_dir=folder, aot_known=frozenset(), unet=m, decoder=None,
+                                aot={"unet": {}}, aot_off={}, modes={"unet": "default"},
+                                aot_new=[("unet", "key", fn)])
+    shape = Shape(64, 64, 1)
+    comp._save_shape(att, shape)
+    (mine,) = folder.glob("64x64-b1-*.aot")
+    att.aot_new = [("unet", "key", fn)]
+    comp._save_shape(att, Shape(64, 64, 2))  # its own earlier file is no reason to skip
+    assert len(list(folder.glob("64x64-b2-*.aot"))) == 1
+    other = folder / "64x64-b1-another-worker-001.aot"
+    other.write_bytes(mine.read_bytes())  # the other worker finished the shape meanwhile
+    att.aot_new = [("unet", "key", fn)]
+    comp._save_shape(att, shape)
+    assert sorted(folder.glob("64x64-b1-*.aot")) == sorted([mine, other]), "written again"
+    loaded = comp._load_shape(att, shape)
+    assert len(loaded) == 2 and att.aot["unet"].keys() == {"key"}, loaded
+    with torch.inference_mode():
+        assert torch.equal(precompiled.call(att.aot["unet"]["key"], m, (x,), {}), m(x))

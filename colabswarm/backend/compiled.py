@@ -361,6 +361,7 @@ class _Attached:
     modes: dict[str, str] = field(default_factory=dict)
     aot_off: dict[str, str] = field(default_factory=dict)
     aot_new: list[Any] = field(default_factory=list)
+    aot_known: frozenset[str] = frozenset()  # the folder's .aot files, loaded or written here
 
 
 # ----- inputs as keys ----------------------------------------------------------------------
@@ -967,10 +968,11 @@ class Compiler:
                 from .jobs import public_error
 
                 # compiled ahead of time but does not run (torch's AOT path is experimental):
-                # this module compiles the traced way from now on
+                # this call, and the module's calls compiled from now on, go the traced way
+                # (shapes whose loaded calls already ran keep them)
                 att.aot_off[name] = public_error(exc)[:120]
-                att.aot[name].clear()
-                att.aot_new = [e for e in att.aot_new if e[0] != name]
+                att.aot[name].pop(key, None)
+                att.aot_new = [e for e in att.aot_new if e[1] != key or e[0] != name]
                 log.info("the %s ran not ahead-of-time compiled (%s); compiling it the traced "
                          "way", name, att.aot_off[name], exc_info=True)
         return att.fns[name](module, *args, **kwargs)
@@ -1094,10 +1096,12 @@ class Compiler:
             return
         seconds = time.perf_counter() - t0
         hits2, misses2 = _cache_counts()
-        from_cache = (loaded and not att.aot_new) or (hits2 > hits and misses2 == misses)
+        # loaded calls that ran (one that raised was dropped and traced instead)
+        ran = [e for e in loaded if att.aot[e[0]].get(e[1]) is e[2]]
+        from_cache = (ran and not att.aot_new) or (hits2 > hits and misses2 == misses)
         log.info("compiled %s in %.1f s%s%s", shape, seconds,
                  " from the cache" if from_cache else "",
-                 f" (loaded ahead-of-time compiled: {len(loaded)} calls)" if loaded
+                 f" (loaded ahead-of-time compiled: {len(ran)} calls)" if ran
                  else _phase_text(timers, _compile_timers()))
         if att.aot_new:
             self._save_shape(att, shape)
@@ -1309,6 +1313,8 @@ class Compiler:
         t0 = time.perf_counter()
         att.cache_known = frozenset(p.name for p in folder.glob("*.bin")) if folder.is_dir() \
             else frozenset()
+        att.aot_known = frozenset(p.name for p in folder.glob("*" + precompiled.SUFFIX)) \
+            if folder.is_dir() else frozenset()
         loaded, found = read_artifacts(folder)
         if found:
             log.info("compile cache: loaded %d of %d files from %s in %.1f s", loaded, found,
@@ -1345,7 +1351,6 @@ class Compiler:
         if path is not None:
             log.info("compile cache: wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
 
-
     def _forwards(self, att: _Attached) -> dict[str, Callable[..., Any]]:
         out = {"unet": type(att.unet).forward}
         if att.decoder is not None:
@@ -1380,22 +1385,35 @@ class Compiler:
         return loaded
 
     def _save_shape(self, att: _Attached, shape: Shape) -> None:
-        """The calls this shape compiled ahead of time, as a new file of the cache folder."""
+        """The calls this shape compiled ahead of time, as a new file of the cache folder;
+        none when another worker sharing the folder wrote this shape's file since this one
+        read it (as ``_save_cache``: one copy is enough)."""
         folder = att.cache_dir
         new, att.aot_new = list(att.aot_new), []
         if not folder or folder == Path():
+            return
+        prefix = _shape_prefix(shape)
+        try:
+            meanwhile = sorted(p.name for p in folder.glob(prefix + "*" + precompiled.SUFFIX)
+                               if p.name not in att.aot_known)
+        except OSError:
+            meanwhile = []
+        if meanwhile:
+            log.info("compile cache: %s was written ahead-of-time compiled meanwhile by another "
+                     "worker (%s); not written again", shape, meanwhile[0])
             return
         try:
             data = precompiled.dumps(new, self._forwards(att))
             folder.mkdir(parents=True, exist_ok=True)
             self._saves += 1
-            name = f"{_shape_prefix(shape)}{self._run_id}-{self._saves:03d}{precompiled.SUFFIX}"
+            name = f"{prefix}{self._run_id}-{self._saves:03d}{precompiled.SUFFIX}"
             tmp = folder / (name + ".tmp")
             tmp.write_bytes(data)
             os.replace(tmp, folder / name)
         except (OSError, precompiled.Unavailable) as exc:
             log.warning("compile cache: %s not saved ahead-of-time compiled (%s)", shape, exc)
             return
+        att.aot_known = att.aot_known | {name}
         log.info("compile cache: wrote %s (%.1f MiB)", folder / name, len(data) / 2**20)
 
 
