@@ -7,7 +7,9 @@ the device hosts, so two SD 1.5 shapes took 25.8-33.4 s against the 20 s target
 .aot_compile(...)``, experimental) saves one shape's traced and compiled function, guards and
 kernels as one file that a new process loads without tracing.
 
-This measures it with the worker's own modules and calls (full-size random weights from the
+This measures it through the worker's own ``colabswarm/backend/precompiled.py``
+(``compile_call``, ``dumps``, ``loads``: the loaded UNet asks for CUDA graphs, as a restarted
+worker's does) with the worker's own modules and calls (full-size random weights from the
 configs, fp16, channels_last on a GPU; the UNet with CUDA graphs as ``reduce-overhead``, the
 decoder as ``default``; timesteps as float32, as the worker passes them): in one process each
 shape is AOT-compiled and saved; a second, fresh process with an empty inductor cache loads the
@@ -31,27 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def _chain(fn: Any) -> list[Any]:
-    """fn and the functions it wraps (diffusers wraps the UNet's forward): the pickler must be
-    told about each, since they live under one qualified name."""
-    out = [fn]
-    while getattr(out[-1], "__wrapped__", None) is not None:
-        out.append(out[-1].__wrapped__)
-    return out
-
-
-def _external(fn: Any) -> dict[str, Any]:
-    return {f"fn{i}": f for i, f in enumerate(_chain(fn))}
-
-
-def _tensor_guards(entries: Any) -> list[bool]:
-    import torch
-
-    keep = getattr(torch.compiler, "keep_tensor_guards_unsafe", None)
-    if keep is not None:
-        return list(keep(entries))
-    return [e.guard_type == "TENSOR_MATCH" for e in entries]
+from colabswarm.backend import precompiled
+from colabswarm.backend.compiled import cache_settings
 
 
 def _build(model: str, scale: str, device: str) -> tuple[Any, Any]:
@@ -124,53 +107,38 @@ def _calls(fn: Any, args: tuple, kw: dict, n: int, device: str) -> list[float]:
     return out
 
 
-def _caches() -> None:
-    """The worker's cache settings (compiled.Compiler._setup_caches): Triton kernels bundled
-    with inductor's cached graphs, so a file carries compiled kernels, not their source."""
-    import torch._functorch.config as fcfg
-    import torch._inductor.config as icfg
+def _mode(name: str, device: str) -> str:
+    """The worker's mode per module: the UNet with CUDA graphs on a GPU, the decoder without."""
+    return "reduce-overhead" if name == "unet" and device.startswith("cuda") else "default"
 
-    for name in ("fx_graph_cache", "bundle_triton_into_fx_graph_cache"):
-        if hasattr(icfg, name):
-            setattr(icfg, name, True)
-    if hasattr(fcfg, "enable_autograd_cache"):
-        fcfg.enable_autograd_cache = True
+
+def _run_loaded(fn: Any, module: Any, *args: Any, **kwargs: Any) -> Any:
+    return precompiled.call(fn, module, args, kwargs)
 
 
 def save_stage(a: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    _caches()
-
-    if hasattr(torch._dynamo.config, "enable_aot_compile"):  # torch 2.11 asks for it
-        torch._dynamo.config.enable_aot_compile = True
+    cache_settings()
     unet, decoder = _build(a.model, a.scale, a.device)
     side = a.side or (512 if a.model == "sd15" else 1024)
-    cuda = a.device.startswith("cuda")
     rows = []
     folder = Path(a.files)
     folder.mkdir(parents=True, exist_ok=True)
     for b in a.batches:
         for name, module in (("unet", unet), ("decoder", decoder)):
             fwd = type(module).forward
-            opts: dict[str, Any] = {"guard_filter_fn": _tensor_guards}
-            if cuda and name == "unet":
-                opts["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
-            if a.backend:
-                comp = torch.compile(fwd, backend=a.backend, fullgraph=True, dynamic=False,
-                                     options={"guard_filter_fn": _tensor_guards})
-            else:
-                comp = torch.compile(fwd, fullgraph=True, dynamic=False, options=opts)
             args, kw = _call_inputs(a.model, name, unet, b, side)
             row: dict[str, Any] = {"module": name, "batch": b}
             t0 = time.perf_counter()
             try:
                 with torch.inference_mode():
-                    aot = comp.aot_compile(((module, *args), kw))
+                    aot = precompiled.compile_call(fwd, _mode(name, a.device),
+                                                   a.backend or None, module, args, kw)
                 row["aot_compile_s"] = round(time.perf_counter() - t0, 2)
                 t0 = time.perf_counter()
                 path = folder / f"{name}-b{b}.aot"
-                aot.save_compiled_function(str(path), external_data=_external(fwd))
+                path.write_bytes(precompiled.dumps([(name, "call", aot)], {name: fwd}))
                 row["save_s"] = round(time.perf_counter() - t0, 2)
                 row["file_mib"] = round(path.stat().st_size / 2**20, 1)
             except Exception as exc:  # noqa: BLE001 - the diagnosis is what failed
@@ -182,9 +150,8 @@ def save_stage(a: argparse.Namespace) -> dict[str, Any]:
 
 def load_stage(a: argparse.Namespace) -> dict[str, Any]:
     import torch
-    from torch._dynamo.aot_compile import AOTCompiledFunction
 
-    _caches()
+    cache_settings()
     t_build = time.perf_counter()
     unet, decoder = _build(a.model, a.scale, a.device)
     side = a.side or (512 if a.model == "sd15" else 1024)
@@ -210,13 +177,12 @@ def load_stage(a: argparse.Namespace) -> dict[str, Any]:
             args, kw = _call_inputs(a.model, name, unet, b, side)
             try:
                 t0 = time.perf_counter()
-                with torch.inference_mode():
-                    aot = AOTCompiledFunction.deserialize(path.read_bytes(),
-                                                          external_closure_data=_external(fwd))
+                ((_, _, aot),) = precompiled.loads(path.read_bytes(), {name: fwd},
+                                                    {name: _mode(name, a.device)})
                 row["load_s"] = round(time.perf_counter() - t0, 2)
                 with torch.inference_mode():
                     row["guard_ok"] = bool(aot.guard_check(module, *args, **kw))
-                    run = functools.partial(aot.fn, module)
+                    run = functools.partial(_run_loaded, aot, module)
                     t0 = time.perf_counter()
                     first = run(*args, **kw)
                     _sync(a.device)
@@ -268,10 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             "--files", files] + (["--backend", a.backend] if a.backend else [])
     result: dict[str, Any] = {"command": "python -m bench.diag_aot " + " ".join(
         argv if argv is not None else sys.argv[1:]), "torch": torch.__version__,
-        "source_sha256": source_digest(),
-        "has_aot_compile": hasattr(torch._dynamo.eval_frame, "aot_compile_fullgraph")
-        or os.path.exists(os.path.join(os.path.dirname(torch.__file__), "_dynamo",
-                                       "aot_compile.py"))}
+        "source_sha256": source_digest(), "has_aot_compile": precompiled.supported()}
     for stage in ("save", "load"):
         env = dict(os.environ)
         # each process its own, empty inductor cache: the load uses the files alone

@@ -588,6 +588,7 @@ fn = torch.compile(lambda x: (x.sin() * 2 + x.cos()).sum(1), dynamic=False)
 # the "model": a shape (rows, 5, batch 1) is a call of fn on rows x 5
 compiler._warm = lambda att, shape: (fn(torch.randn(shape.width, 5)), {})[1]
 att = types.SimpleNamespace(cache_dir=folder, cache_known=frozenset(), aot_new=[],
+                            aot_known=frozenset(),
                             set_keys=lambda shape, keys: None)
 if sys.argv[1] in ("restart", "grow"):
     print("loaded", *read_artifacts(folder))

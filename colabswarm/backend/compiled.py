@@ -66,8 +66,8 @@ The rules, and why (docs/ARCHITECTURE.md, "The compiled fast path"):
   compiled with torch's AOT precompile instead and written as one ``.aot`` file per shape; a
   restarted worker loads a shape's files before its warm run, which then runs them without
   tracing (a restart went from 25.8-33.4 s to 9.1 s). Whatever torch cannot save, load or run
-  falls back to the traced compile for that module (``_compile_call``); a loaded file whose
-  warm run fails makes the shape compile again.
+  falls back to the traced compile for that module (``_compile_call``): a file that does not
+  load is compiled again, a loaded or new call that raises is traced instead.
 """
 
 from __future__ import annotations
@@ -103,6 +103,7 @@ __all__ = [
     "JobPlan",
     "Shape",
     "cache_key",
+    "cache_settings",
     "check_batches",
     "check_mode",
     "choose_mode",
@@ -473,6 +474,21 @@ def cache_key(model: str, mode: str, pipe: Any) -> str:
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{gpu}-torch{torch.__version__}-{model}-{mode}")
     return f"{slug.strip('-.')[:120]}-{digest[:16]}"
+
+
+def cache_settings() -> None:
+    """torch's compile caches on: inductor's FX graphs with their Triton kernels bundled in
+    (so a cache file carries compiled kernels, not their source), and AOTAutograd's."""
+    try:
+        import torch._functorch.config as fcfg
+        import torch._inductor.config as icfg
+    except ImportError:  # pragma: no cover - torch without inductor
+        return
+    for name in ("fx_graph_cache", "bundle_triton_into_fx_graph_cache"):
+        if hasattr(icfg, name):
+            setattr(icfg, name, True)
+    if hasattr(fcfg, "enable_autograd_cache"):
+        fcfg.enable_autograd_cache = True
 
 
 def _mega_cache() -> tuple[Any, Any] | None:
@@ -950,11 +966,7 @@ class Compiler:
             except Exception as exc:
                 if _is_graph_break(exc):
                     raise  # _warm compiles it with breaks, the traced way
-                from .jobs import public_error
-
-                att.aot_off[name] = public_error(exc)[:120]
-                log.info("the %s compiles the traced way (not ahead of time: %s)", name,
-                         att.aot_off[name], exc_info=True)
+                _aot_off(att, name, exc, "did not compile ahead of time")
             else:
                 self.calls[f"aot compiled {name}"] += 1
                 att.aot[name][key] = ahead
@@ -962,19 +974,13 @@ class Compiler:
         if ahead is not None:
             try:
                 return precompiled.call(ahead, module, args, kwargs)
-            except Exception as exc:
-                if _is_graph_break(exc):
-                    raise
-                from .jobs import public_error
-
-                # compiled ahead of time but does not run (torch's AOT path is experimental):
-                # this call, and the module's calls compiled from now on, go the traced way
-                # (shapes whose loaded calls already ran keep them)
-                att.aot_off[name] = public_error(exc)[:120]
+            except Exception as exc:  # noqa: BLE001 - torch's AOT path is experimental
+                # compiled or loaded, but does not run: this call, and the module's calls
+                # compiled from now on, go the traced way (shapes whose loaded calls already
+                # ran keep them)
                 att.aot[name].pop(key, None)
                 att.aot_new = [e for e in att.aot_new if e[1] != key or e[0] != name]
-                log.info("the %s ran not ahead-of-time compiled (%s); compiling it the traced "
-                         "way", name, att.aot_off[name], exc_info=True)
+                _aot_off(att, name, exc, "compiled ahead of time did not run")
         return att.fns[name](module, *args, **kwargs)
 
     # ----- queue -----------------------------------------------------------------------------
@@ -1074,23 +1080,13 @@ class Compiler:
         loaded = self._load_shape(att, shape)
         for name, _, _ in loaded:
             self.calls[f"aot loaded {name}"] += 1
-        keys, failure = self._try_warm(att, shape)
-        if failure is not None and loaded:
+        try:
+            keys = self._warm(att, shape)
+        except Exception as exc:  # noqa: BLE001 - any failure: that shape stays eager
             from .jobs import public_error
 
-            log.warning("the ahead-of-time compiled %s from the cache did not run (%s); "
-                        "compiling it again", shape, public_error(failure))
-            for name, key, _ in loaded:
-                att.aot[name].pop(key, None)
-            att.aot_new.clear()
-            loaded = []
-            keys, failure = self._try_warm(att, shape)
-        if failure is not None:
-            from .jobs import public_error
-
-            why = public_error(failure)
-            log.warning("compile of %s failed, it runs eagerly: %s", shape, why,
-                        exc_info=failure)
+            why = public_error(exc)
+            log.warning("compile of %s failed, it runs eagerly: %s", shape, why, exc_info=True)
             self._move(shape, ShapeState.FAILED, why)
             self._free_after_failure()
             return
@@ -1114,13 +1110,6 @@ class Compiler:
         with self._cv:
             self._seconds[shape] = round(seconds, 2)
         self._move(shape, ShapeState.COMPILED)
-
-    def _try_warm(self, att: _Attached, shape: Shape
-                  ) -> tuple[dict[str, set], BaseException | None]:
-        try:
-            return self._warm(att, shape), None
-        except Exception as exc:  # noqa: BLE001 - any failure: the caller says what follows
-            return {}, exc
 
     def _move(self, shape: Shape, to: ShapeState, why: str = "") -> bool:
         """The one place a shape's state changes, by ``_MOVES``; False (and no change) for a
@@ -1292,18 +1281,7 @@ class Compiler:
             if _mega_cache() is None and self.cache_dir is not None:
                 local = self.cache_dir / "inductor"  # no portable files: the folder itself
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(local)
-        try:
-            import torch._inductor.config as icfg
-
-            for name in ("fx_graph_cache", "bundle_triton_into_fx_graph_cache"):
-                if hasattr(icfg, name):
-                    setattr(icfg, name, True)
-            import torch._functorch.config as fcfg
-
-            if hasattr(fcfg, "enable_autograd_cache"):
-                fcfg.enable_autograd_cache = True
-        except ImportError:  # pragma: no cover - torch without inductor
-            pass
+        cache_settings()
 
     def _load_cache(self, att: _Attached) -> Path | None:
         """Read this model's artifact files (compile thread, before its first shape)."""
@@ -1331,16 +1309,9 @@ class Compiler:
         if _mega_cache() is None or not folder or folder == Path():
             return
         prefix = _shape_prefix(shape)
-        try:
-            meanwhile = sorted(p.name for p in folder.glob(prefix + "*.bin")
-                               if p.name not in att.cache_known)
-        except OSError:
-            meanwhile = []
-        if meanwhile:
+        if _written_meanwhile(folder, shape, ".bin", att.cache_known):
             # this shape is in that file; what it recorded is dropped before the next shape is
             # compiled, and bytes of an earlier failed write stay for the next file
-            log.info("compile cache: %s was written meanwhile by another worker (%s); not "
-                     "written again", shape, meanwhile[0])
             return
         self._saves += 1
         try:
@@ -1361,20 +1332,22 @@ class Compiler:
         """The shape's ahead-of-time compiled calls from its files in the cache folder (the
         newest few), installed for the warm run that follows; [] where there are none."""
         folder = att.cache_dir
-        if not self._aot or not folder or folder == Path() or not folder.is_dir():
+        if not self._aot or not folder or folder == Path():
             return []
-        try:
-            files = sorted(folder.glob(_shape_prefix(shape) + "*" + precompiled.SUFFIX),
-                           key=lambda p: p.stat().st_mtime)[-_MAX_SHAPE_FILES:]
-        except OSError:
+        prefix = _shape_prefix(shape)
+        # the folder was listed once, when it was read (aot_known): no listing per shape of a
+        # Drive folder; names hold the run's start time, so they sort oldest first
+        names = sorted(n for n in att.aot_known if n.startswith(prefix))[-_MAX_SHAPE_FILES:]
+        if not names:
             return []
+        forwards = self._forwards(att)
         loaded: list[precompiled.Entry] = []
-        for path in files:
+        for path in (folder / n for n in names):
             try:
                 if path.stat().st_size > _MAX_CACHE_FILE:
                     log.warning("compile cache: %s is too large; skipped", path)
                     continue
-                entries = precompiled.loads(path.read_bytes(), self._forwards(att), att.modes)
+                entries = precompiled.loads(path.read_bytes(), forwards, att.modes)
             except (OSError, precompiled.Unavailable) as exc:
                 log.warning("compile cache: %s not loaded (%s); compiling instead", path, exc)
                 continue
@@ -1392,29 +1365,27 @@ class Compiler:
         new, att.aot_new = list(att.aot_new), []
         if not folder or folder == Path():
             return
-        prefix = _shape_prefix(shape)
-        try:
-            meanwhile = sorted(p.name for p in folder.glob(prefix + "*" + precompiled.SUFFIX)
-                               if p.name not in att.aot_known)
-        except OSError:
-            meanwhile = []
-        if meanwhile:
-            log.info("compile cache: %s was written ahead-of-time compiled meanwhile by another "
-                     "worker (%s); not written again", shape, meanwhile[0])
+        if _written_meanwhile(folder, shape, precompiled.SUFFIX, att.aot_known):
             return
         try:
             data = precompiled.dumps(new, self._forwards(att))
-            folder.mkdir(parents=True, exist_ok=True)
             self._saves += 1
-            name = f"{prefix}{self._run_id}-{self._saves:03d}{precompiled.SUFFIX}"
-            tmp = folder / (name + ".tmp")
-            tmp.write_bytes(data)
-            os.replace(tmp, folder / name)
+            name = f"{_shape_prefix(shape)}{self._run_id}-{self._saves:03d}{precompiled.SUFFIX}"
+            _write_whole(folder, name, data)
         except (OSError, precompiled.Unavailable) as exc:
             log.warning("compile cache: %s not saved ahead-of-time compiled (%s)", shape, exc)
             return
         att.aot_known = att.aot_known | {name}
         log.info("compile cache: wrote %s (%.1f MiB)", folder / name, len(data) / 2**20)
+
+
+def _aot_off(att: _Attached, name: str, exc: BaseException, what: str) -> None:
+    """From now on `name` compiles the traced way, and the log says why."""
+    from .jobs import public_error
+
+    att.aot_off[name] = public_error(exc)[:120]
+    log.info("the %s %s (%s); it compiles the traced way", name, what, att.aot_off[name],
+             exc_info=True)
 
 
 def _savable(key: Any) -> bool:
@@ -1429,6 +1400,29 @@ def _savable(key: Any) -> bool:
 def _shape_prefix(shape: Shape) -> str:
     """The start of a cache file's name for `shape` (then the run id and save number)."""
     return f"{shape.width}x{shape.height}-b{shape.batch}-"
+
+
+def _written_meanwhile(folder: Path, shape: Shape, suffix: str, known: frozenset[str]) -> bool:
+    """Whether a file of `shape` with `suffix` is in `folder` that this worker did not know of
+    (another worker sharing the folder wrote it since this one read it); logs which."""
+    try:
+        meanwhile = sorted(p.name for p in folder.glob(_shape_prefix(shape) + "*" + suffix)
+                           if p.name not in known)
+    except OSError:
+        return False
+    if meanwhile:
+        log.info("compile cache: %s was written meanwhile by another worker (%s); not written "
+                 "again", shape, meanwhile[0])
+    return bool(meanwhile)
+
+
+def _write_whole(folder: Path, name: str, data: bytes) -> Path:
+    """folder/name written whole or not at all (a temporary file, then renamed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path, tmp = folder / name, folder / (name + ".tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+    return path
 
 
 def _has_file(att: _Attached, shape: Shape) -> bool:
@@ -1456,12 +1450,7 @@ def write_artifacts(folder: Path, name: str) -> Path | None:
     saved = mega[0]()
     if not saved:
         return None
-    data = saved[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    tmp = folder / (name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    path = _write_whole(folder, name, saved[0])
     _empty_artifact_buffer()  # only once written: a failed write leaves it for the next file
     return path
 

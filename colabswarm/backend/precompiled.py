@@ -103,13 +103,11 @@ def compile_call(forward: Callable[..., Any], mode: str, backend: str | None, mo
     aot = getattr(fn, "aot_compile", None)
     if aot is None:
         raise Unavailable("this torch has no aot_compile")
-    try:
-        from torch._dynamo.exc import PackageError
-    except ImportError:  # pragma: no cover - older torch
-        PackageError = Unavailable  # noqa: N806
+    from torch._dynamo.exc import PackageError  # in every torch that has aot_compile
+
     try:
         return aot(((module, *args), kwargs))
-    except (PackageError, pickle.PicklingError) as exc:
+    except PackageError as exc:  # a guard torch cannot save
         raise Unavailable(f"torch cannot save this call: {type(exc).__name__}") from exc
 
 
