@@ -1,13 +1,15 @@
 """Does the engine's job still wait for the GPU anywhere, and are its images diffusers' own?
 (issue 14, device)
 
-On one GPU, an eager engine with SD 1.5's architecture (random weights, bench/fullsize.py):
+On one GPU, an eager engine with SD 1.5's or SDXL's architecture (``--model``; random weights,
+bench/fullsize.py):
 
 - ``syncs``: torch's sync debug mode on while the engine queues a job (``Engine.launch``),
   for the first job (its sampler's timesteps and its prompt new) and for repeats; each
   synchronizing call torch reports is listed with where it came from. A repeat should have
   none: the engine's thread then runs ahead of the GPU, bounded by its pacer (inflight.py),
-  whose event waits torch does not report;
+  whose event waits torch does not report; then img2img jobs (the first one's picture as
+  the init image, strength 0.5), whose waits are listed the same way;
 - ``same``: each job's images against the same pipeline called as diffusers documents it
   (a fresh Euler scheduler, one CPU generator per seed, ``output_type="pil"``), at batch 1
   and 4: the largest pixel difference (0 expected: the same kernels in the same order);
@@ -16,6 +18,7 @@ On one GPU, an eager engine with SD 1.5's architecture (random weights, bench/fu
   how long ``launch`` took to return (far less than a job, unless something in it waits).
 
     python3 -m bench.diag_overlap --out $OUT
+    python3 -m bench.diag_overlap --model sdxl --jobs 8 --out $OUT/xl
     python3 -m bench.diag_overlap --tiny --out /tmp/ov     # CPU: checks the script only
 """
 
@@ -39,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "overlap-out"))
-    ap.add_argument("--model-dir", default="/tmp/sd15-random")
+    ap.add_argument("--model", choices=("sd15", "sdxl"), default="sd15")
+    ap.add_argument("--model-dir", default=None, help="default: /tmp/<model>-random")
     ap.add_argument("--jobs", type=int, default=24)
     ap.add_argument("--tiny", action="store_true", help="CPU smoke run: numbers mean nothing")
     a = ap.parse_args(argv)
@@ -52,28 +56,29 @@ def main(argv: list[str] | None = None) -> int:
     from colabswarm.backend.engine import Engine
     from colabswarm.protocol import JobRequest
 
-    size, steps = (64, 3) if a.tiny else (512, 20)
-    model = "tiny" if a.tiny else prepare_folder(a.model_dir, "sd15")
+    size, steps = (64, 3) if a.tiny else (1024 if a.model == "sdxl" else 512, 20)
+    model = "tiny-xl" if a.tiny and a.model == "sdxl" else "tiny" if a.tiny else \
+        prepare_folder(a.model_dir or f"/tmp/{a.model}-random", a.model)
     eng = Engine(models=[model])
     eng.load()
     cuda = eng.device.startswith("cuda")
 
-    def req(seeds: list[int], prompt: str = PROMPT) -> Any:
+    def req(seeds: list[int], prompt: str = PROMPT, **kw: Any) -> Any:
         return JobRequest(prompt=prompt, seeds=seeds, width=size, height=size, steps=steps,
-                          cfg=7.0)
+                          cfg=7.0, **kw)
 
     out: dict[str, Any] = {"command": "python3 -m bench.diag_overlap " + " ".join(
         argv if argv is not None else sys.argv[1:]), "versions": versions(
         [eng.device]), "source_sha256": source_digest(), "syncs": {}, "same": {}}
 
     # ----- synchronizing calls while a job is queued ------------------------------------
-    def syncs(r: Any) -> tuple[list[str], Any]:
+    def syncs(r: Any, inits: Any = None) -> tuple[list[str], Any]:
         with warnings.catch_warnings(record=True) as got:
             warnings.simplefilter("always")
             if cuda:
                 torch.cuda.set_sync_debug_mode("warn")
             try:
-                flight = eng.launch(r)
+                flight = eng.launch(r, inits)
             finally:
                 if cuda:
                     torch.cuda.set_sync_debug_mode("default")
@@ -84,10 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         flight.wait()
         return found, flight
 
+    init = None
     for label, r in (("first job", req([1])), ("repeat", req([2])), ("repeat, batch 4",
                      req([3, 4, 5, 6])), ("repeat, batch 4 again", req([7, 8, 9, 10])),
                      ("a new prompt", req([11], PROMPT + ", at dusk"))):
-        found, _ = syncs(r)
+        found, flight = syncs(r)
+        init = init or flight.wait()[0]
+        out["syncs"][label] = found
+        print(f"{label}: {len(found)} synchronizing calls", *found[:8], sep="\n  ")
+    for label, seeds in (("img2img, first", [31]), ("img2img, repeat", [32]),
+                         ("img2img, repeat, batch 4", [33, 34, 35, 36])):
+        found, _ = syncs(req(seeds, kind="img2img", strength=0.5), [init])
         out["syncs"][label] = found
         print(f"{label}: {len(found)} synchronizing calls", *found[:8], sep="\n  ")
 

@@ -195,6 +195,33 @@ def _quiet_lora_loading() -> Iterator[None]:
         tlog.set_verbosity(t_level)
 
 
+def _time_ids_sent_ahead(pipe: Any) -> None:
+    """SDXL pipelines make their size conditioning (``_get_add_time_ids``: original size,
+    crop, target size) on the host for every job and send it with a plain copy, which waits
+    for all the GPU's queued work: the engine's thread would stop there until the previous job
+    is done instead of queueing this one behind it. From here on the pipeline's own function
+    makes them as before and they go to its device from pinned memory without waiting
+    (``inflight.to_device``): the same values, and the pipeline's ``.to(device)`` finds them
+    there. No-op for pipelines without it (SD 1.x) and off CUDA."""
+    own = getattr(pipe, "_get_add_time_ids", None)
+    if own is None or "_get_add_time_ids" in vars(pipe):
+        return
+
+    def sent(tensor: Any) -> Any:
+        import torch
+
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
+            return tensor
+        device = pipe._execution_device
+        return to_device(tensor, device) if on_cuda(device) else tensor
+
+    def made_and_sent(*args: Any, **kwargs: Any) -> Any:
+        ids = own(*args, **kwargs)  # img2img's returns (ids, negative ids)
+        return tuple(sent(t) for t in ids) if isinstance(ids, tuple) else sent(ids)
+
+    pipe._get_add_time_ids = made_and_sent
+
+
 def _module_device(module: Any) -> Any:
     """The device of a module's first parameter (where its work is queued)."""
     import torch
@@ -388,6 +415,7 @@ class Engine:
             img2img = AutoPipelineForImage2Image.from_pipe(txt2img)
             for p in (txt2img, img2img):
                 p.set_progress_bar_config(disable=True)
+                _time_ids_sent_ahead(p)
             self._loaded = _Loaded(
                 src.name, txt2img, img2img, SchedulerBank(txt2img.scheduler.config),
                 sdxl=getattr(txt2img, "text_encoder_2", None) is not None,
