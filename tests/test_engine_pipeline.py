@@ -107,6 +107,41 @@ def test_sdxl_and_img2img_give_the_pipelines_own_images(engine, model, sampler):
             assert_identical(g, w, f"{model} {sampler} img2img")
 
 
+def test_an_sdxl_jobs_vae_upcasts_leave_no_warning_but_the_owners_own_casts_still_warn(engine):
+    """SDXL's stock VAE is cast to float32 and back around each img2img encode (and each
+    decode on a GPU), and diffusers warns at every cast: not in a worker's log, twice a job;
+    the same warning from the owner's own code in the process still shows."""
+    import logging
+
+    import torch
+    from PIL import Image
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.WARNING)
+            self.casts: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name == "diffusers.models.modeling_utils" and record.funcName == "to":
+                self.casts.append(record)
+
+    keep = Keep()
+    library = logging.getLogger("diffusers")  # where diffusers' module loggers propagate
+    library.addHandler(keep)
+    try:
+        req = _job(model="tiny-xl", seeds=[3])
+        init = Image.fromarray(np.asarray(engine.run(req)[0]))
+        vae = engine._loaded.img2img.vae  # noqa: SLF001 - the VAE the job cast
+        assert vae.config.force_upcast, "the tiny SDXL VAE no longer asks to be upcast"
+        engine.run(req.model_copy(update={"kind": "img2img", "strength": 0.6, "steps": 5}),
+                   [init])
+        assert keep.casts == [], [r.getMessage()[:80] for r in keep.casts]
+        vae.to(dtype=torch.float32)  # the owner's own cast, outside a job
+        assert len(keep.casts) == 1
+    finally:
+        library.removeHandler(keep)
+
+
 def test_a_launched_job_hands_its_images_over_once_and_reports_its_speed(engine):
     flight = engine.launch(_job(seeds=[3]))
     before = engine.step_seconds_per_mpix

@@ -195,6 +195,39 @@ def _quiet_lora_loading() -> Iterator[None]:
         tlog.set_verbosity(t_level)
 
 
+class _CastNotices(logging.Filter):
+    """SDXL's stock VAE asks to be upcast (``force_upcast``): diffusers casts it to float32
+    and back around every decode and img2img encode, and each cast logs a warning from
+    ``ModelMixin.to`` ("modules ... should be kept in float32: []") that is expected there and
+    says nothing to a worker's owner, twice a job. Dropped only while this thread runs a job
+    (``_job_casts_quiet``); the same warning from anyone else's ``to()`` in the process (the
+    worker notebook's kernel is the owner's too) still shows. Decided by where the record comes
+    from (logger and function), not by its text."""
+
+    _in_job = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (getattr(self._in_job, "on", False) and record.funcName == "to"
+                    and record.levelno == logging.WARNING)
+
+
+_CAST_LOGGER = "diffusers.models.modeling_utils"
+_cast_notices = _CastNotices()
+
+
+@contextmanager
+def _job_casts_quiet() -> Iterator[None]:
+    """The VAE's upcast notices (``_CastNotices``) dropped for the length of one job."""
+    logger = logging.getLogger(_CAST_LOGGER)
+    if _cast_notices not in logger.filters:
+        logger.addFilter(_cast_notices)
+    _CastNotices._in_job.on = True
+    try:
+        yield
+    finally:
+        _CastNotices._in_job.on = False
+
+
 def _time_ids_sent_ahead(pipe: Any) -> None:
     """SDXL pipelines make their size conditioning (``_get_add_time_ids``: original size,
     crop, target size) on the host for every job and send it with a plain copy, which waits
@@ -674,7 +707,7 @@ class Engine:
             # the events (the start, the pacer's) are on the UNet's GPU, the current one here
             start = start_event(unet_device)
             # a LoRA job's adapters change the text encoders: it neither reads nor writes
-            with torch.inference_mode(), _text_model_alias(pipe), \
+            with torch.inference_mode(), _text_model_alias(pipe), _job_casts_quiet(), \
                     loaded.text_cache.serving(pipe, scope, enabled=not req.loras):
                 out = pipe(**common, output_type="pt", callback_on_step_end=_callback).images
                 step_mpix = calls * n * req.width * req.height / 1e6
