@@ -109,8 +109,8 @@ def test_sdxl_and_img2img_give_the_pipelines_own_images(engine, model, sampler):
 
 def test_an_sdxl_jobs_vae_upcasts_leave_no_warning_but_the_owners_own_casts_still_warn(engine):
     """SDXL's stock VAE is cast to float32 and back around each img2img encode (and each
-    decode on a GPU), and diffusers warns at every cast: not in a worker's log, twice a job;
-    the same warning from the owner's own code in the process still shows."""
+    decode on a GPU), and diffusers warns at every cast: not in a worker's log (two to four a
+    job); the same warning from the owner's own code in the process still shows."""
     import logging
 
     import torch

@@ -199,10 +199,10 @@ class _CastNotices(logging.Filter):
     """SDXL's stock VAE asks to be upcast (``force_upcast``): diffusers casts it to float32
     and back around every decode and img2img encode, and each cast logs a warning from
     ``ModelMixin.to`` ("modules ... should be kept in float32: []") that is expected there and
-    says nothing to a worker's owner, twice a job. Dropped only while this thread runs a job
-    (``_job_casts_quiet``); the same warning from anyone else's ``to()`` in the process (the
-    worker notebook's kernel is the owner's too) still shows. Decided by where the record comes
-    from (logger and function), not by its text."""
+    says nothing to a worker's owner, two to four times a job. Dropped only while this thread
+    runs a job (``_job_casts_quiet``); the same warning from anyone else's ``to()`` in the
+    process (the worker notebook's kernel is the owner's too) still shows. Decided by where the
+    record comes from (logger and function), not by its text."""
 
     _in_job = threading.local()
 
