@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
                      req([3, 4, 5, 6])), ("repeat, batch 4 again", req([7, 8, 9, 10])),
                      ("a new prompt", req([11], PROMPT + ", at dusk"))):
         found, flight = syncs(r)
-        init = init or flight.wait()[0]
+        if init is None:  # the first job's picture: the img2img jobs' init image
+            init = flight.wait()[0]
         out["syncs"][label] = found
         print(f"{label}: {len(found)} synchronizing calls", *found[:8], sep="\n  ")
     for label, seeds in (("img2img, first", [31]), ("img2img, repeat", [32]),

@@ -425,10 +425,15 @@ def _cloned(out: Any) -> Any:
 BACKEND_ENV = "COLABSWARM_COMPILE_BACKEND"
 
 
+def _backend() -> str | None:
+    """A dynamo backend instead of inductor (tests and CPU smoke runs), or None."""
+    return os.environ.get(BACKEND_ENV) or None
+
+
 def _torch_compile(fn: Callable[..., Any], mode: str, fullgraph: bool) -> Callable[..., Any]:
     import torch
 
-    backend = os.environ.get(BACKEND_ENV)
+    backend = _backend()
     if backend:  # tests and CPU smoke runs of the benchmarks: e.g. dynamo's "eager" backend
         return torch.compile(fn, backend=backend, fullgraph=fullgraph, dynamic=False)
     return torch.compile(fn, mode=None if mode == "default" else mode, fullgraph=fullgraph,
@@ -961,8 +966,7 @@ class Compiler:
                 and _savable(key):
             try:
                 ahead = precompiled.compile_call(type(module).forward, att.modes[name],
-                                                 os.environ.get(BACKEND_ENV) or None, module,
-                                                 args, kwargs)
+                                                 _backend(), module, args, kwargs)
             except Exception as exc:
                 if _is_graph_break(exc):
                     raise  # _warm compiles it with breaks, the traced way
@@ -1289,10 +1293,9 @@ class Compiler:
             return Path()
         folder = self.cache_dir / cache_key(att.model, self.mode, att.pipe)
         t0 = time.perf_counter()
-        att.cache_known = frozenset(p.name for p in folder.glob("*.bin")) if folder.is_dir() \
-            else frozenset()
-        att.aot_known = frozenset(p.name for p in folder.glob("*" + precompiled.SUFFIX)) \
-            if folder.is_dir() else frozenset()
+        names = _listing(folder)  # once: a Drive folder lists slowly
+        att.cache_known = frozenset(n for n in names if n.endswith(".bin"))
+        att.aot_known = frozenset(n for n in names if n.endswith(precompiled.SUFFIX))
         loaded, found = read_artifacts(folder)
         if found:
             log.info("compile cache: loaded %d of %d files from %s in %.1f s", loaded, found,
@@ -1308,19 +1311,22 @@ class Compiler:
         folder = att.cache_dir
         if _mega_cache() is None or not folder or folder == Path():
             return
-        prefix = _shape_prefix(shape)
         if _written_meanwhile(folder, shape, ".bin", att.cache_known):
             # this shape is in that file; what it recorded is dropped before the next shape is
             # compiled, and bytes of an earlier failed write stay for the next file
             return
-        self._saves += 1
         try:
-            path = write_artifacts(folder, f"{prefix}{self._run_id}-{self._saves:03d}.bin")
+            path = write_artifacts(folder, self._file_name(shape, ".bin"))
         except Exception:  # noqa: BLE001 - the worker runs on without it
             log.warning("compile cache: could not write to %s", folder, exc_info=True)
             return
         if path is not None:
             log.info("compile cache: wrote %s (%.1f MiB)", path, path.stat().st_size / 2**20)
+
+    def _file_name(self, shape: Shape, suffix: str) -> str:
+        """A new file's name in the cache folder: the shape, this run, the save's number."""
+        self._saves += 1
+        return f"{_shape_prefix(shape)}{self._run_id}-{self._saves:03d}{suffix}"
 
     def _forwards(self, att: _Attached) -> dict[str, Callable[..., Any]]:
         out = {"unet": type(att.unet).forward}
@@ -1369,8 +1375,7 @@ class Compiler:
             return
         try:
             data = precompiled.dumps(new, self._forwards(att))
-            self._saves += 1
-            name = f"{_shape_prefix(shape)}{self._run_id}-{self._saves:03d}{precompiled.SUFFIX}"
+            name = self._file_name(shape, precompiled.SUFFIX)
             _write_whole(folder, name, data)
         except (OSError, precompiled.Unavailable) as exc:
             log.warning("compile cache: %s not saved ahead-of-time compiled (%s)", shape, exc)
@@ -1400,6 +1405,14 @@ def _savable(key: Any) -> bool:
 def _shape_prefix(shape: Shape) -> str:
     """The start of a cache file's name for `shape` (then the run id and save number)."""
     return f"{shape.width}x{shape.height}-b{shape.batch}-"
+
+
+def _listing(folder: Path) -> frozenset[str]:
+    """The names in `folder`; none where it is missing or cannot be listed."""
+    try:
+        return frozenset(p.name for p in folder.iterdir()) if folder.is_dir() else frozenset()
+    except OSError:
+        return frozenset()
 
 
 def _written_meanwhile(folder: Path, shape: Shape, suffix: str, known: frozenset[str]) -> bool:

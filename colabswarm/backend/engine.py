@@ -240,13 +240,9 @@ def _time_ids_sent_ahead(pipe: Any) -> None:
     if own is None or "_get_add_time_ids" in vars(pipe):
         return
 
-    def sent(tensor: Any) -> Any:
-        import torch
-
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type != "cpu":
-            return tensor
-        device = pipe._execution_device
-        return to_device(tensor, device) if on_cuda(device) else tensor
+    def sent(tensor: Any) -> Any:  # to_device: a plain .to() off CUDA, as the pipeline's
+        return to_device(tensor, pipe._execution_device) if tensor.device.type == "cpu" \
+            else tensor
 
     def made_and_sent(*args: Any, **kwargs: Any) -> Any:
         ids = own(*args, **kwargs)  # img2img's returns (ids, negative ids)
